@@ -1,0 +1,1 @@
+"""Capture: torch hooks that record recurrent layers during training."""

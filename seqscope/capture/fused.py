@@ -1,0 +1,395 @@
+"""Recording PyTorch's fused recurrent modules (nn.RNN, nn.GRU, nn.LSTM).
+
+On a recorded step the module runs layer by layer, one fused call per layer
+with that layer's own weights (the same kernels, so the same numbers as the
+stacked call), which makes every layer's output a real autograd tensor. For the
+first few sequences of the batch the gates and cell states are recomputed from
+each layer's input and output (capture.recurrences), and a gradient hook on the
+layer's output and final state runs the analytic BPTT scan during backward.
+On every other step the module's own forward runs untouched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import _VF, nn
+from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
+
+from seqscope.capture import recurrences as rec
+from seqscope.trace import schema
+
+if TYPE_CHECKING:
+    from seqscope.capture.scope import Scope, StepState
+
+log = logging.getLogger("seqscope")
+
+FUSED_TYPES: tuple[type[nn.Module], ...] = (nn.LSTM, nn.GRU, nn.RNN)
+_BASE_FORWARDS = {nn.LSTM.forward, nn.GRU.forward, nn.RNN.forward}
+
+
+def module_kind(module: nn.Module) -> str:
+    if isinstance(module, nn.LSTM):
+        return schema.KIND_LSTM
+    if isinstance(module, nn.GRU):
+        return schema.KIND_GRU
+    if isinstance(module, nn.RNN):
+        return schema.KIND_RNN_TANH if module.nonlinearity == "tanh" else schema.KIND_RNN_RELU
+    raise TypeError(type(module).__name__)
+
+
+def unsupported_reason(module: nn.Module) -> str | None:
+    """Why seqscope cannot record this fused module, or None."""
+    if type(module).forward not in _BASE_FORWARDS:
+        return (
+            f"{type(module).__name__} overrides forward(); seqscope records nn.RNN/GRU/LSTM "
+            "and subclasses that keep their forward"
+        )
+    return None
+
+
+def layer_names(module_name: str, module: nn.RNNBase) -> list[tuple[int, int, str]]:
+    """(layer, direction, trace name) for every layer direction of the module."""
+    directions = 2 if module.bidirectional else 1
+    return [
+        (k, d, f"{module_name}.l{k}" + ("_reverse" if d else ""))
+        for k in range(module.num_layers)
+        for d in range(directions)
+    ]
+
+
+@dataclasses.dataclass
+class LayerCapture:
+    """What one layer direction recorded on one step, on the device."""
+
+    layer_id: int
+    kind: str
+    hidden: torch.Tensor  # [time, sequence, output]
+    gates: torch.Tensor | None  # [time, sequence, gate, unit]
+    cell: torch.Tensor | None  # [time, sequence, unit]
+    lengths: torch.Tensor  # [sequence] int64, on the CPU
+    sequence_index: torch.Tensor  # [sequence] int64, on the CPU
+    sigma_max: torch.Tensor  # scalar
+    grad_hidden: torch.Tensor | None = None  # [time, sequence]
+    grad_cell: torch.Tensor | None = None
+    propagation: torch.Tensor | None = None
+
+
+@dataclasses.dataclass
+class _Direction:
+    """Per-direction state kept between forward and backward of one step."""
+
+    layer_id: int
+    weights: rec.LayerWeights
+    details: rec.ForwardDetails
+    flip: torch.Tensor | None  # time index for reverse directions
+    capture: LayerCapture
+
+
+class FusedRecorder:
+    """Wraps one fused module's forward for the lifetime of a Scope."""
+
+    def __init__(self, scope: Scope, name: str, module: nn.RNNBase, layer_ids: dict[tuple[int, int], int]):
+        self.scope = scope
+        self.name = name
+        self.module = module
+        self.kind = module_kind(module)
+        self.layer_ids = layer_ids
+        self._installed = False
+
+    # ---- install / remove ------------------------------------------------------------
+    def install(self) -> None:
+        if "forward" in self.module.__dict__:
+            raise RuntimeError(f"{self.name} already has an instance-level forward")
+        self.module.forward = self._forward  # type: ignore[method-assign]
+        self._installed = True
+
+    def remove(self) -> None:
+        if self._installed and self.module.__dict__.get("forward") == self._forward:
+            del self.module.__dict__["forward"]
+        self._installed = False
+
+    def _original(self, *args: Any, **kwargs: Any) -> Any:
+        return type(self.module).forward(self.module, *args, **kwargs)
+
+    # ---- forward -------------------------------------------------------------------------
+    def _forward(self, input: Any, hx: Any = None) -> Any:
+        step = self.scope.recording_step_for(self)
+        if step is None:
+            return self._original(input, hx)
+        try:
+            return self._recorded_forward(step, input, hx)
+        except Exception as exc:  # noqa: BLE001 - never break training; run the module as it is
+            self.scope.recording_failed(f"recording {self.name} failed: {type(exc).__name__}: {exc}")
+            return self._original(input, hx)
+
+    def _recorded_forward(self, step: StepState, input: Any, hx: Any) -> Any:
+        m = self.module
+        kind = self.kind
+        is_lstm = kind == schema.KIND_LSTM
+        n_dir = 2 if m.bidirectional else 1
+        n_layers = m.num_layers
+        out_size = m.proj_size if getattr(m, "proj_size", 0) > 0 else m.hidden_size
+        packed = isinstance(input, PackedSequence)
+        unbatched = False
+        m._update_flat_weights()
+
+        if packed:
+            data, batch_sizes, sorted_idx, unsorted_idx = input
+            batch = int(batch_sizes[0])
+            dtype, device = data.dtype, data.device
+            # lengths in the caller's batch order (batch_sizes lives on the CPU)
+            lengths_sorted = (batch_sizes.unsqueeze(0) > torch.arange(batch).unsqueeze(1)).sum(1)
+            lengths_all = lengths_sorted if unsorted_idx is None else lengths_sorted[unsorted_idx.cpu()]
+            n_time = int(batch_sizes.shape[0])
+            layer_input: torch.Tensor = data
+        else:
+            if input.dim() not in (2, 3):
+                raise ValueError(f"expected 2-D or 3-D input, got {input.dim()}-D")
+            unbatched = input.dim() == 2
+            x = input.unsqueeze(0 if m.batch_first else 1) if unbatched else input
+            if m.batch_first:
+                x = x.transpose(0, 1)
+            n_time, batch = x.shape[0], x.shape[1]
+            dtype, device = x.dtype, x.device
+            lengths_all = torch.full((batch,), n_time, dtype=torch.long)
+            batch_sizes = sorted_idx = unsorted_idx = None
+            layer_input = x
+
+        # initial states, in the caller's batch order
+        if hx is None:
+            h0 = torch.zeros(n_layers * n_dir, batch, out_size, dtype=dtype, device=device)
+            c0 = torch.zeros(n_layers * n_dir, batch, m.hidden_size, dtype=dtype, device=device) if is_lstm else None
+        else:
+            h0, c0 = (hx[0], hx[1]) if is_lstm else (hx, None)
+            if unbatched:
+                h0 = h0.unsqueeze(1)
+                c0 = c0.unsqueeze(1) if c0 is not None else None
+        if not packed:
+            m.check_forward_args(input if not unbatched else x.transpose(0, 1) if m.batch_first else x,
+                                 (h0, c0) if is_lstm else h0, None)
+        h0_run = h0 if sorted_idx is None else h0.index_select(1, sorted_idx)
+        c0_run = None if c0 is None else (c0 if sorted_idx is None else c0.index_select(1, sorted_idx))
+
+        step.batch_size = max(step.batch_size, batch)
+        select = self.scope.select_sequences(batch)  # CPU int64, caller's order
+        select_dev = select.to(device)
+        lengths = lengths_all[select]
+        lengths_dev = lengths.to(device)
+        valid = torch.arange(n_time, device=device).unsqueeze(1) < lengths_dev.unsqueeze(0)
+        flip = rec.flip_index(lengths_dev, n_time) if n_dir == 2 else None
+
+        def padded(seq: torch.Tensor) -> torch.Tensor:
+            """Time-major [time, selected sequence, feature] in the caller's order."""
+            if packed:
+                full, _ = pad_packed_sequence(
+                    PackedSequence(seq, batch_sizes, sorted_idx, unsorted_idx), total_length=n_time
+                )
+                return full.index_select(1, select_dev)
+            return seq.index_select(1, select_dev)
+
+        flat = m._flat_weights
+        per_dir = len(flat) // (n_layers * n_dir)
+        fn = {
+            schema.KIND_LSTM: _VF.lstm,
+            schema.KIND_GRU: _VF.gru,
+            schema.KIND_RNN_TANH: _VF.rnn_tanh,
+            schema.KIND_RNN_RELU: _VF.rnn_relu,
+        }[kind]
+        h_n: list[torch.Tensor] = []
+        c_n: list[torch.Tensor] = []
+        for k in range(n_layers):
+            weights = flat[k * n_dir * per_dir : (k + 1) * n_dir * per_dir]
+            sl = slice(k * n_dir, (k + 1) * n_dir)
+            state: Any = (h0_run[sl], c0_run[sl]) if is_lstm and c0_run is not None else h0_run[sl]
+            if packed:
+                result = fn(layer_input, batch_sizes, state, weights, m.bias, 1, 0.0, m.training, m.bidirectional)
+            else:
+                result = fn(layer_input, state, weights, m.bias, 1, 0.0, m.training, m.bidirectional, False)
+            out = result[0]
+            hn_k = result[1]
+            cn_k = result[2] if is_lstm else None
+            with torch.no_grad():
+                dirs = self._capture_layer(
+                    k, weights, per_dir, padded(layer_input), padded(out), h0[sl], None if c0 is None else c0[sl],
+                    select_dev, lengths, select, valid, flip, out_size,
+                )
+            self._hook_gradients(step, dirs, out, hn_k, cn_k, padded, unsorted_idx, select_dev, lengths_dev, n_time)
+            h_n.append(hn_k)
+            if cn_k is not None:
+                c_n.append(cn_k)
+            if k + 1 < n_layers and m.dropout > 0 and m.training:
+                out = F.dropout(out, p=m.dropout, training=True)
+            layer_input = out
+
+        h_final = torch.cat(h_n, 0)
+        c_final = torch.cat(c_n, 0) if is_lstm else None
+        output: Any
+        if packed:
+            output = PackedSequence(layer_input, batch_sizes, sorted_idx, unsorted_idx)
+            if unsorted_idx is not None:
+                h_final = h_final.index_select(1, unsorted_idx)
+                c_final = c_final.index_select(1, unsorted_idx) if c_final is not None else None
+        else:
+            output = layer_input.transpose(0, 1) if m.batch_first else layer_input
+            if unbatched:
+                output = output.squeeze(1 if not m.batch_first else 0)
+                h_final = h_final.squeeze(1)
+                c_final = c_final.squeeze(1) if c_final is not None else None
+        return (output, (h_final, c_final)) if is_lstm else (output, h_final)
+
+    # ---- per-layer capture ---------------------------------------------------------------
+    def _capture_layer(
+        self,
+        k: int,
+        weights: list[torch.Tensor],
+        per_dir: int,
+        x: torch.Tensor,
+        out: torch.Tensor,
+        h0: torch.Tensor,
+        c0: torch.Tensor | None,
+        select_dev: torch.Tensor,
+        lengths: torch.Tensor,
+        select: torch.Tensor,
+        valid: torch.Tensor,
+        flip: torch.Tensor | None,
+        out_size: int,
+    ) -> list[_Direction]:
+        m = self.module
+        dirs = []
+        n_dir = 2 if m.bidirectional else 1
+        for d in range(n_dir):
+            w = weights[d * per_dir : (d + 1) * per_dir]
+            lw = rec.LayerWeights(
+                kind=self.kind,
+                w_ih=w[0].detach(),
+                w_hh=w[1].detach(),
+                b_ih=w[2].detach() if m.bias else None,
+                b_hh=w[3].detach() if m.bias else None,
+                w_hr=w[-1].detach() if getattr(m, "proj_size", 0) > 0 else None,
+            )
+            xd = x.detach()
+            hd = out[..., d * out_size : (d + 1) * out_size].detach()
+            fl = flip if d == 1 else None
+            if fl is not None:
+                xd = rec.take_time(xd, fl)
+                hd = rec.take_time(hd, fl)
+            h0d = h0[d].detach().index_select(0, select_dev)
+            c0d = None if c0 is None else c0[d].detach().index_select(0, select_dev)
+            details = rec.forward_details(lw, xd, hd, h0d, c0d, valid)
+            gates, cell = details.gates, details.cell
+            if fl is not None:
+                gates = None if gates is None else rec.take_time(gates, fl)
+                cell = None if cell is None else rec.take_time(cell, fl)
+            capture = LayerCapture(
+                layer_id=self.layer_ids[(k, d)],
+                kind=self.kind,
+                hidden=out[..., d * out_size : (d + 1) * out_size].detach(),
+                gates=gates,
+                cell=cell,
+                lengths=lengths,
+                sequence_index=select,
+                sigma_max=torch.linalg.matrix_norm(lw.w_hh, ord=2),
+            )
+            dirs.append(_Direction(capture.layer_id, lw, details, fl, capture))
+        return dirs
+
+    def _hook_gradients(
+        self,
+        step: StepState,
+        dirs: list[_Direction],
+        out: torch.Tensor,
+        hn: torch.Tensor,
+        cn: torch.Tensor | None,
+        padded: Callable[[torch.Tensor], torch.Tensor],
+        unsorted_idx: torch.Tensor | None,
+        select_dev: torch.Tensor,
+        lengths_dev: torch.Tensor,
+        n_time: int,
+    ) -> None:
+        for d in dirs:
+            step.captures.append(d.capture)
+        tensors = [t for t in (out, hn, cn) if t is not None]
+        if not all(t.requires_grad for t in tensors):
+            return  # nothing will flow back through this layer
+        out_size = dirs[0].capture.hidden.shape[-1]
+
+        def on_grads(grads: Any) -> None:
+            g_out, g_hn = grads[0], grads[1]
+            g_cn = grads[2] if cn is not None else None
+            try:
+                with torch.no_grad():
+                    self._scan(dirs, g_out, g_hn, g_cn, out, hn, cn, padded, unsorted_idx, select_dev,
+                               lengths_dev, n_time, out_size)
+            except Exception as exc:  # noqa: BLE001 - never break backward
+                self.scope.recording_failed(f"gradient scan of {self.name} failed: {type(exc).__name__}: {exc}")
+
+        step.handles.append(torch.autograd.graph.register_multi_grad_hook(tensors, on_grads))
+
+    def _scan(
+        self,
+        dirs: list[_Direction],
+        g_out: torch.Tensor | None,
+        g_hn: torch.Tensor | None,
+        g_cn: torch.Tensor | None,
+        out: torch.Tensor,
+        hn: torch.Tensor,
+        cn: torch.Tensor | None,
+        padded: Callable[[torch.Tensor], torch.Tensor],
+        unsorted_idx: torch.Tensor | None,
+        select_dev: torch.Tensor,
+        lengths_dev: torch.Tensor,
+        n_time: int,
+        out_size: int,
+    ) -> None:
+        n_sel = select_dev.shape[0]
+        go = padded(g_out) if g_out is not None else None
+
+        def final_state(g: torch.Tensor | None, d: int) -> torch.Tensor | None:
+            if g is None:
+                return None
+            g = g[d]
+            if unsorted_idx is not None:
+                g = g.index_select(0, unsorted_idx)
+            return g.index_select(0, select_dev)
+
+        last = (lengths_dev - 1).clamp(min=0)
+        seq = torch.arange(n_sel, device=lengths_dev.device)
+        for d, direction in enumerate(dirs):
+            lw = direction.weights
+            ref = direction.capture.hidden
+            ext_h = torch.zeros((n_time, 2, n_sel, out_size), dtype=ref.dtype, device=ref.device)
+            if go is not None:
+                god = go[..., d * out_size : (d + 1) * out_size]
+                if direction.flip is not None:
+                    god = rec.take_time(god, direction.flip)
+                ext_h[:, 0] = god
+            ghn = final_state(g_hn, d)
+            if ghn is not None:
+                ext_h[last, 0, seq] += ghn
+            ext_c = None
+            if self.kind == schema.KIND_LSTM:
+                assert direction.details.cell is not None
+                ext_c = torch.zeros((n_time, 2, n_sel, direction.details.cell.shape[-1]), dtype=ref.dtype,
+                                    device=ref.device)
+                gcn = final_state(g_cn, d)
+                if gcn is not None:
+                    ext_c[last, 0, seq] += gcn
+            # propagation seed: the unit gradient at each sequence's last step (see unit_seed)
+            ext_h[last, 1, seq] = rec.unit_seed(ext_h[last, 0, seq])
+            dh, dc = rec.backward_scan(lw, direction.details, ext_h, ext_c)
+            norms_h = torch.linalg.vector_norm(dh, dim=-1)  # [time, 2, sequence]
+            grad_hidden, propagation = norms_h[:, 0], norms_h[:, 1]
+            grad_cell = torch.linalg.vector_norm(dc[:, 0], dim=-1) if dc is not None else None
+            if direction.flip is not None:
+                grad_hidden = rec.take_time(grad_hidden, direction.flip)
+                propagation = rec.take_time(propagation, direction.flip)
+                grad_cell = None if grad_cell is None else rec.take_time(grad_cell, direction.flip)
+            cap = direction.capture
+            if cap.grad_hidden is None:  # first backward of the step wins
+                cap.grad_hidden, cap.propagation, cap.grad_cell = grad_hidden, propagation, grad_cell

@@ -1,0 +1,474 @@
+"""``seqscope.watch``: the one object that owns every hook and the trace writer.
+
+Steps. A training step begins with a forward pass of the watched model while
+autograd is enabled. Forward passes inside one ``optimizer.step()`` call (the
+closure of LBFGS and friends) belong to the step that the first of them began;
+only that first pass is recorded. ``scope.log(step=n)`` renames the step in
+progress to ``n`` and numbering continues from ``n + 1``.
+
+A recorded step is written when the next step begins or when the scope
+closes. A step interrupted by an exception is dropped, never half-written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from seqscope import schedules
+from seqscope.capture.fused import FUSED_TYPES, FusedRecorder, LayerCapture, layer_names, module_kind, unsupported_reason
+from seqscope.errors import UnsupportedModelError
+from seqscope.trace import schema
+from seqscope.trace.writer import ArrayRecord, StepRecord, TraceWriter
+
+log = logging.getLogger("seqscope")
+
+_FLOAT_STORAGE = {"float16": torch.float16, "float32": torch.float32}
+_PENDING_SCALARS_MAX = 4096  # unrecorded steps' scalars are written in batches of this size
+
+
+@dataclasses.dataclass
+class StepState:
+    """One training step in flight."""
+
+    step: int
+    recorded: bool
+    wall_time: float
+    batch_size: int = 0
+    n_time: int = 0
+    n_sequences: int = 0
+    recorded_modules: set[int] = dataclasses.field(default_factory=set)
+    captures: list[LayerCapture] = dataclasses.field(default_factory=list)
+    param_grad_norms: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    handles: list[RemovableHandle] = dataclasses.field(default_factory=list)
+    failed: bool = False
+
+    def remove_hooks(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+
+class Scope:
+    """Records a model's recurrent layers into a trace. Use ``seqscope.watch``."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        path: str | os.PathLike[str],
+        *,
+        every: int | str | schedules.Schedule = 50,
+        sequences: int | Sequence[int] = 8,
+        precision: str = "auto",
+        max_bytes: int | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise UnsupportedModelError(f"watch() needs a torch.nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.path = os.fspath(path)
+        self.schedule = schedules.resolve(every)
+        if precision not in schema.PRECISIONS:
+            raise ValueError(f"precision must be one of {schema.PRECISIONS}, got {precision!r}")
+        self.precision = precision
+        if isinstance(sequences, int):
+            if sequences < 1:
+                raise ValueError(f"sequences must be >= 1, got {sequences}")
+            self._sequences: int | list[int] = sequences
+        else:
+            self._sequences = [int(i) for i in sequences]
+            if not self._sequences or min(self._sequences) < 0:
+                raise ValueError("sequences must be a positive count or a list of batch indices")
+
+        self._recorders: list[FusedRecorder] = []
+        self._layer_rows: list[tuple[Any, ...]] = []
+        self._find_layers()
+
+        self._scalar_ids: dict[str, int] = {}
+        self._new_scalar_names: list[str] = []
+        self._new_layers = list(self._layer_rows)
+        self._pending_scalars: list[tuple[int, str, Any]] = []
+        self._next_step = 0
+        self._current: StepState | None = None
+        self._opt_depth = 0
+        self._opt_has_pass = False
+        self._handles: list[RemovableHandle] = []
+        self._closed = False
+        self._warned = False
+
+        config = {
+            "every": getattr(self.schedule, "__name__", repr(every)),
+            "sequences": self._sequences,
+            "precision": precision,
+            "torch": torch.__version__,
+            "model": type(model).__name__,
+        }
+        self.writer = TraceWriter(self.path, config, max_bytes=max_bytes)
+        try:
+            self._install()
+        except BaseException:
+            self._uninstall()
+            self.writer.close()
+            raise
+
+    # ---- discovery ------------------------------------------------------------------------
+    def _find_layers(self) -> None:
+        problems = []
+        for name, module in self.model.named_modules():
+            if not isinstance(module, FUSED_TYPES):
+                continue
+            reason = unsupported_reason(module)
+            if reason:
+                problems.append(f"{name or type(module).__name__}: {reason}")
+                continue
+            display = name or type(module).__name__.lower()
+            kind = module_kind(module)
+            assert isinstance(module, nn.RNNBase)
+            ids = {}
+            out_size = module.proj_size if getattr(module, "proj_size", 0) > 0 else module.hidden_size
+            n_dir = 2 if module.bidirectional else 1
+            for k, d, lname in layer_names(display, module):
+                ids[(k, d)] = len(self._layer_rows)
+                in_size = module.input_size if k == 0 else out_size * n_dir
+                self._layer_rows.append(
+                    (lname.encode(), display.encode(), kind.encode(), k, d, in_size, module.hidden_size, out_size)
+                )
+            self._recorders.append(FusedRecorder(self, display, module, ids))
+        if problems:
+            raise UnsupportedModelError("cannot record: " + "; ".join(problems))
+        if not self._recorders:
+            raise UnsupportedModelError(
+                f"no recurrent layer (nn.RNN, nn.GRU, nn.LSTM) found in {type(self.model).__name__}"
+            )
+
+    def _install(self) -> None:
+        for r in self._recorders:
+            r.install()
+        self._handles.append(self.model.register_forward_pre_hook(self._on_model_forward))
+        from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+        self._handles.append(register_optimizer_step_pre_hook(self._on_optimizer_pre))
+        self._handles.append(register_optimizer_step_post_hook(self._on_optimizer_post))
+
+    def _uninstall(self) -> None:
+        for r in self._recorders:
+            r.remove()
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        if self._current is not None:
+            self._current.remove_hooks()
+
+    # ---- step boundaries ----------------------------------------------------------------------
+    def _on_optimizer_pre(self, *_: Any) -> None:
+        self._opt_depth += 1
+        if self._opt_depth == 1:
+            self._opt_has_pass = False
+
+    def _on_optimizer_post(self, *_: Any) -> None:
+        self._opt_depth = max(0, self._opt_depth - 1)
+
+    def _on_model_forward(self, module: nn.Module, args: Any) -> None:
+        if self._closed or not torch.is_grad_enabled():
+            return
+        if self._opt_depth > 0:
+            if self._opt_has_pass and self._current is not None:
+                return  # another closure evaluation of the same optimizer step
+            self._opt_has_pass = True
+        self._begin_step()
+
+    def _begin_step(self) -> None:
+        if self._current is not None:
+            self._finalize(self._current)
+        n = self._next_step
+        self._next_step += 1
+        try:
+            recorded = bool(self.schedule(n)) and self.writer.failed is None
+        except Exception as exc:  # noqa: BLE001
+            self.recording_failed(f"schedule raised {type(exc).__name__}: {exc}")
+            recorded = False
+        self._current = StepState(step=n, recorded=recorded, wall_time=time.time())
+        if recorded:
+            self._hook_parameters(self._current)
+
+    def _hook_parameters(self, step: StepState) -> None:
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+
+            def hook(param: torch.Tensor, name: str = name) -> None:
+                if param.grad is not None:
+                    step.param_grad_norms[name] = torch.linalg.vector_norm(param.grad.detach()).double()
+
+            step.handles.append(p.register_post_accumulate_grad_hook(hook))
+
+    # ---- called by recorders -------------------------------------------------------------------
+    def recording_step_for(self, recorder: FusedRecorder) -> StepState | None:
+        """The step to record this module's forward into, or None to run it plainly."""
+        step = self._current
+        if step is None or not step.recorded or step.failed or self._closed:
+            return None
+        if not torch.is_grad_enabled() or id(recorder) in step.recorded_modules:
+            return None
+        step.recorded_modules.add(id(recorder))
+        return step
+
+    def select_sequences(self, batch: int) -> torch.Tensor:
+        if isinstance(self._sequences, int):
+            return torch.arange(min(batch, self._sequences), dtype=torch.long)
+        chosen = [i for i in self._sequences if i < batch]
+        if not chosen:
+            chosen = [0]
+        return torch.tensor(chosen, dtype=torch.long)
+
+    def recording_failed(self, message: str) -> None:
+        """Drop the current step's record; training goes on."""
+        if self._current is not None:
+            self._current.failed = True
+        if not self._warned:
+            log.warning("seqscope: %s; this step is not recorded (further failures are logged at debug)", message)
+            self._warned = True
+        else:
+            log.debug("seqscope: %s", message)
+
+    # ---- public API ------------------------------------------------------------------------------
+    @property
+    def step(self) -> int | None:
+        """Number of the step in progress (None before the first forward)."""
+        return None if self._current is None else self._current.step
+
+    def log(self, step: int | None = None, **scalars: float | torch.Tensor) -> None:
+        """Log scalars (floats or 0-d tensors; tensors are read without a host
+        sync until the next recorded step) for the step in progress. ``step=n``
+        renames the step in progress to ``n``."""
+        if self._closed:
+            return
+        if step is not None:
+            step = int(step)
+            if self._current is not None:
+                old = self._current.step
+                if old != step:
+                    self._pending_scalars = [
+                        (step if s == old else s, k, v) for (s, k, v) in self._pending_scalars
+                    ]
+                    self._current.step = step
+            self._next_step = step + 1
+        if self._current is None:
+            target = self._next_step if step is None else step
+        else:
+            target = self._current.step
+        for name, value in scalars.items():
+            if isinstance(value, torch.Tensor):
+                value = value.detach()
+                if value.numel() != 1:
+                    raise ValueError(f"scope.log({name}=...) needs a scalar, got shape {tuple(value.shape)}")
+                value = value.reshape(())
+            self._pending_scalars.append((target, name, value))
+        if len(self._pending_scalars) >= _PENDING_SCALARS_MAX:
+            self._submit(StepRecord(None, [], self._take_scalars(), self._take_layers(), self._take_names()))
+
+    def close(self) -> None:
+        """Write the last step, remove every hook, close the file. Idempotent."""
+        self._end(keep_current=True)
+
+    def __enter__(self) -> Scope:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self._end(keep_current=exc_type is None)
+
+    def _end(self, keep_current: bool) -> None:
+        if self._closed:
+            return
+        try:
+            if self._current is not None:
+                if keep_current:
+                    self._finalize(self._current)
+                else:
+                    self._current.remove_hooks()
+                    old = self._current.step
+                    self._pending_scalars = [p for p in self._pending_scalars if p[0] != old]
+                self._current = None
+            if self._pending_scalars or self._new_layers:
+                self._submit(StepRecord(None, [], self._take_scalars(), self._take_layers(), self._take_names()))
+        except Exception as exc:  # noqa: BLE001
+            log.warning("seqscope: writing the last step failed: %s", exc)
+        finally:
+            self._closed = True
+            self._uninstall()
+            self.writer.close()
+
+    # ---- writing ----------------------------------------------------------------------------
+    def _scalar_id(self, name: str) -> int:
+        sid = self._scalar_ids.get(name)
+        if sid is None:
+            sid = self._scalar_ids[name] = len(self._scalar_ids)
+            self._new_scalar_names.append(name)
+        return sid
+
+    def _take_names(self) -> list[str]:
+        names, self._new_scalar_names = self._new_scalar_names, []
+        return names
+
+    def _take_layers(self) -> list[tuple[Any, ...]]:
+        rows, self._new_layers = self._new_layers, []
+        return rows
+
+    def _take_scalars(self, extra: Iterable[tuple[int, str, Any]] = ()) -> list[tuple[int, int, float]]:
+        items = list(self._pending_scalars) + list(extra)
+        self._pending_scalars = []
+        tensors = [v for (_, _, v) in items if isinstance(v, torch.Tensor)]
+        values: list[float] = []
+        if tensors:
+            # one host copy for all tensor scalars (per device)
+            by_device: dict[torch.device, list[int]] = {}
+            for i, t in enumerate(tensors):
+                by_device.setdefault(t.device, []).append(i)
+            host = [0.0] * len(tensors)
+            for _, idx in by_device.items():
+                stacked = torch.stack([tensors[i].double() for i in idx]).cpu().tolist()
+                for i, v in zip(idx, stacked):
+                    host[i] = float(v)
+            values = host
+        out = []
+        it = iter(values)
+        for s, name, v in items:
+            val = next(it) if isinstance(v, torch.Tensor) else float(v)
+            out.append((int(s), self._scalar_id(name), val))
+        return out
+
+    def _submit(self, record: StepRecord) -> None:
+        if not self.writer.submit(record) and self.writer.failed and not self._warned:
+            self._warned = True
+            log.warning("seqscope: recording stopped (%s); training goes on", self.writer.failed)
+
+    def _storage_dtype(self, capture: LayerCapture, field: str, model_dtype: torch.dtype) -> torch.dtype:
+        full = model_dtype if model_dtype in (torch.float32, torch.float64) else torch.float32
+        if self.precision == "full":
+            return full
+        if self.precision in _FLOAT_STORAGE:
+            return _FLOAT_STORAGE[self.precision]
+        # auto: float16 for values bounded by 1, float32 otherwise
+        bounded = field == schema.FIELD_GATES or (
+            field == schema.FIELD_HIDDEN
+            and capture.kind in (schema.KIND_GRU, schema.KIND_RNN_TANH, schema.KIND_LSTM)
+            and not self._is_projected(capture)
+        )
+        return torch.float16 if bounded else torch.float32
+
+    def _is_projected(self, capture: LayerCapture) -> bool:
+        row = self._layer_rows[capture.layer_id]
+        return bool(row[7] != row[6])
+
+    def _finalize(self, step: StepState) -> None:
+        """Turn a finished step into a StepRecord and hand it to the writer."""
+        step.remove_hooks()
+        if not step.recorded or step.failed or not step.captures:
+            if step.recorded and not step.captures and not step.failed:
+                log.debug("seqscope: step %d ran no recurrent layer", step.step)
+            return
+        try:
+            record = self._build_record(step)
+        except Exception as exc:  # noqa: BLE001 - never break training
+            self.recording_failed(f"preparing step {step.step} failed: {type(exc).__name__}: {exc}")
+            return
+        self._submit(record)
+
+    def _build_record(self, step: StepState) -> StepRecord:
+        items: list[tuple[int, str, torch.Tensor]] = []  # (layer id, field, [sequence, time, ...] tensor)
+        n_time = n_seq = 0
+        for cap in step.captures:
+            dtype = cap.hidden.dtype
+
+            def add(field: str, t: torch.Tensor | None, cap: LayerCapture = cap, dtype: torch.dtype = dtype) -> None:
+                if t is None:
+                    return
+                if field in schema.BULK_FIELDS:
+                    t = t.to(self._storage_dtype(cap, field, dtype))
+                else:
+                    t = t.double()
+                items.append((cap.layer_id, field, t.transpose(0, 1).contiguous()))  # time-major -> [sequence, time]
+
+            add(schema.FIELD_HIDDEN, cap.hidden)
+            add(schema.FIELD_CELL, cap.cell)
+            add(schema.FIELD_GATES, cap.gates)
+            add(schema.FIELD_GRAD_HIDDEN, cap.grad_hidden)
+            add(schema.FIELD_GRAD_CELL, cap.grad_cell)
+            add(schema.FIELD_PROPAGATION, cap.propagation)
+            n_time = max(n_time, cap.hidden.shape[0])
+            n_seq = max(n_seq, cap.hidden.shape[1])
+        arrays = [ArrayRecord(step.step, lid, field, arr) for (lid, field, arr) in _to_host(items)]
+        for cap in step.captures:
+            arrays.append(ArrayRecord(step.step, cap.layer_id, schema.FIELD_LENGTHS, cap.lengths.numpy().astype(np.int64)))
+            arrays.append(
+                ArrayRecord(step.step, cap.layer_id, schema.FIELD_SEQUENCE_INDEX, cap.sequence_index.numpy().astype(np.int64))
+            )
+        extra: list[tuple[int, str, Any]] = []
+        for cap in step.captures:
+            name = self._layer_rows[cap.layer_id][0].decode()
+            extra.append((step.step, schema.SCALAR_SIGMA_PREFIX + name, cap.sigma_max))
+        if step.param_grad_norms:
+            norms = step.param_grad_norms
+            total = torch.sqrt(sum((n * n for n in norms.values()), torch.zeros((), dtype=torch.float64,
+                                                                                  device=next(iter(norms.values())).device)))
+            extra.append((step.step, schema.SCALAR_GRAD_NORM, total))
+            for pname, n in norms.items():
+                extra.append((step.step, schema.SCALAR_PARAM_GRAD_PREFIX + pname, n))
+        scalars = self._take_scalars(extra)
+        step_row = (step.step, step.wall_time, step.batch_size, n_time, n_seq)
+        return StepRecord(step_row, arrays, scalars, self._take_layers(), self._take_names())
+
+
+def _to_host(items: list[tuple[int, str, torch.Tensor]]) -> list[tuple[int, str, np.ndarray]]:
+    """Copy device tensors to numpy with one transfer per (device, dtype)."""
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, (_, _, t) in enumerate(items):
+        groups.setdefault((t.device, t.dtype), []).append(i)
+    out: list[np.ndarray | None] = [None] * len(items)
+    for (device, _), idx in groups.items():
+        if device.type == "cpu":
+            for i in idx:
+                out[i] = items[i][2].numpy()
+            continue
+        flat = torch.cat([items[i][2].reshape(-1) for i in idx]).cpu().numpy()
+        pos = 0
+        for i in idx:
+            shape = tuple(items[i][2].shape)
+            size = math.prod(shape)
+            out[i] = flat[pos : pos + size].reshape(shape)
+            pos += size
+    return [(lid, field, arr) for (lid, field, _), arr in zip(items, out) if arr is not None]
+
+
+def watch(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    every: int | str | schedules.Schedule = 50,
+    sequences: int | Sequence[int] = 8,
+    precision: str = "auto",
+    max_bytes: int | None = None,
+) -> Scope:
+    """Record ``model``'s recurrent layers into the HDF5 trace at ``path``.
+
+    every: record step n when ``n % every == 0``; or a function ``step -> bool``;
+        or a preset name ("dense-early", "always").
+    sequences: how many sequences of each batch (the first ones), or which batch
+        indices, to store per recorded step. Norms are exact for those.
+    precision: storage of states and gates: "auto" (float16 for values bounded
+        by 1: gates, LSTM/GRU/tanh-RNN hidden states; float32 otherwise),
+        "float16", "float32" or "full" (the model's dtype). Gradient norms are
+        always float64.
+    max_bytes: stop recording (with one warning; training goes on) when the
+        trace would grow beyond this many bytes of data.
+    """
+    return Scope(model, path, every=every, sequences=sequences, precision=precision, max_bytes=max_bytes)

@@ -1,0 +1,1 @@
+"""Diagnosis rules over a trace (pure numpy)."""

@@ -1,0 +1,215 @@
+"""Append recorded steps to a trace file from a background thread.
+
+The training thread hands over numpy arrays (already on the host) and returns;
+a single writer thread owns the HDF5 file. Each record is appended, flushed,
+and only then counted in ``/commit`` (flushed again), so a process killed at any
+moment leaves a file whose committed part is complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from seqscope.trace import schema
+
+log = logging.getLogger("seqscope")
+
+_LIBVER = ("v110", "v114")  # SWMR-capable, and readable by HDF5 >= 1.10
+
+
+@dataclasses.dataclass
+class ArrayRecord:
+    step: int
+    layer: int
+    field: str
+    data: np.ndarray
+
+
+@dataclasses.dataclass
+class StepRecord:
+    """Everything one recorded training step adds to the trace."""
+
+    step_row: tuple[int, float, int, int, int] | None
+    arrays: list[ArrayRecord]
+    scalars: list[tuple[int, int, float]]  # (step, name id, value)
+    new_layers: list[tuple[Any, ...]]  # rows of schema.LAYER_DTYPE
+    new_scalar_names: list[str]
+
+
+class TraceWriter:
+    """Owns the trace file and the thread that writes it.
+
+    ``submit`` never touches the disk; it blocks only when ``queue_size``
+    records are already waiting (bounded memory). After a write error or when
+    ``max_bytes`` is reached, recording stops with one warning and ``submit``
+    returns False; the caller keeps training.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        config: dict[str, Any],
+        *,
+        queue_size: int = 4,
+        max_bytes: int | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.max_bytes = max_bytes
+        self.failed: str | None = None
+        self._bytes = 0
+        self._queue: queue.Queue[StepRecord | None] = queue.Queue(maxsize=queue_size)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = h5py.File(self.path, "w", libver=_LIBVER)
+        try:
+            self._create(config)
+        except BaseException:
+            self._file.close()
+            raise
+        self._counts = [0] * schema.COMMIT_SIZE
+        self._heap_len = [0] * len(schema.HEAPS)
+        self._thread = threading.Thread(target=self._run, name="seqscope-writer", daemon=True)
+        self._thread.start()
+        self._closed = False
+
+    # ---- set-up ------------------------------------------------------------
+    def _create(self, config: dict[str, Any]) -> None:
+        f = self._file
+        f.attrs["format"] = schema.FORMAT_NAME
+        f.attrs["version"] = schema.SCHEMA_VERSION
+        f.attrs["created"] = time.time()
+        f.attrs["config"] = json.dumps(config, default=str)
+        for name, (dtype, _) in schema.TABLES.items():
+            f.create_dataset(
+                name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(schema.TABLE_CHUNK,)
+            )
+        for name, dtype in zip(schema.HEAPS, schema.HEAP_DTYPES):
+            f.create_dataset(
+                name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(schema.HEAP_CHUNK,)
+            )
+        f.create_dataset("commit", data=np.zeros(schema.COMMIT_SIZE, dtype=np.int64))
+        f.flush()
+        f.swmr_mode = True
+
+    # ---- training-thread side ---------------------------------------------------
+    def submit(self, record: StepRecord) -> bool:
+        if self.failed is not None or self._closed:
+            return False
+        self._queue.put(record)
+        return True
+
+    def close(self) -> None:
+        """Write what is queued, mark the file closed cleanly, close it. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(None)
+        self._thread.join()
+        try:
+            if self.failed is None:
+                self._counts[schema.COMMIT_CLOSED] = 1
+                self._file["commit"][...] = np.asarray(self._counts, dtype=np.int64)
+                self._file.flush()
+        except Exception as exc:  # noqa: BLE001 - a failing close must not raise into training
+            log.warning("seqscope: could not mark %s as closed: %s", self.path, exc)
+        finally:
+            try:
+                self._file.close()
+            except Exception as exc:  # noqa: BLE001
+                log.warning("seqscope: closing %s failed: %s", self.path, exc)
+
+    # ---- writer thread -------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            record = self._queue.get()
+            if record is None:
+                return
+            if self.failed is not None:
+                continue
+            try:
+                self._write(record)
+            except Exception as exc:  # noqa: BLE001 - disk full, I/O errors: stop recording
+                self.failed = f"{type(exc).__name__}: {exc}"
+                log.warning(
+                    "seqscope: writing %s failed (%s); recording stopped, training goes on",
+                    self.path,
+                    self.failed,
+                )
+
+    def _append(self, name: str, rows: np.ndarray, counter: int | None) -> int:
+        dset = self._file[name]
+        start = dset.shape[0]
+        if len(rows):
+            dset.resize((start + len(rows),))
+            dset[start:] = rows
+        if counter is not None:
+            self._counts[counter] = start + len(rows)
+        self._bytes += rows.nbytes
+        return start
+
+    def _write(self, record: StepRecord) -> None:
+        if self.max_bytes is not None:
+            size = sum(a.data.nbytes for a in record.arrays)
+            if self._bytes + size > self.max_bytes:
+                self.failed = f"max_bytes={self.max_bytes} reached"
+                log.warning(
+                    "seqscope: trace %s reached max_bytes=%d; recording stopped, training goes on",
+                    self.path,
+                    self.max_bytes,
+                )
+                return
+        if record.new_layers:
+            rows = np.array(record.new_layers, dtype=schema.LAYER_DTYPE)
+            self._append("layers", rows, schema.COMMIT_LAYERS)
+        if record.new_scalar_names:
+            names = np.array([n.encode() for n in record.new_scalar_names], schema.SCALAR_NAME_DTYPE)
+            self._append("scalar_names", names, schema.COMMIT_SCALAR_NAMES)
+        index_rows = self._write_arrays(record.arrays)
+        if len(index_rows):
+            self._append("index", index_rows, schema.COMMIT_INDEX)
+        if record.scalars:
+            self._append("scalars", np.array(record.scalars, schema.SCALAR_DTYPE), schema.COMMIT_SCALARS)
+        if record.step_row is not None:
+            self._append("steps", np.array([record.step_row], schema.STEP_DTYPE), schema.COMMIT_STEPS)
+        # Data first, then the counters that make it visible: a kill between the
+        # two flushes loses this record, never corrupts an earlier one.
+        self._file.flush()
+        self._file["commit"][...] = np.asarray(self._counts, dtype=np.int64)
+        self._file.flush()
+
+    def _write_arrays(self, arrays: Sequence[ArrayRecord]) -> np.ndarray:
+        """Concatenate all arrays of a record per heap: one resize and write per heap."""
+        index = np.zeros(len(arrays), dtype=schema.INDEX_DTYPE)
+        per_heap: dict[int, list[np.ndarray]] = {}
+        offsets = list(self._heap_len)
+        for i, rec in enumerate(arrays):
+            heap = schema.HEAP_ID[rec.data.dtype]
+            flat = np.ascontiguousarray(rec.data).reshape(-1)
+            row = index[i]
+            row["step"] = rec.step
+            row["layer"] = rec.layer
+            row["field"] = schema.FIELD_ID[rec.field]
+            row["heap"] = heap
+            row["offset"] = offsets[heap]
+            shape = list(rec.data.shape) + [1] * (4 - rec.data.ndim)
+            row["shape"] = shape
+            row["ndim"] = rec.data.ndim
+            offsets[heap] += flat.size
+            per_heap.setdefault(heap, []).append(flat)
+        for heap, parts in per_heap.items():
+            data = np.concatenate(parts)
+            start = self._append(schema.HEAPS[heap], data, None)
+            assert start == self._heap_len[heap]
+            self._heap_len[heap] = start + data.size
+        return index

@@ -1,0 +1,307 @@
+"""Every number seqscope records for fused modules, against the unrolled
+autograd reference in tests/reference.py, over the configuration matrix."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_sequence, pad_packed_sequence
+
+import seqscope
+from tests import reference as ref
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    kind: str
+    layers: int = 1
+    bidirectional: bool = False
+    batch_first: bool = False
+    proj: int = 0
+    bias: bool = True
+    h0: bool = False
+    packed: bool = False
+    dtype: torch.dtype = torch.float64
+
+    @property
+    def id(self) -> str:
+        parts = [self.kind, f"L{self.layers}"]
+        for flag in ("bidirectional", "batch_first", "packed", "h0"):
+            if getattr(self, flag):
+                parts.append(flag)
+        if self.proj:
+            parts.append(f"proj{self.proj}")
+        if not self.bias:
+            parts.append("nobias")
+        if self.dtype == torch.float32:
+            parts.append("f32")
+        return "-".join(parts)
+
+
+def _configs() -> list[Config]:
+    out = []
+    for kind in ("lstm", "gru", "rnn_tanh", "rnn_relu"):
+        out += [
+            Config(kind),
+            Config(kind, layers=2),
+            Config(kind, layers=2, bidirectional=True),
+            Config(kind, batch_first=True),
+            Config(kind, bias=False),
+            Config(kind, h0=True, layers=2),
+            Config(kind, packed=True),
+            Config(kind, packed=True, bidirectional=True, layers=2, h0=True),
+            Config(kind, dtype=torch.float32),
+        ]
+    out += [
+        Config("lstm", proj=3),
+        Config("lstm", proj=3, layers=2, bidirectional=True, packed=True, h0=True),
+        Config("gru", batch_first=True, bidirectional=True, packed=True),
+    ]
+    return out
+
+
+CONFIGS = _configs()
+IN, HID, T, B = 4, 6, 7, 5
+LENGTHS = [5, 7, 2, 6, 4]  # unsorted on purpose
+
+
+def make_module(cfg: Config) -> nn.Module:
+    common = dict(num_layers=cfg.layers, bidirectional=cfg.bidirectional, batch_first=cfg.batch_first, bias=cfg.bias)
+    if cfg.kind == "lstm":
+        m = nn.LSTM(IN, HID, proj_size=cfg.proj, **common)
+    elif cfg.kind == "gru":
+        m = nn.GRU(IN, HID, **common)
+    else:
+        m = nn.RNN(IN, HID, nonlinearity=cfg.kind[4:], **common)
+    with torch.no_grad():
+        for p in m.parameters():  # larger than default init so gradients vary a lot over time
+            p.uniform_(-0.6, 0.6)
+    return m.to(cfg.dtype)
+
+
+def make_inputs(cfg: Config, gen: torch.Generator):
+    lengths = LENGTHS if cfg.packed else [T] * B
+    seqs = [torch.randn(n, IN, generator=gen, dtype=torch.float64).to(cfg.dtype) for n in lengths]
+    n_dir = 2 if cfg.bidirectional else 1
+    out = cfg.proj or HID
+    h0 = c0 = None
+    if cfg.h0:
+        h0 = (0.5 * torch.randn(cfg.layers * n_dir, B, out, generator=gen, dtype=torch.float64)).to(cfg.dtype)
+        c0 = (0.5 * torch.randn(cfg.layers * n_dir, B, HID, generator=gen, dtype=torch.float64)).to(cfg.dtype)
+    return seqs, h0, c0
+
+
+def module_input(cfg: Config, seqs):
+    if cfg.packed:
+        return pack_sequence(seqs, enforce_sorted=False)
+    x = torch.stack(seqs, dim=1)  # [T, B, I]
+    return x.transpose(0, 1) if cfg.batch_first else x
+
+
+def per_sequence_outputs(cfg: Config, output):
+    if cfg.packed:
+        padded, lengths = pad_packed_sequence(output, batch_first=True)
+        return [padded[b, : lengths[b]] for b in range(len(lengths))]
+    if cfg.batch_first:
+        return [output[b] for b in range(output.shape[0])]
+    return [output[:, b] for b in range(output.shape[1])]
+
+
+def make_loss_terms(cfg: Config, gen: torch.Generator):
+    n_dir = 2 if cfg.bidirectional else 1
+    out = cfg.proj or HID
+    r = torch.randn(B, T, n_dir * out, generator=gen, dtype=torch.float64).to(cfg.dtype)
+    q = torch.randn(cfg.layers * n_dir, B, out, generator=gen, dtype=torch.float64).to(cfg.dtype)
+    s = torch.randn(cfg.layers * n_dir, B, HID, generator=gen, dtype=torch.float64).to(cfg.dtype)
+    return r, q, s
+
+
+def loss_of(outputs, h_n, c_n, terms):
+    r, q, s = terms
+    loss = sum((r[b, : o.shape[0]] * o).sum() + 0.5 * (o * o).sum() for b, o in enumerate(outputs))
+    loss = loss + (q * h_n).sum()
+    if c_n is not None:
+        loss = loss + (s * c_n).sum()
+    return loss
+
+
+def _tol(cfg: Config):
+    if cfg.dtype == torch.float64:
+        return dict(states=1e-6, grads=1e-5)
+    return dict(states=2e-5, grads=2e-4)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=[c.id for c in CONFIGS])
+def test_recorded_numbers_match_unrolled_reference(cfg: Config, tmp_path):
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    module = make_module(cfg)
+    seqs, h0, c0 = make_inputs(cfg, gen)
+    terms = make_loss_terms(cfg, gen)
+    hx = None if h0 is None else ((h0, c0) if cfg.kind == "lstm" else h0)
+
+    path = tmp_path / "trace.h5"
+    with seqscope.watch(module, path, every=1, sequences=B, precision="full") as scope:
+        output, state = module(module_input(cfg, seqs), hx)
+        h_n, c_n = state if cfg.kind == "lstm" else (state, None)
+        loss = loss_of(per_sequence_outputs(cfg, output), h_n, c_n, terms)
+        loss.backward()
+        scope.log(loss=loss)
+
+    layers, ref_out, ref_hn, ref_cn = ref.run_reference(module, seqs, h0, c0)
+    ref_loss = loss_of(ref_out, ref_hn, ref_cn, terms)
+    ref_loss.backward(retain_graph=True)
+    # the reference reproduces the module itself
+    for got, want in zip(per_sequence_outputs(cfg, output), ref_out):
+        torch.testing.assert_close(got.detach(), want.detach(), rtol=1e-5, atol=1e-6)
+
+    tol = _tol(cfg)
+    n_dir = 2 if cfg.bidirectional else 1
+    # read the reference's gradients before propagation() runs more backward passes
+    ref_gh = {key: [[torch.linalg.vector_norm(h.grad).item() for h in hs] for hs in lay.h]
+              for key, lay in layers.items()}
+    ref_gc = {key: [[torch.linalg.vector_norm(c.grad).item() for c in cs] for cs in lay.c]
+              for key, lay in layers.items()} if cfg.kind == "lstm" else {}
+    with seqscope.open(path) as trace:
+        assert list(trace.steps) == [0]
+        expected_names = [f"{cfg.kind.split('_')[0]}.l{k}" + ("_reverse" if d else "")
+                          for k in range(cfg.layers) for d in range(n_dir)]
+        assert trace.layers == expected_names
+        np.testing.assert_allclose(trace.scalars()["loss"].values, [ref_loss.item()], rtol=1e-6)
+        for k in range(cfg.layers):
+            for d in range(n_dir):
+                name = expected_names[k * n_dir + d]
+                layer = layers[(k, d)]
+                hidden = trace.hidden(name, 0)
+                grads = trace.grad_norms(name, 0)
+                prop = trace.propagation(name, 0)
+                gates = trace.gates(name, 0)
+                lengths = trace.lengths(name, 0)
+                assert list(lengths) == [len(s) for s in seqs]
+                assert list(trace.sequence_index(name, 0)) == list(range(B))
+                for b, length in enumerate(lengths):
+                    # padding is masked, real timesteps are not
+                    assert not np.ma.getmaskarray(hidden[b, :length]).any()
+                    assert np.ma.getmaskarray(hidden[b, length:]).all()
+                    want_h = torch.stack(layer.h[b]).detach().numpy()
+                    np.testing.assert_allclose(hidden[b, :length].data, want_h, rtol=tol["states"], atol=1e-7)
+                    want_gh = np.array(ref_gh[(k, d)][b])
+                    np.testing.assert_allclose(grads["hidden"][b, :length].data, want_gh, rtol=tol["grads"])
+                    want_p = ref.propagation(layer, b, d).numpy()
+                    np.testing.assert_allclose(prop[b, :length].data, want_p, rtol=tol["grads"], atol=1e-300)
+                    last = length - 1 if d == 0 else 0
+                    assert prop[b, last] == pytest.approx(1.0, rel=1e-12 if cfg.dtype == torch.float64 else 1e-6)
+                    for gname, values in gates.items():
+                        want_g = torch.stack([g[gname] for g in layer.gates[b]]).detach().numpy()
+                        np.testing.assert_allclose(values[b, :length].data, want_g, rtol=tol["states"], atol=1e-7)
+                    if cfg.kind == "lstm":
+                        want_c = torch.stack(layer.c[b]).detach().numpy()
+                        np.testing.assert_allclose(trace.cell(name, 0)[b, :length].data, want_c,
+                                                   rtol=tol["states"], atol=1e-7)
+                        want_gc = np.array(ref_gc[(k, d)][b])
+                        np.testing.assert_allclose(grads["cell"][b, :length].data, want_gc, rtol=tol["grads"])
+                expected_gates = {"lstm": 4, "gru": 3}.get(cfg.kind, 0)
+                assert len(gates) == expected_gates
+                # largest singular value of W_hh
+                w_hh = ref.layer_weights(module, k, d)["w_hh"]
+                want_sigma = torch.linalg.svdvals(w_hh.double())[0].item()
+                got_sigma = trace.scalars()["sigma_max/" + name].values[0]
+                assert got_sigma == pytest.approx(want_sigma, rel=1e-5)
+
+
+def test_parameter_and_global_gradient_norms(tmp_path):
+    torch.manual_seed(3)
+    model = nn.Sequential()
+    lstm = nn.LSTM(3, 5, num_layers=2).double()
+    head = nn.Linear(5, 1).double()
+
+    x = torch.randn(6, 4, 3, dtype=torch.float64)
+    with seqscope.watch(lstm, tmp_path / "t.h5", every=1) as scope:
+        out, _ = lstm(x)
+        loss = head(out).pow(2).mean()
+        loss.backward()
+        scope.log(loss=loss)
+    with seqscope.open(tmp_path / "t.h5") as trace:
+        scalars = trace.scalars()
+        for name, p in lstm.named_parameters():
+            got = scalars["grad_norm/" + name].values[0]
+            assert got == pytest.approx(torch.linalg.vector_norm(p.grad).item(), rel=1e-12)
+        total = torch.sqrt(sum(p.grad.pow(2).sum() for p in lstm.parameters())).item()
+        assert scalars["grad_norm"].values[0] == pytest.approx(total, rel=1e-12)
+    del model
+
+
+def test_sequence_selection_and_float16_storage(tmp_path):
+    cfg = Config("lstm", layers=2, packed=True)
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    module = make_module(cfg)
+    seqs, _, _ = make_inputs(cfg, gen)
+    terms = make_loss_terms(cfg, gen)
+    for sequences in (2, [3, 1]):
+        path = tmp_path / f"t{sequences}.h5"
+        module.zero_grad()
+        with seqscope.watch(module, path, every=1, sequences=sequences, precision="float16"):
+            output, (h_n, c_n) = module(module_input(cfg, seqs))
+            loss_of(per_sequence_outputs(cfg, output), h_n, c_n, terms).backward()
+        layers, ref_out, ref_hn, ref_cn = ref.run_reference(module, seqs)
+        loss_of(ref_out, ref_hn, ref_cn, terms).backward(retain_graph=True)
+        chosen = [0, 1] if sequences == 2 else [3, 1]
+        with seqscope.open(path) as trace:
+            assert list(trace.sequence_index("lstm.l1", 0)) == chosen
+            hidden = trace.hidden("lstm.l1", 0)
+            cell = trace.cell("lstm.l1", 0)
+            grads = trace.grad_norms("lstm.l1", 0)["hidden"]
+            for row, b in enumerate(chosen):
+                n = len(seqs[b])
+                want_h = torch.stack(layers[(1, 0)].h[b]).detach().numpy()
+                want_c = torch.stack(layers[(1, 0)].c[b]).detach().numpy()
+                # float16 keeps 11 significant bits
+                np.testing.assert_allclose(hidden[row, :n].data, want_h, rtol=2**-10, atol=2**-14)
+                np.testing.assert_allclose(cell[row, :n].data, want_c, rtol=2**-10, atol=2**-14)
+                want_g = [torch.linalg.vector_norm(h.grad).item() for h in layers[(1, 0)].h[b]]
+                np.testing.assert_allclose(grads[row, :n].data, want_g, rtol=1e-5)  # norms stay float64
+
+
+def test_dropout_between_layers_records_what_the_model_computed(tmp_path):
+    torch.manual_seed(0)
+    module = nn.LSTM(IN, HID, num_layers=3, dropout=0.5).double().train()
+    gen = torch.Generator().manual_seed(2)
+    seqs = [torch.randn(T, IN, generator=gen, dtype=torch.float64) for _ in range(B)]
+    x = torch.stack(seqs, dim=1)
+    torch.manual_seed(123)
+    with seqscope.watch(module, tmp_path / "t.h5", every=1, sequences=B, precision="full"):
+        out, (h_n, c_n) = module(x)
+        (out.pow(2).sum() + h_n.sum()).backward()
+    # the recorder draws one dropout mask per layer boundary, shape [T, B, H]
+    torch.manual_seed(123)
+    masks = [torch.nn.functional.dropout(torch.ones(T, B, HID, dtype=torch.float64), 0.5, True) for _ in range(2)]
+    layers, ref_out, ref_hn, ref_cn = ref.run_reference(module, seqs, dropout_masks=masks)
+    torch.testing.assert_close(torch.stack(ref_out, 1), out.detach())
+    (torch.stack(ref_out, 1).pow(2).sum() + ref_hn.sum()).backward()
+    with seqscope.open(tmp_path / "t.h5") as trace:
+        for k in range(3):
+            for b in range(B):
+                want = [torch.linalg.vector_norm(h.grad).item() for h in layers[(k, 0)].h[b]]
+                np.testing.assert_allclose(trace.grad_norms(f"lstm.l{k}", 0)["hidden"][b].data, want, rtol=1e-5)
+                want_c = torch.stack(layers[(k, 0)].c[b]).detach().numpy()
+                np.testing.assert_allclose(trace.cell(f"lstm.l{k}", 0)[b].data, want_c, rtol=1e-6, atol=1e-9)
+
+
+def test_unbatched_input(tmp_path):
+    torch.manual_seed(0)
+    module = nn.GRU(IN, HID, num_layers=2).double()
+    x = torch.randn(T, IN, dtype=torch.float64)
+    with seqscope.watch(module, tmp_path / "t.h5", every=1, precision="full"):
+        out, h = module(x)
+        assert out.shape == (T, HID) and h.shape == (2, HID)
+        out.sum().backward()
+    layers, ref_out, _, _ = ref.run_reference(module, [x])
+    ref_out[0].sum().backward()
+    with seqscope.open(tmp_path / "t.h5") as trace:
+        want = [torch.linalg.vector_norm(h.grad).item() for h in layers[(0, 0)].h[0]]
+        np.testing.assert_allclose(trace.grad_norms("gru.l0", 0)["hidden"][0].data, want, rtol=1e-5)
