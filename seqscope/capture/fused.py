@@ -16,6 +16,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import _VF, nn
@@ -74,7 +75,7 @@ class LayerCapture:
     cell: torch.Tensor | None  # [time, sequence, unit]
     lengths: torch.Tensor  # [sequence] int64, on the CPU
     sequence_index: torch.Tensor  # [sequence] int64, on the CPU
-    sigma_max: torch.Tensor  # scalar
+    w_hh: np.ndarray  # host copy of W_hh taken at forward time, for its largest singular value
     grad_hidden: torch.Tensor | None = None  # [time, sequence]
     grad_cell: torch.Tensor | None = None
     propagation: torch.Tensor | None = None
@@ -105,7 +106,11 @@ class FusedRecorder:
     # ---- install / remove ------------------------------------------------------------
     def install(self) -> None:
         if "forward" in self.module.__dict__:
-            raise RuntimeError(f"{self.name} already has an instance-level forward")
+            from seqscope.errors import UnsupportedModelError
+
+            raise UnsupportedModelError(
+                f"{self.name} is already watched by another seqscope scope (or has its own instance forward)"
+            )
         self.module.forward = self._forward  # type: ignore[method-assign]
         self._installed = True
 
@@ -294,7 +299,7 @@ class FusedRecorder:
                 cell=cell,
                 lengths=lengths,
                 sequence_index=select,
-                sigma_max=torch.linalg.matrix_norm(lw.w_hh, ord=2),
+                w_hh=lw.w_hh.to("cpu", copy=True).numpy(),
             )
             dirs.append(_Direction(capture.layer_id, lw, details, fl, capture))
         return dirs

@@ -107,8 +107,8 @@ def forward_details(
         ig = i * g
         cell = torch.empty_like(ig)
         prev = c0
-        for t in range(n_time):
-            prev = torch.addcmul(ig[t], f[t], prev, out=cell[t])
+        for ig_t, f_t, c_t in zip(ig.unbind(0), f.unbind(0), cell.unbind(0)):
+            prev = torch.addcmul(ig_t, f_t, prev, out=c_t)
         c_prev = previous(cell, c0)
         tc = torch.tanh(cell)
         factors = {
@@ -164,51 +164,59 @@ def backward_scan(
     (LSTM) dL/dc_t in the same shapes. Padded timesteps must carry zero external
     gradient; their factors are zero, so nothing flows through them.
     """
-    n_time = ext_h.shape[0]
-    dh_all = ext_h.clone()
-    f = details.factors
+    n_time, reps, n_seq = ext_h.shape[:3]
+    rows = reps * n_seq
+    # rows = (R, sequence) flattened, so every product in the loop is a 2-D mm
+    ext = ext_h.reshape(n_time, rows, -1)
+    dh_all = ext.clone()
+    dh_t = dh_all.unbind(0)
+    ext_t = ext.unbind(0)
     w_hh = w.w_hh
+
+    def per_row(factor: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """[time, sequence, ...] -> per-timestep [rows, ...] (repeated over R)."""
+        rep = factor.repeat((1, reps) + (1,) * (factor.dim() - 2))
+        return rep.unbind(0)
+
+    f = details.factors
     if details.kind == schema.KIND_LSTM:
-        dc_all = ext_c.clone() if ext_c is not None else None
-        if dc_all is None:
-            dc_all = ext_h.new_zeros(ext_h.shape[:3] + (f["A"].shape[-1],))
-        r_, k_, hidden = dc_all.shape[1:]
-        dpre = dc_all.new_empty((r_, k_, 4, hidden))
-        carry: torch.Tensor | None = None
+        hidden = f["A"].shape[-1]
+        if ext_c is not None:
+            dc_all = ext_c.reshape(n_time, rows, hidden).clone()
+        else:
+            dc_all = ext.new_zeros((n_time, rows, hidden))
+        dc_t = dc_all.unbind(0)
+        a_t, f_t, p3_t, bo_t = per_row(f["A"]), per_row(f["F"]), per_row(f["P3"]), per_row(f["Bo"])
+        dpre = ext.new_empty((rows, 4, hidden))
+        dpre3, dpre_o, dpre_flat = dpre[:, :3], dpre[:, 3], dpre.view(rows, 4 * hidden)
+        w_hr = w.w_hr
         for t in range(n_time - 1, -1, -1):
-            dh = dh_all[t]
-            if carry is not None:
-                dh.add_(carry)
-            dm = torch.matmul(dh, w.w_hr) if w.w_hr is not None else dh
-            dc = dc_all[t]
-            dc.addcmul_(dm, f["A"][t])
-            if t + 1 < n_time:
-                dc.addcmul_(f["F"][t + 1], dc_all[t + 1])
-            torch.mul(f["P3"][t], dc.unsqueeze(2), out=dpre[:, :, :3])
-            torch.mul(dm, f["Bo"][t], out=dpre[:, :, 3])
-            carry = torch.matmul(dpre.view(r_, k_, 4 * hidden), w_hh)
-        return dh_all, dc_all
+            dh = dh_t[t]
+            dm = torch.mm(dh, w_hr) if w_hr is not None else dh
+            dc = dc_t[t].addcmul_(dm, a_t[t])
+            torch.mul(p3_t[t], dc.unsqueeze(1), out=dpre3)
+            torch.mul(dm, bo_t[t], out=dpre_o)
+            if t > 0:
+                dc_t[t - 1].addcmul_(f_t[t], dc)
+                torch.addmm(ext_t[t - 1], dpre_flat, w_hh, out=dh_t[t - 1])
+        return dh_all.view(ext_h.shape), dc_all.view(n_time, reps, n_seq, hidden)
     if details.kind == schema.KIND_GRU:
-        r_, k_ = ext_h.shape[1:3]
         hidden = f["Z"].shape[-1]
-        dpre = ext_h.new_empty((r_, k_, 3, hidden))
-        carry = None
-        for t in range(n_time - 1, -1, -1):
-            dh = dh_all[t]
-            if carry is not None:
-                dh.add_(carry)
-            torch.mul(f["F3"][t], dh.unsqueeze(2), out=dpre)
-            carry = torch.matmul(dpre.view(r_, k_, 3 * hidden), w_hh)
-            carry.addcmul_(dh, f["Z"][t])
-        return dh_all, None
+        f3_t, z_t = per_row(f["F3"]), per_row(f["Z"])
+        dpre = ext.new_empty((rows, 3, hidden))
+        dpre_flat = dpre.view(rows, 3 * hidden)
+        for t in range(n_time - 1, 0, -1):
+            dh = dh_t[t]
+            torch.mul(f3_t[t], dh.unsqueeze(1), out=dpre)
+            torch.addmm(ext_t[t - 1], dpre_flat, w_hh, out=dh_t[t - 1]).addcmul_(dh, z_t[t])
+        return dh_all.view(ext_h.shape), None
     # plain RNN
-    carry = None
-    for t in range(n_time - 1, -1, -1):
-        dh = dh_all[t]
-        if carry is not None:
-            dh.add_(carry)
-        carry = torch.matmul(dh * f["D"][t], w_hh)
-    return dh_all, None
+    d_t = per_row(f["D"])
+    da = ext.new_empty((rows, w_hh.shape[0]))
+    for t in range(n_time - 1, 0, -1):
+        torch.mul(dh_t[t], d_t[t], out=da)
+        torch.addmm(ext_t[t - 1], da, w_hh, out=dh_t[t - 1])
+    return dh_all.view(ext_h.shape), None
 
 
 def unit_seed(last_grad: torch.Tensor) -> torch.Tensor:

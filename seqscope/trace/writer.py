@@ -15,7 +15,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,9 @@ class StepRecord:
     scalars: list[tuple[int, int, float]]  # (step, name id, value)
     new_layers: list[tuple[Any, ...]]  # rows of schema.LAYER_DTYPE
     new_scalar_names: list[str]
+    # (step, name id, function): scalars computed on the writer thread, off the
+    # training thread (for example a singular value of a weight copy)
+    deferred_scalars: list[tuple[int, int, Callable[[], float]]] = dataclasses.field(default_factory=list)
 
 
 class TraceWriter:
@@ -178,8 +181,15 @@ class TraceWriter:
         index_rows = self._write_arrays(record.arrays)
         if len(index_rows):
             self._append("index", index_rows, schema.COMMIT_INDEX)
-        if record.scalars:
-            self._append("scalars", np.array(record.scalars, schema.SCALAR_DTYPE), schema.COMMIT_SCALARS)
+        scalars = list(record.scalars)
+        for step, name_id, compute in record.deferred_scalars:
+            try:
+                value = float(compute())
+            except Exception:  # noqa: BLE001 - a failed statistic is recorded as NaN
+                value = float("nan")
+            scalars.append((step, name_id, value))
+        if scalars:
+            self._append("scalars", np.array(scalars, schema.SCALAR_DTYPE), schema.COMMIT_SCALARS)
         if record.step_row is not None:
             self._append("steps", np.array([record.step_row], schema.STEP_DTYPE), schema.COMMIT_STEPS)
         # Data first, then the counters that make it visible: a kill between the

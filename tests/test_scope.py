@@ -1,0 +1,252 @@
+"""watch() as a user meets it: the model computes what it computed without
+seqscope, hooks go away, steps are numbered sensibly, bad set-ups fail loudly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.optim.optimizer as optim_mod
+from torch import nn
+
+import seqscope
+from seqscope.errors import UnsupportedModelError
+
+
+class Tagger(nn.Module):
+    """Embedding -> 2-layer bidirectional LSTM -> GRU -> linear: several recurrent modules."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(11, 5)
+        self.enc = nn.LSTM(5, 6, num_layers=2, bidirectional=True, batch_first=True)
+        self.dec = nn.GRU(12, 4, batch_first=True)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, tokens, hx=None):
+        out, _ = self.enc(self.emb(tokens), hx)
+        out, h = self.dec(out)
+        return self.head(out), h
+
+
+def _batch(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 11, (4, 9), generator=g), torch.randint(0, 3, (4, 9), generator=g)
+
+
+def _hook_counts(model: nn.Module):
+    return (
+        sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules()),
+        sum("forward" in m.__dict__ for m in model.modules()),
+        len(optim_mod._global_optimizer_pre_hooks),
+        len(optim_mod._global_optimizer_post_hooks),
+    )
+
+
+def _train(model, steps, scope=None, seed0=0):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    outs, grads = [], []
+    for s in range(steps):
+        x, y = _batch(seed0 + s)
+        logits, _ = model(x)
+        loss = nn.functional.cross_entropy(logits.reshape(-1, 3), y.reshape(-1))
+        loss.backward()
+        outs.append(logits.detach().clone())
+        grads.append([p.grad.clone() for p in model.parameters()])
+        if scope is not None:
+            scope.log(loss=loss)
+        opt.step()
+        opt.zero_grad()
+    return outs, grads
+
+
+def test_model_computes_the_same_with_seqscope(tmp_path):
+    torch.manual_seed(0)
+    model = Tagger().double().eval()  # eval: deterministic, so recorded steps must match too
+    baseline = Tagger().double().eval()
+    baseline.load_state_dict(model.state_dict())
+    ref_outs, ref_grads = _train(baseline, 6)
+    with seqscope.watch(model, tmp_path / "t.h5", every=2) as scope:
+        outs, grads = _train(model, 6, scope)
+    for step in range(6):  # steps 0, 2, 4 recorded; 1, 3, 5 not
+        torch.testing.assert_close(outs[step], ref_outs[step], rtol=1e-12, atol=1e-13)
+        for g, rg in zip(grads[step], ref_grads[step]):
+            torch.testing.assert_close(g, rg, rtol=1e-10, atol=1e-13)
+    with seqscope.open(tmp_path / "t.h5") as trace:
+        assert list(trace.steps) == [0, 2, 4]
+        assert trace.layers == ["enc.l0", "enc.l0_reverse", "enc.l1", "enc.l1_reverse", "dec.l0"]
+        loss = trace.scalars()["loss"]
+        assert list(loss.steps) == [0, 1, 2, 3, 4, 5]  # logged scalars are kept for every step
+        assert trace.hidden("enc.l1_reverse", 2).shape == (4, 9, 6)
+        assert trace.grad_norms("dec.l0", 4)["hidden"].shape == (4, 9)
+
+
+def test_unrecorded_steps_are_bit_identical(tmp_path):
+    torch.manual_seed(0)
+    model = Tagger().train()
+    baseline = Tagger().train()
+    baseline.load_state_dict(model.state_dict())
+    ref_outs, ref_grads = _train(baseline, 3, seed0=10)
+    with seqscope.watch(model, tmp_path / "t.h5", every=1000) as scope:
+        _train(model, 1, scope, seed0=10)  # step 0 is recorded
+    # with a fresh scope whose schedule records nothing, every step is plain
+    model2 = Tagger().train()
+    model2.load_state_dict(baseline.state_dict())
+    torch.manual_seed(0)
+    model3 = Tagger().train()
+    model3.load_state_dict(model2.state_dict())
+    with seqscope.watch(model2, tmp_path / "u.h5", every=lambda s: False) as scope:
+        outs, grads = _train(model2, 3, scope, seed0=20)
+    ref_outs, ref_grads = _train(model3, 3, seed0=20)
+    for a, b in zip(outs, ref_outs):
+        assert torch.equal(a, b)
+    for ga, gb in zip(grads, ref_grads):
+        assert all(torch.equal(x, y) for x, y in zip(ga, gb))
+
+
+def test_hooks_removed_after_close_exception_and_nesting(tmp_path):
+    model = Tagger()
+    other = nn.RNN(3, 4)
+    before = _hook_counts(model), _hook_counts(other)
+
+    scope = seqscope.watch(model, tmp_path / "a.h5", every=1)
+    assert _hook_counts(model) != before[0]
+    scope.close()
+    scope.close()  # idempotent
+    assert (_hook_counts(model), _hook_counts(other)) == before
+
+    with pytest.raises(KeyError):
+        with seqscope.watch(model, tmp_path / "b.h5", every=1):
+            model(_batch(0)[0])[0].sum().backward()
+            raise KeyError("boom")
+    assert (_hook_counts(model), _hook_counts(other)) == before
+
+    with seqscope.watch(model, tmp_path / "c.h5", every=1):
+        with seqscope.watch(other, tmp_path / "d.h5", every=1):
+            assert _hook_counts(other) != before[1]
+            assert _hook_counts(other)[2:] == (before[1][2] + 2, before[1][3] + 2)  # one per scope
+        assert _hook_counts(other)[:2] == before[1][:2]  # the inner scope removed only its own hooks
+        assert _hook_counts(other)[2:] == (before[1][2] + 1, before[1][3] + 1)
+        assert _hook_counts(model) != before[0]
+    assert (_hook_counts(model), _hook_counts(other)) == before
+
+
+def test_interrupted_step_is_dropped_and_file_readable(tmp_path):
+    model = Tagger()
+    with pytest.raises(RuntimeError, match="interrupt"):
+        with seqscope.watch(model, tmp_path / "t.h5", every=1) as scope:
+            for s in range(3):
+                x, _ = _batch(s)
+                model(x)[0].sum().backward()
+                scope.log(loss=float(s))
+                if s == 2:
+                    raise RuntimeError("interrupt")
+    with seqscope.open(tmp_path / "t.h5") as trace:
+        assert list(trace.steps) == [0, 1]  # step 2 was in flight
+        assert list(trace.scalars()["loss"].steps) == [0, 1]
+        assert trace.closed_cleanly
+
+
+def test_watching_the_same_module_twice_fails_loudly(tmp_path):
+    model = Tagger()
+    with seqscope.watch(model, tmp_path / "a.h5"):
+        with pytest.raises(UnsupportedModelError, match="already watched"):
+            seqscope.watch(model, tmp_path / "b.h5")
+        # the failed watch left the first one intact
+        assert "forward" in model.enc.__dict__
+    assert "forward" not in model.enc.__dict__
+
+
+def test_unsupported_models_fail_at_watch(tmp_path):
+    class MyLSTM(nn.LSTM):
+        def forward(self, x, hx=None):
+            return super().forward(x * 2, hx)
+
+    with pytest.raises(UnsupportedModelError, match="overrides forward"):
+        seqscope.watch(MyLSTM(3, 4), tmp_path / "a.h5")
+    with pytest.raises(UnsupportedModelError, match="no recurrent layer"):
+        seqscope.watch(nn.Linear(3, 4), tmp_path / "b.h5")
+    with pytest.raises(ValueError, match="precision"):
+        seqscope.watch(nn.GRU(3, 4), tmp_path / "c.h5", precision="float8")
+    with pytest.raises(ValueError, match="preset"):
+        seqscope.watch(nn.GRU(3, 4), tmp_path / "d.h5", every="sometimes")
+
+
+def test_truncated_bptt_numbers_each_batch(tmp_path):
+    torch.manual_seed(0)
+    rnn = nn.LSTM(3, 5)
+    head = nn.Linear(5, 1)
+    opt = torch.optim.Adam(list(rnn.parameters()) + list(head.parameters()), lr=1e-2)
+    stream = torch.randn(60, 2, 3)
+    with seqscope.watch(rnn, tmp_path / "t.h5", every=2) as scope:
+        state = None
+        for chunk in stream.split(10):  # 6 chunks, hidden state carried across
+            out, state = rnn(chunk, state)
+            state = tuple(s.detach() for s in state)
+            loss = head(out).pow(2).mean()
+            loss.backward()
+            scope.log(loss=loss)
+            opt.step()
+            opt.zero_grad()
+    with seqscope.open(tmp_path / "t.h5") as trace:
+        assert list(trace.steps) == [0, 2, 4]
+        assert list(trace.scalars()["loss"].steps) == list(range(6))
+        # the carried state is the initial state of the next chunk's record
+        h_prev = trace.hidden("lstm.l0", 0)
+        assert h_prev.shape == (2, 10, 5)
+
+
+def test_lbfgs_closure_is_one_step_recorded_once(tmp_path):
+    torch.manual_seed(0)
+    rnn = nn.GRU(2, 3)
+    x = torch.randn(5, 2, 2)
+    opt = torch.optim.LBFGS(rnn.parameters(), max_iter=4)
+    passes = []
+
+    def closure():
+        opt.zero_grad()
+        out, _ = rnn(x)
+        loss = out.pow(2).mean()
+        loss.backward()
+        passes.append(loss.item())
+        return loss
+
+    with seqscope.watch(rnn, tmp_path / "t.h5", every=1) as scope:
+        for _ in range(3):
+            loss = opt.step(closure)
+            scope.log(loss=loss)
+    assert len(passes) > 3  # LBFGS evaluated the closure several times per step
+    with seqscope.open(tmp_path / "t.h5") as trace:
+        assert list(trace.steps) == [0, 1, 2]
+        assert list(trace.scalars()["loss"].steps) == [0, 1, 2]
+
+
+def test_user_step_numbers_and_schedules(tmp_path):
+    rnn = nn.RNN(2, 3)
+    x = torch.randn(4, 1, 2)
+    with seqscope.watch(rnn, tmp_path / "t.h5", every=lambda s: s % 100 == 0) as scope:
+        for step in range(1000, 1205):
+            out, _ = rnn(x)
+            out.sum().backward()
+            scope.log(step=step, loss=float(step))
+    with seqscope.open(tmp_path / "t.h5") as trace:
+        assert list(trace.steps) == [1000, 1100, 1200]
+        loss = trace.scalars()["loss"]
+        assert loss.steps[0] == 1000 and loss.steps[-1] == 1204
+        np.testing.assert_array_equal(loss.values, loss.steps.astype(float))
+    sched = seqscope.schedules.dense_early(50)
+    picked = [s for s in range(2000) if sched(s)]
+    assert picked[:100] == list(range(100))
+    assert 100 < len(picked) < 400 and 1950 in picked and 1951 not in picked
+
+
+def test_evaluation_passes_are_not_steps(tmp_path):
+    rnn = nn.LSTM(2, 3)
+    x = torch.randn(4, 2, 2)
+    with seqscope.watch(rnn, tmp_path / "t.h5", every=1):
+        for _ in range(2):
+            rnn(x)[0].sum().backward()
+            with torch.no_grad():
+                rnn(x)
+    with seqscope.open(tmp_path / "t.h5") as trace:
+        assert list(trace.steps) == [0, 1]
