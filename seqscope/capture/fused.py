@@ -123,7 +123,7 @@ class FusedRecorder:
         return type(self.module).forward(self.module, *args, **kwargs)
 
     # ---- forward -------------------------------------------------------------------------
-    def _forward(self, input: Any, hx: Any = None) -> Any:
+    def _forward(self, input: Any, hx: Any = None) -> Any:  # noqa: A002 - nn.LSTM's own name
         step = self.scope.recording_step_for(self)
         if step is None:
             return self._original(input, hx)
@@ -133,7 +133,7 @@ class FusedRecorder:
             self.scope.recording_failed(f"recording {self.name} failed: {type(exc).__name__}: {exc}")
             return self._original(input, hx)
 
-    def _recorded_forward(self, step: StepState, input: Any, hx: Any) -> Any:
+    def _recorded_forward(self, step: StepState, input: Any, hx: Any) -> Any:  # noqa: A002
         m = self.module
         kind = self.kind
         is_lstm = kind == schema.KIND_LSTM
@@ -176,8 +176,8 @@ class FusedRecorder:
                 h0 = h0.unsqueeze(1)
                 c0 = c0.unsqueeze(1) if c0 is not None else None
         if not packed:
-            m.check_forward_args(input if not unbatched else x.transpose(0, 1) if m.batch_first else x,
-                                 (h0, c0) if is_lstm else h0, None)
+            user_layout = x.transpose(0, 1) if m.batch_first else x
+            m.check_forward_args(user_layout, (h0, c0) if is_lstm else h0, None)  # type: ignore[arg-type]
         h0_run = h0 if sorted_idx is None else h0.index_select(1, sorted_idx)
         c0_run = None if c0 is None else (c0 if sorted_idx is None else c0.index_select(1, sorted_idx))
 
@@ -200,7 +200,7 @@ class FusedRecorder:
 
         flat = m._flat_weights
         per_dir = len(flat) // (n_layers * n_dir)
-        fn = {
+        fn: Any = {
             schema.KIND_LSTM: _VF.lstm,
             schema.KIND_GRU: _VF.gru,
             schema.KIND_RNN_TANH: _VF.rnn_tanh,
@@ -209,7 +209,7 @@ class FusedRecorder:
         h_n: list[torch.Tensor] = []
         c_n: list[torch.Tensor] = []
         for k in range(n_layers):
-            weights = flat[k * n_dir * per_dir : (k + 1) * n_dir * per_dir]
+            weights: list[torch.Tensor] = flat[k * n_dir * per_dir : (k + 1) * n_dir * per_dir]  # type: ignore[assignment]
             sl = slice(k * n_dir, (k + 1) * n_dir)
             state: Any = (h0_run[sl], c0_run[sl]) if is_lstm and c0_run is not None else h0_run[sl]
             if packed:

@@ -18,7 +18,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -27,7 +27,14 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from seqscope import schedules
-from seqscope.capture.fused import FUSED_TYPES, FusedRecorder, LayerCapture, layer_names, module_kind, unsupported_reason
+from seqscope.capture.fused import (
+    FUSED_TYPES,
+    FusedRecorder,
+    LayerCapture,
+    layer_names,
+    module_kind,
+    unsupported_reason,
+)
 from seqscope.errors import UnsupportedModelError
 from seqscope.trace import schema
 from seqscope.trace.writer import ArrayRecord, StepRecord, TraceWriter
@@ -358,13 +365,13 @@ class Scope:
             return full
         if self.precision in _FLOAT_STORAGE:
             return _FLOAT_STORAGE[self.precision]
-        # auto: float16 for values bounded by 1, float32 otherwise
+        # auto: float16 for values bounded by 1, the model's precision otherwise
         bounded = field == schema.FIELD_GATES or (
             field == schema.FIELD_HIDDEN
             and capture.kind in (schema.KIND_GRU, schema.KIND_RNN_TANH, schema.KIND_LSTM)
             and not self._is_projected(capture)
         )
-        return torch.float16 if bounded else torch.float32
+        return torch.float16 if bounded else full
 
     def _is_projected(self, capture: LayerCapture) -> bool:
         row = self._layer_rows[capture.layer_id]
@@ -409,20 +416,18 @@ class Scope:
             n_seq = max(n_seq, cap.hidden.shape[1])
         arrays = [ArrayRecord(step.step, lid, field, arr) for (lid, field, arr) in _to_host(items)]
         for cap in step.captures:
-            arrays.append(ArrayRecord(step.step, cap.layer_id, schema.FIELD_LENGTHS, cap.lengths.numpy().astype(np.int64)))
-            arrays.append(
-                ArrayRecord(step.step, cap.layer_id, schema.FIELD_SEQUENCE_INDEX, cap.sequence_index.numpy().astype(np.int64))
-            )
+            for field, ints in ((schema.FIELD_LENGTHS, cap.lengths), (schema.FIELD_SEQUENCE_INDEX, cap.sequence_index)):
+                arrays.append(ArrayRecord(step.step, cap.layer_id, field, ints.numpy().astype(np.int64)))
         extra: list[tuple[int, str, Any]] = []
-        deferred = []
+        deferred: list[tuple[int, int, Callable[[], float]]] = []
         for cap in step.captures:
             name = self._layer_rows[cap.layer_id][0].decode()
             sid = self._scalar_id(schema.SCALAR_SIGMA_PREFIX + name)
             deferred.append((step.step, sid, functools.partial(_sigma_max, cap.w_hh)))
         if step.param_grad_norms:
             norms = step.param_grad_norms
-            total = torch.sqrt(sum((n * n for n in norms.values()), torch.zeros((), dtype=torch.float64,
-                                                                                  device=next(iter(norms.values())).device)))
+            first = next(iter(norms.values()))
+            total = torch.linalg.vector_norm(torch.stack([n.to(first.device) for n in norms.values()]))
             extra.append((step.step, schema.SCALAR_GRAD_NORM, total))
             for pname, n in norms.items():
                 extra.append((step.step, schema.SCALAR_PARAM_GRAD_PREFIX + pname, n))
@@ -477,7 +482,8 @@ def watch(
     sequences: how many sequences of each batch (the first ones), or which batch
         indices, to store per recorded step. Norms are exact for those.
     precision: storage of states and gates: "auto" (float16 for values bounded
-        by 1: gates, LSTM/GRU/tanh-RNN hidden states; float32 otherwise),
+        by 1: gates, LSTM/GRU/tanh-RNN hidden states; the model's float32 or
+        float64 otherwise),
         "float16", "float32" or "full" (the model's dtype). Gradient norms are
         always float64.
     max_bytes: stop recording (with one warning; training goes on) when the

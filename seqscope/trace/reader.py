@@ -77,7 +77,7 @@ class Trace:
         except TraceError:
             self._file.close()
             raise
-        except Exception as exc:  # h5py raises many types on damaged files
+        except Exception as exc:  # noqa: BLE001 - h5py raises many types on damaged files
             self._file.close()
             raise TraceCorruptError(f"{self.path} is damaged: {type(exc).__name__}: {exc}") from None
 

@@ -97,9 +97,9 @@ class TraceWriter:
             f.create_dataset(
                 name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(schema.TABLE_CHUNK,)
             )
-        for name, dtype in zip(schema.HEAPS, schema.HEAP_DTYPES):
+        for name, heap_dtype in zip(schema.HEAPS, schema.HEAP_DTYPES):
             f.create_dataset(
-                name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(schema.HEAP_CHUNK,)
+                name, shape=(0,), maxshape=(None,), dtype=heap_dtype, chunks=(schema.HEAP_CHUNK,)
             )
         f.create_dataset("commit", data=np.zeros(schema.COMMIT_SIZE, dtype=np.int64))
         f.flush()
@@ -176,8 +176,8 @@ class TraceWriter:
             rows = np.array(record.new_layers, dtype=schema.LAYER_DTYPE)
             self._append("layers", rows, schema.COMMIT_LAYERS)
         if record.new_scalar_names:
-            names = np.array([n.encode() for n in record.new_scalar_names], schema.SCALAR_NAME_DTYPE)
-            self._append("scalar_names", names, schema.COMMIT_SCALAR_NAMES)
+            encoded = np.array([n.encode() for n in record.new_scalar_names], schema.SCALAR_NAME_DTYPE)
+            self._append("scalar_names", encoded, schema.COMMIT_SCALAR_NAMES)
         index_rows = self._write_arrays(record.arrays)
         if len(index_rows):
             self._append("index", index_rows, schema.COMMIT_INDEX)

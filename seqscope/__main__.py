@@ -1,0 +1,5 @@
+import sys
+
+from seqscope.cli import main
+
+sys.exit(main())

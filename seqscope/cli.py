@@ -1,0 +1,149 @@
+"""The ``seqscope`` command line: demo, info, diagnose, dashboard.
+
+Every user error (missing or damaged trace, bad option) prints one line to
+stderr and exits with code 2; tracebacks are for bugs only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from seqscope.errors import SeqscopeError
+
+EXIT_OK = 0
+EXIT_FINDINGS = 1
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"seqscope: {message}\n")
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from seqscope.trace.reader import open_trace
+
+    with open_trace(args.trace) as trace:
+        info = trace.info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return EXIT_OK
+    print(f"trace          {info['path']}")
+    print(f"schema version {info['schema_version']}")
+    print(f"size           {info['bytes'] / 1e6:.2f} MB")
+    state = "yes" if info["closed_cleanly"] else "no (still being written, or the writer was killed)"
+    print(f"closed cleanly {state}")
+    if info["recorded_steps"]:
+        print(f"recorded steps {info['recorded_steps']} (steps {info['first_step']} .. {info['last_step']})")
+    else:
+        print("recorded steps 0")
+    print("layers")
+    for layer in info["layers"]:
+        print(
+            f"  {layer['name']:<24} {layer['kind']:<9} input {layer['input_size']:<5} "
+            f"hidden {layer['hidden_size']:<5} output {layer['output_size']}"
+        )
+    print(f"scalars        {len(info['scalars'])}: " + ", ".join(info["scalars"][:8])
+          + (" ..." if len(info["scalars"]) > 8 else ""))
+    return EXIT_OK
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from seqscope import demo
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    path = demo.run(args.out, steps=args.steps, every=args.every)
+    print(f"trace written to {path}")
+    if args.no_dashboard:
+        print(f"open it with: seqscope dashboard {path}")
+        return EXIT_OK
+    return _serve(str(path), args.host, args.port)
+
+
+def _serve(path: str, host: str, port: int) -> int:
+    try:
+        from seqscope.dashboard import serve
+    except ImportError as exc:
+        print(
+            f"seqscope: the dashboard needs dash and plotly ({exc}); install with: pip install 'seqscope[dashboard]'",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    serve(path, host=host, port=port)
+    return EXIT_OK
+
+
+def _cmd_dashboard(args: argparse.Namespace) -> int:
+    from seqscope.trace.reader import open_trace
+
+    open_trace(args.trace).close()  # fail here, with one line, on a bad trace
+    return _serve(args.trace, args.host, args.port)
+
+
+def _cmd_diagnose(args: argparse.Namespace) -> int:
+    from seqscope.diagnose import diagnose, render_text
+    from seqscope.trace.reader import open_trace
+
+    with open_trace(args.trace) as trace:
+        findings = diagnose(trace)
+    if args.json:
+        print(json.dumps({"findings": [f.to_dict() for f in findings]}, indent=2))
+    else:
+        print(render_text(findings, args.trace))
+    if args.strict and any(f.severity == "error" for f in findings):
+        return EXIT_FINDINGS
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="seqscope", description="Record and inspect recurrent networks while they train.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("demo", help="record a demo training run (2-layer LSTM) and open the dashboard on it")
+    p.add_argument("--out", default="runs/demo.h5", help="trace path (default: runs/demo.h5)")
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--every", type=int, default=10)
+    p.add_argument("--no-dashboard", action="store_true", help="only record, do not serve the dashboard")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8050)
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("info", help="what a trace holds")
+    p.add_argument("trace")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("diagnose", help="find vanishing/exploding gradients and other failures in a trace")
+    p.add_argument("trace")
+    p.add_argument("--json", action="store_true", help='print {"findings": [...]}')
+    p.add_argument("--strict", action="store_true", help="exit 1 when an error-severity finding exists")
+    p.set_defaults(func=_cmd_diagnose)
+
+    p = sub.add_parser("dashboard", help="serve the dashboard for a trace")
+    p.add_argument("trace")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8050)
+    p.set_defaults(func=_cmd_dashboard)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result: Any = args.func(args)
+    except SeqscopeError as exc:
+        print(f"seqscope: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""Reading traces: bad input gets one clear error; live and crashed traces read."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import seqscope
+from seqscope.cli import main as cli_main
+from seqscope.errors import NotATraceError, NotInTraceError, TraceNotFoundError, TraceVersionError
+
+
+@pytest.fixture(scope="module")
+def small_trace(tmp_path_factory):
+    path = tmp_path_factory.mktemp("trace") / "t.h5"
+    rnn = nn.GRU(3, 4, num_layers=2)
+    with seqscope.watch(rnn, path, every=2) as scope:
+        for s in range(5):
+            out, _ = rnn(torch.randn(6, 2, 3))
+            loss = out.pow(2).mean()
+            loss.backward()
+            scope.log(loss=loss, accuracy=0.5)
+    return path
+
+
+def test_bad_paths_raise_specific_errors(tmp_path, small_trace):
+    with pytest.raises(TraceNotFoundError, match="not found"):
+        seqscope.open(tmp_path / "missing.h5")
+    text = tmp_path / "notes.h5"
+    text.write_text("hello")
+    with pytest.raises(NotATraceError, match="not an HDF5 file"):
+        seqscope.open(text)
+    other = tmp_path / "other.h5"
+    with h5py.File(other, "w") as f:
+        f["x"] = np.arange(3)
+    with pytest.raises(NotATraceError, match="not a seqscope trace"):
+        seqscope.open(other)
+    newer = tmp_path / "newer.h5"
+    newer.write_bytes(small_trace.read_bytes())
+    with h5py.File(newer, "r+") as f:
+        f.attrs["version"] = 99
+    with pytest.raises(TraceVersionError, match="upgrade seqscope"):
+        seqscope.open(newer)
+    with pytest.raises(NotATraceError):
+        seqscope.open(tmp_path)
+
+
+def test_missing_layer_and_step(small_trace):
+    with seqscope.open(small_trace) as trace:
+        assert list(trace.steps) == [0, 2, 4]
+        with pytest.raises(NotInTraceError, match="layer 'nope'"):
+            trace.hidden("nope", 0)
+        with pytest.raises(NotInTraceError, match="step 3 is not in the trace"):
+            trace.hidden("gru.l0", 3)
+        with pytest.raises(NotInTraceError, match="not an LSTM"):
+            trace.cell("gru.l0", 0)
+        assert set(trace.gates("gru.l1", 2)) == {"reset", "update", "new"}
+        scalars = trace.scalars()
+        assert list(scalars["accuracy"].steps) == [0, 1, 2, 3, 4]
+        assert "sigma_max/gru.l1" in scalars and "grad_norm/weight_hh_l1" in scalars
+
+
+def test_cli_info_and_errors(small_trace, tmp_path, capsys):
+    assert cli_main(["info", str(small_trace)]) == 0
+    out = capsys.readouterr().out
+    assert "gru.l1" in out and "recorded steps 3" in out and "closed cleanly yes" in out
+    assert cli_main(["info", str(tmp_path / "missing.h5")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not found" in err
+    # as a real process: one line on stderr, exit code 2, no traceback
+    proc = subprocess.run([sys.executable, "-m", "seqscope", "info", str(tmp_path / "missing.h5")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_unbounded_values_keep_their_range(tmp_path):
+    rnn = nn.RNN(2, 3, nonlinearity="relu").double()
+    with torch.no_grad():
+        rnn.weight_hh_l0.copy_(torch.eye(3) * 40.0)
+        rnn.weight_ih_l0.fill_(0.5)
+    x = torch.ones(30, 1, 2, dtype=torch.float64)
+    with seqscope.watch(rnn, tmp_path / "t.h5", every=1):
+        out, _ = rnn(x)
+        out[-1].sum().backward()
+    with seqscope.open(tmp_path / "t.h5") as trace:
+        h = trace.hidden("rnn.l0", 0)  # relu states are unbounded: kept in the model's dtype under "auto"
+        assert np.isfinite(h.data).all() and h.max() > 1e45
+        g = trace.grad_norms("rnn.l0", 0)["hidden"]
+        assert g[0, 0] > 1e40  # beyond float32's range: norms are float64
