@@ -424,6 +424,11 @@ class Scope:
             name = self._layer_rows[cap.layer_id][0].decode()
             sid = self._scalar_id(schema.SCALAR_SIGMA_PREFIX + name)
             deferred.append((step.step, sid, functools.partial(_sigma_max, cap.w_hh)))
+            stored = [t for t in (cap.hidden, cap.cell, cap.gates, cap.grad_hidden, cap.grad_cell, cap.propagation)
+                      if t is not None]
+            # counted on the device, over valid and padded positions alike (padding holds finite values)
+            nonfinite = sum((~torch.isfinite(t)).sum() for t in stored)
+            extra.append((step.step, schema.SCALAR_NONFINITE_PREFIX + name, nonfinite))
         if step.param_grad_norms:
             norms = step.param_grad_norms
             first = next(iter(norms.values()))

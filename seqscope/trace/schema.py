@@ -89,6 +89,7 @@ SCALAR_LOSS = "loss"
 SCALAR_GRAD_NORM = "grad_norm"  # global L2 norm of all parameter gradients
 SCALAR_PARAM_GRAD_PREFIX = "grad_norm/"  # + parameter name
 SCALAR_SIGMA_PREFIX = "sigma_max/"  # + layer name: largest singular value of W_hh
+SCALAR_NONFINITE_PREFIX = "nonfinite/"  # + layer name: NaN/Inf count in the layer's stored arrays
 
 # ---- array index -------------------------------------------------------------
 INDEX_DTYPE = np.dtype(

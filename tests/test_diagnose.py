@@ -1,0 +1,158 @@
+"""Diagnosis on real training runs (the examples) and on its own arithmetic."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import seqscope
+from seqscope.cli import main as cli_main
+from seqscope.diagnose import diagnose
+from seqscope.diagnose.rules import FLOAT32_RESOLUTION, horizon, loss_plateaued
+from seqscope.trace.reader import Series
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def run_example(name: str, tmp_path: Path, *args: str) -> Path:
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / f"{name}.h5"
+    module.main(["--out", str(out), *args])
+    return out
+
+
+def kinds(findings, severity=None):
+    return {(f.kind, f.layer) for f in findings if severity is None or f.severity == severity}
+
+
+@pytest.fixture(scope="module")
+def traces(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("scenarios")
+    return {
+        "vanishing": run_example("vanishing_rnn", tmp),
+        "exploding": run_example("exploding_rnn", tmp),
+        "healthy": run_example("healthy_gru", tmp),
+        "char_lm": run_example("char_lm", tmp),
+    }
+
+
+def test_vanishing_tanh_rnn_is_reported(traces):
+    with seqscope.open(traces["vanishing"]) as trace:
+        loss = trace.scalars()["loss"].values
+        findings = diagnose(trace)
+    assert abs(np.median(loss[-100:]) - 1 / 6) < 0.03  # the loss stays at the baseline
+    errors = [f for f in findings if f.severity == "error"]
+    assert [f.kind for f in errors] == ["vanishing_gradient"]
+    f = errors[0]
+    assert f.layer == "rnn.l0"
+    assert f.evidence["horizon_timesteps"] < 0.5 * f.evidence["sequence_length"]
+    assert f.evidence["loss_plateaued"] is True
+    assert "LSTM or GRU" in f.message
+
+
+def test_exploding_relu_rnn_reports_where_it_starts(traces):
+    with seqscope.open(traces["exploding"]) as trace:
+        findings = diagnose(trace)
+        grad = trace.scalars()["grad_norm"]
+    errors = [f for f in findings if f.severity == "error"]
+    assert {"exploding_gradient", "nonfinite"} <= {f.kind for f in errors}
+    first = min(f.first_step for f in errors)
+    # the start is the first recorded step whose gradient norm is 10x its running median or non-finite
+    values = grad.values
+    start = next(int(grad.steps[i]) for i in range(3, len(values))
+                 if not np.isfinite(values[i]) or values[i] > 10 * np.median(values[max(0, i - 10):i]))
+    assert first == start
+    exploding = [f for f in errors if f.kind == "exploding_gradient"]
+    assert exploding[0].first_step == start
+    assert "clip gradients at about" in exploding[0].message
+
+
+def test_healthy_gru_has_no_errors(traces):
+    with seqscope.open(traces["healthy"]) as trace:
+        loss = trace.scalars()["loss"].values
+        findings = diagnose(trace)
+    assert np.median(loss[-100:]) < 0.02  # it did learn
+    assert not [f for f in findings if f.severity == "error"], [f.message for f in findings]
+
+
+def test_char_lm_has_no_error_vanishing_or_exploding(traces):
+    with seqscope.open(traces["char_lm"]) as trace:
+        loss = trace.scalars()["loss"].values
+        findings = diagnose(trace)
+    assert np.median(loss[-30:]) < np.median(loss[:30])
+    bad = [f for f in findings if f.severity == "error"
+           and f.kind in ("vanishing_gradient", "exploding_gradient")]
+    assert not bad, [f.message for f in bad]
+
+
+def test_cli_diagnose_json_strict_and_bad_input(traces, tmp_path, capsys):
+    assert cli_main(["diagnose", str(traces["vanishing"]), "--json"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    f = payload["findings"][0]
+    assert set(f) == {"kind", "severity", "layer", "first_step", "last_step", "evidence", "message"}
+    assert cli_main(["diagnose", str(traces["vanishing"]), "--strict"]) == 1
+    out = capsys.readouterr().out
+    assert "[ERROR] vanishing_gradient in rnn.l0" in out
+    assert cli_main(["diagnose", str(traces["healthy"]), "--strict"]) == 0
+    capsys.readouterr()
+    bad = tmp_path / "bad.h5"
+    bad.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 100)  # HDF5 signature, then garbage
+    proc = subprocess.run([sys.executable, "-m", "seqscope", "diagnose", str(bad)], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "seqscope", "diagnose", str(tmp_path / "nope.h5"), "--json"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "not found" in proc.stderr
+
+
+def test_horizon_counts_timesteps_above_float32_resolution():
+    decay = 0.5
+    profile = decay ** np.arange(60)[::-1]  # 1.0 at the last step, forward direction
+    expected = int(np.floor(np.log(FLOAT32_RESOLUTION) / np.log(decay))) + 1
+    assert horizon(profile, 0) == expected
+    assert horizon(profile[::-1], 1) == expected  # a reverse layer ends at t=0
+    assert horizon(np.ones(10), 0) == 10
+    assert horizon(np.array([np.nan, 1.0]), 0) == 1
+
+
+def test_plateau_detection():
+    steps = np.arange(90)
+    assert loss_plateaued(Series(steps, np.r_[np.linspace(1, 0.17, 30), np.full(60, 0.17)])) is True
+    assert loss_plateaued(Series(steps, np.linspace(1, 0.01, 90))) is False
+    assert loss_plateaued(None) is None
+
+
+@pytest.mark.parametrize("bias", [-4.0, 1.0], ids=["forget-closed", "forget-open"])
+def test_lstm_forget_bias_decides_vanishing(tmp_path, bias):
+    """Not one of the scenarios: an LSTM whose forget gates are shut (bias -4) on
+    long sequences vanishes; the same LSTM with bias +1 does not."""
+    torch.manual_seed(0)
+    lstm = nn.LSTM(4, 32)
+    with torch.no_grad():
+        lstm.bias_ih_l0[32:64].fill_(bias)
+        lstm.bias_hh_l0[32:64].fill_(0.0)
+    path = tmp_path / "t.h5"
+    with seqscope.watch(lstm, path, every=1) as scope:
+        for _ in range(6):
+            out, _ = lstm(torch.randn(120, 8, 4))
+            loss = out[-1].pow(2).sum()
+            loss.backward()
+            scope.log(loss=loss)
+    with seqscope.open(path) as trace:
+        findings = diagnose(trace)
+    vanishing = [f for f in findings if f.kind == "vanishing_gradient"]
+    if bias < 0:
+        assert vanishing and vanishing[0].evidence["horizon_timesteps"] < 60
+        assert "forget-gate bias" in vanishing[0].message
+    else:
+        assert not vanishing
