@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -246,7 +245,8 @@ def _nonfinite(trace: Trace, scalars: dict[str, Series]) -> list[Finding]:
             findings.append(
                 Finding(
                     "nonfinite", "error", None, first, int(grad.steps[bad][-1]),
-                    {"quantity": "global gradient norm", "first_step": first, "recorded_steps_affected": int(bad.sum())},
+                    {"quantity": "global gradient norm", "first_step": first,
+                     "recorded_steps_affected": int(bad.sum())},
                     f"the gradient is NaN/Inf from step {first} on. Clip gradients and lower the learning rate.",
                 )
             )
@@ -401,7 +401,7 @@ def _exploding(trace: Trace, layers: list[LayerInfo], measures: dict[str, list[S
             msg = (f"the global gradient norm jumps to {_fmt(start_value)} at step {first}, "
                    f"{_fmt(ratio)}x its running median {_fmt(med)}")
             if peak > start_value:
-                msg += f", and reaches {_fmt(peak)}" 
+                msg += f", and reaches {_fmt(peak)}"
             msg += "; it came back down" if recovered else "; it did not come back down"
             if layer:
                 msg += f" (the largest jump of a recurrent weight's gradient is in {layer})"
