@@ -132,12 +132,13 @@ def measure_layer(trace: Trace, info: LayerInfo, steps: Iterable[int]) -> list[S
             prof = np.asarray(prop.data[k, :n], dtype=np.float64)
             h = horizon(prof, info.direction)
             horizons.append(h)
-            finite = prof[np.isfinite(prof)]
-            growths.append(float(np.max(finite)) if len(finite) else math.inf)
-            lagged = prof[::-1] if info.direction == 0 else prof
-            reach = max(1, min(h, n) - 1)
-            end = lagged[reach]
-            decays.append(float(end) ** (1.0 / reach) if end > 0 and math.isfinite(end) else 0.0)
+            finite_values = prof[np.isfinite(prof)]
+            growths.append(float(np.max(finite_values)) if len(finite_values) else math.inf)
+            if n >= 2:
+                lagged = prof[::-1] if info.direction == 0 else prof
+                reach = max(1, min(h, int(n)) - 1)
+                end = lagged[reach]
+                decays.append(float(end) ** (1.0 / reach) if end > 0 and math.isfinite(end) else 0.0)
         if not horizons:
             continue
         valid = ~np.ma.getmaskarray(prop)
@@ -148,7 +149,7 @@ def measure_layer(trace: Trace, info: LayerInfo, steps: Iterable[int]) -> list[S
                 horizon=float(np.median(horizons)),
                 length=float(np.median(lengths[lengths > 0])),
                 growth=float(np.max(growths)),
-                decay_per_step=float(np.median(decays)),
+                decay_per_step=float(np.median(decays)) if decays else math.nan,
                 finite=finite,
             )
         )
@@ -305,7 +306,7 @@ def _vanishing(trace: Trace, info: LayerInfo, measures: list[StepMeasure], scala
             f"(x{_fmt(decay)} per step), so nothing the loss says about the last step reaches the first "
             f"{length - hz:.0f} timesteps"
         )
-        if sufficient:
+        if sufficient and gamma is not None:
             what += f"; sigma_max(W_hh) = {_fmt(sig)} < 1/gamma = {1 / gamma:g} guarantees it (Pascanu et al. 2013)"
         if severity == "info":
             what += f"; it recovered after step {last}"
