@@ -1,0 +1,254 @@
+"""seqscope benchmarks: every figure is a ratio of two things measured side by
+side in the same run (interleaved repetitions, median).
+
+    python benchmarks/run.py            # full sizes, writes benchmarks/results.md
+    python benchmarks/run.py --quick    # tiny sizes (CI: keeps the code from rotting)
+    python benchmarks/run.py --device cuda --only recorder
+
+Parts: 1 recorder overhead per fused module and size, against an unrolled
+autograd recorder and an LSTMCell loop; 2 a realistic LM training loop at
+every=50 / every=10 / hooks idle; 3 trace bytes per recorded step and writer
+throughput.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import seqscope
+
+RESULTS = Path(__file__).with_name("results.md")
+SIZES = [(16, 50, 32, 64), (32, 100, 64, 256), (64, 200, 128, 512)]
+QUICK_SIZES = [(4, 6, 3, 5)]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def interleaved(fns: dict[str, Callable[[], None]], reps: int, device: torch.device, warmup: int = 2) -> dict[str, float]:
+    """Median seconds per call of each function, calls interleaved."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    for _ in range(reps):
+        for name, fn in fns.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+class NaiveRecorder:
+    """The approach seqscope avoids: unroll the cell in Python with autograd and
+    a tensor hook on every h_t and c_t (records the same norms)."""
+
+    def __init__(self, cell: nn.Module) -> None:
+        self.cell = cell
+        self.norms: list[torch.Tensor] = []
+
+    def step(self, x: torch.Tensor) -> None:
+        batch = x.shape[1]
+        hidden = self.cell.hidden_size
+        h = x.new_zeros(batch, hidden)
+        c = x.new_zeros(batch, hidden)
+        outs = []
+        self.norms = []
+        for t in range(x.shape[0]):
+            if isinstance(self.cell, nn.LSTMCell):
+                h, c = self.cell(x[t], (h, c))
+                c.register_hook(lambda g: self.norms.append(g.norm(dim=-1)))
+            else:
+                h = self.cell(x[t], h)
+            h.register_hook(lambda g: self.norms.append(g.norm(dim=-1)))
+            outs.append(h)
+        torch.stack(outs).pow(2).mean().backward()
+        torch.stack(self.norms).cpu()  # one copy, as seqscope does
+
+
+def part1(sizes, reps: int, device: torch.device, kinds: list[str]) -> list[str]:
+    rows = ["| module | B, T, I, H | plain step | seqscope | naive unrolled recorder | cell loop (no recording) |",
+            "|---|---|---|---|---|---|"]
+    tmp = tempfile.mkdtemp()
+    for kind in kinds:
+        for (b, t, i, h) in sizes:
+            torch.manual_seed(0)
+            make = {"lstm": lambda: nn.LSTM(i, h), "gru": lambda: nn.GRU(i, h), "rnn": lambda: nn.RNN(i, h)}[kind]
+            plain_m, rec_m = make().to(device), make().to(device)
+            rec_m.load_state_dict(plain_m.state_dict())
+            cell = {"lstm": nn.LSTMCell, "gru": nn.GRUCell, "rnn": nn.RNNCell}[kind](i, h).to(device)
+            x = torch.randn(t, b, i, device=device)
+            scope = seqscope.watch(rec_m, os.path.join(tmp, f"{kind}{b}.h5"), every=1)
+            naive = NaiveRecorder(cell)
+
+            def plain() -> None:
+                out, _ = plain_m(x)
+                out.pow(2).mean().backward()
+
+            def recorded() -> None:
+                out, _ = rec_m(x)
+                out.pow(2).mean().backward()
+
+            def cell_loop() -> None:
+                hh = x.new_zeros(b, h)
+                cc = x.new_zeros(b, h)
+                outs = []
+                for s in range(t):
+                    if kind == "lstm":
+                        hh, cc = cell(x[s], (hh, cc))
+                    else:
+                        hh = cell(x[s], hh)
+                    outs.append(hh)
+                torch.stack(outs).pow(2).mean().backward()
+
+            res = interleaved({"plain": plain, "rec": recorded, "naive": lambda: naive.step(x), "cell": cell_loop},
+                              reps, device)
+            scope.close()
+            p = res["plain"]
+            rows.append(f"| nn.{kind.upper()} | {b}, {t}, {i}, {h} | {p * 1e3:.1f} ms | **{res['rec'] / p:.2f}x** | "
+                        f"{res['naive'] / p:.2f}x | {res['cell'] / p:.2f}x |")
+            print(rows[-1], flush=True)
+    return rows
+
+
+def part2(quick: bool, reps: int, device: torch.device) -> list[str]:
+    vocab, embed, hidden, batch, length = (50, 8, 16, 4, 8) if quick else (256, 64, 256, 32, 64)
+
+    class LM(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(vocab, embed)
+            self.rnn = nn.LSTM(embed, hidden, num_layers=2, batch_first=True)
+            self.head = nn.Linear(hidden, vocab)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.rnn(self.emb(x))[0])
+
+    tmp = tempfile.mkdtemp()
+    steps = 20 if quick else 100
+    data = torch.randint(0, vocab, (steps + 5, batch, length + 1), device=device)
+    configs: dict[str, object] = {"none": None, "idle": (lambda s: False), "every=50": 50, "every=10": 10}
+    models = {}
+    for name, every in configs.items():
+        torch.manual_seed(0)
+        m = LM().to(device)
+        opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+        scope = seqscope.watch(m, os.path.join(tmp, f"lm{len(models)}.h5"), every=every) if every is not None else None
+        models[name] = (m, opt, scope)
+
+    def loop(name: str) -> Callable[[], None]:
+        m, opt, scope = models[name]
+
+        def run() -> None:
+            for s in range(steps):
+                window = data[s]
+                logits = m(window[:, :-1])
+                loss = nn.functional.cross_entropy(logits.reshape(-1, vocab), window[:, 1:].reshape(-1))
+                loss.backward()
+                if scope is not None:
+                    scope.log(loss=loss)
+                opt.step()
+                opt.zero_grad()
+        return run
+
+    res = interleaved({k: loop(k) for k in configs}, max(2, reps // 3), device, warmup=1)
+    for _, _, scope in models.values():
+        if scope is not None:
+            scope.close()
+    base = res["none"]
+    rows = [f"Training loop: 2-layer LSTM LM, B={batch}, T={length}, H={hidden}, Adam step included, "
+            f"{steps} steps per measurement; {base / steps * 1e3:.1f} ms per plain step.", "",
+            "| seqscope | time / plain | overhead |", "|---|---|---|"]
+    for k in ("idle", "every=50", "every=10"):
+        rows.append(f"| {k} | {res[k] / base:.3f}x | {100 * (res[k] / base - 1):+.1f}% |")
+    print("\n".join(rows), flush=True)
+    return rows
+
+
+def part3(quick: bool, device: torch.device) -> list[str]:
+    b, t, i, h = (4, 6, 3, 5) if quick else (32, 100, 64, 256)
+    tmp = tempfile.mkdtemp()
+    rows = ["| storage | bytes per recorded step | writer throughput | submit wait (training thread) |", "|---|---|---|---|"]
+    for precision in ("auto", "float32"):
+        torch.manual_seed(0)
+        m = nn.LSTM(i, h, num_layers=2).to(device)
+        x = torch.randn(t, b, i, device=device)
+        path = os.path.join(tmp, f"bytes-{precision}.h5")
+        n = 5 if quick else 30
+        scope = seqscope.watch(m, path, every=1, precision=precision)
+        writer = scope.writer
+        waits = []
+        real_submit = writer.submit
+
+        def timed_submit(record, real_submit=real_submit):
+            t0 = time.perf_counter()
+            ok = real_submit(record)
+            waits.append(time.perf_counter() - t0)
+            return ok
+
+        writer.submit = timed_submit  # type: ignore[method-assign]
+        t0 = time.perf_counter()
+        for _ in range(n):
+            out, _ = m(x)
+            out.pow(2).mean().backward()
+        scope.close()
+        elapsed = time.perf_counter() - t0
+        size = os.path.getsize(path)
+        with seqscope.open(path) as trace:
+            recorded = len(trace.steps)
+        rows.append(f"| {precision} (2-layer LSTM, {min(b, 8)} of {b} sequences, T={t}, H={h}) | "
+                    f"{size / recorded / 1e3:.1f} kB | {size / elapsed / 1e6:.1f} MB/s (incl. training) | "
+                    f"median {statistics.median(waits) * 1e6:.0f} us |")
+        print(rows[-1], flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, for CI")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--reps", type=int, default=9)
+    parser.add_argument("--only", choices=["recorder", "loop", "trace"], default=None)
+    parser.add_argument("--out", default=None, help="results file (default benchmarks/results.md; --quick: none)")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    sizes = QUICK_SIZES if args.quick else SIZES
+    reps = 3 if args.quick else args.reps
+    machine = (f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+               f"{torch.get_num_threads()} threads")
+    if device.type == "cuda":
+        machine += f", GPU {torch.cuda.get_device_name(device)}"
+    lines = ["# seqscope benchmark results", "", f"Machine: {machine}. Date: {time.strftime('%Y-%m-%d')}.",
+             f"Command: `python benchmarks/run.py {' '.join(argv if argv is not None else sys.argv[1:])}`", ""]
+    if args.only in (None, "recorder"):
+        lines += ["## 1. Recorded step / plain fused step (forward + backward), every step recorded", "",
+                  "Ratios to the plain fused module's step, medians of interleaved repetitions. seqscope stores "
+                  "8 sequences per step (default); the naive recorder computes norms for the whole batch.", ""]
+        lines += part1(sizes, reps, device, ["lstm", "gru", "rnn"]) + [""]
+    if args.only in (None, "loop"):
+        lines += ["## 2. Realistic training loop", ""] + part2(args.quick, reps, device) + [""]
+    if args.only in (None, "trace"):
+        lines += ["## 3. Trace size and writer", ""] + part3(args.quick, device) + [""]
+    out = args.out or (None if args.quick else str(RESULTS))
+    if out:
+        Path(out).write_text("\n".join(lines) + "\n")
+        print(f"results written to {out}")
+
+
+if __name__ == "__main__":
+    main()
