@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import h5py
-from h5py import h5s
 import numpy as np
+from h5py import h5s
 
 from seqscope.trace import schema
 

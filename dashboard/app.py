@@ -1,0 +1,258 @@
+"""The seqscope dashboard: one global training-step slider drives every view.
+
+Callbacks are thin: validate the browser's input, read from the TraceSource,
+call a figure builder from ``figures``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+from dash import ALL, Dash, Input, Output, Patch, State, ctx, dcc, html, no_update
+
+from seqscope.dashboard import figures
+from seqscope.dashboard.data import TraceSource
+
+log = logging.getLogger("seqscope")
+
+REPLAY_MS = 800
+LIVE_MS = 2000
+
+
+def _marks(steps: np.ndarray) -> dict[int, str]:
+    n = len(steps)
+    if n == 0:
+        return {}
+    idx = np.unique(np.linspace(0, n - 1, min(n, 8)).round().astype(int))
+    return {int(i): str(int(steps[i])) for i in idx}
+
+
+def _graph(id_: str, height: int = 320) -> dcc.Graph:
+    return dcc.Graph(id=id_, config={"displaylogo": False}, style={"height": f"{height}px"})
+
+
+def _section(title: str, *children: Any) -> html.Div:
+    return html.Div([html.H3(title, style={"margin": "12px 0 4px"}), *children], className="section")
+
+
+def create_app(source: TraceSource | str) -> Dash:
+    """A Dash app for one trace (a TraceSource, or a path that is opened now)."""
+    src = source if isinstance(source, TraceSource) else TraceSource(source)
+    app = Dash(__name__, title=f"seqscope — {src.path}")
+    # the slider's value is an index into the recorded steps; its marks and the
+    # step label show step numbers, so Dash's numeric input box would mislead
+    app.index_string = app.index_string.replace(
+        "{%css%}", "{%css%}<style>#slider input.dash-range-slider-input {display: none;}</style>")
+    steps = src.steps
+    layers = src.layers
+    first_layer = layers[0] if layers else None
+    n_seq = 1
+    if first_layer is not None and len(steps):
+        try:
+            n_seq = len(src.step_data(first_layer, int(steps[0]))["lengths"])
+        except Exception:  # noqa: BLE001
+            n_seq = 1
+
+    app.layout = html.Div(
+        [
+            html.Div(
+                [
+                    html.H2("seqscope", style={"margin": "0 16px 0 0"}),
+                    html.Span(str(src.path), id="trace-path", style={"color": "#666"}),
+                ],
+                style={"display": "flex", "alignItems": "baseline"},
+            ),
+            html.Div(
+                [
+                    html.Label("layer"),
+                    dcc.Dropdown(id="layer", options=layers, value=first_layer, clearable=False,
+                                 style={"width": "240px"}),
+                    html.Label("sequence"),
+                    dcc.Dropdown(id="sequence", options=[{"label": str(k), "value": k} for k in range(n_seq)],
+                                 value=0, clearable=False, style={"width": "90px"}),
+                    html.Button("▶ play", id="play", n_clicks=0),
+                    html.Span(id="step-label", style={"fontWeight": "bold", "minWidth": "160px"}),
+                ],
+                style={"display": "flex", "gap": "10px", "alignItems": "center", "margin": "8px 0"},
+            ),
+            dcc.Slider(id="slider", min=0, max=max(len(steps) - 1, 0), step=1, value=0, marks=_marks(steps),
+                       updatemode="drag"),
+            dcc.Interval(id="replay", interval=REPLAY_MS, disabled=True),
+            dcc.Interval(id="live", interval=LIVE_MS),
+            dcc.Store(id="n-steps", data=len(steps)),
+            html.Div(id="status", style={"color": "#b00"}),
+            html.Div(
+                [
+                    html.Div([_section("Overview", _graph("overview", 340)),
+                              _section("Gradient flow", _graph("gradflow", 360), _graph("propagation"))],
+                             style={"flex": "3", "minWidth": "0"}),
+                    html.Div([_section("Findings", html.Div(id="findings", children="diagnosing…"))],
+                             style={"flex": "1", "minWidth": "260px", "maxHeight": "1100px", "overflowY": "auto"}),
+                ],
+                style={"display": "flex", "gap": "16px"},
+            ),
+            _section("States", html.Div([_graph("hidden"), _graph("cell")],
+                                        style={"display": "grid", "gridTemplateColumns": "1fr 1fr"})),
+            _section("Gates", html.Div(id="gates", style={"display": "grid", "gridTemplateColumns": "1fr 1fr"}),
+                     _graph("saturation")),
+        ],
+        style={"fontFamily": "sans-serif", "margin": "12px 20px"},
+    )
+
+    @app.callback(
+        Output("slider", "max"), Output("slider", "marks"), Output("n-steps", "data"),
+        Input("live", "n_intervals"), State("n-steps", "data"),
+        prevent_initial_call=True,
+    )
+    def live_refresh(_: int, known: int) -> Any:
+        src.refresh()
+        now = src.steps
+        if len(now) == known:
+            return no_update, no_update, no_update
+        return max(len(now) - 1, 0), _marks(now), len(now)
+
+    @app.callback(
+        Output("overview", "figure"), Output("gradflow", "figure"),
+        Input("layer", "value"), Input("n-steps", "data"), State("slider", "value"),
+    )
+    def layer_views(layer: Any, _: int, index: int | None) -> Any:
+        layer = src.check_layer(layer)
+        steps = src.steps
+        current = int(steps[min(index or 0, len(steps) - 1)]) if len(steps) else None
+        found = src.findings() or []
+        overview = figures.overview_figure(src.series("loss"), src.series("grad_norm"), found, current)
+        s, norms, mask = src.grad_matrix(layer)
+        if not len(s):
+            return overview, figures.empty_figure("no recorded steps yet")
+        return overview, figures.gradient_flow_figure(s, norms, mask, layer, current)
+
+    @app.callback(
+        Output("findings", "children"),
+        Input("live", "n_intervals"), Input("n-steps", "data"),
+    )
+    def findings_list(*_: Any) -> Any:
+        found = src.findings()
+        if found is None:
+            return "diagnosing…"
+        if not found:
+            return html.P("No findings: gradients neither vanish nor explode in this trace.", id="no-findings")
+        items = []
+        for i, f in enumerate(found):
+            colour = figures.SEVERITY_COLOUR.get(f["severity"], "#888")
+            span = (f"step {f['first_step']}" if f["first_step"] == f["last_step"]
+                    else f"steps {f['first_step']}–{f['last_step']}")
+            items.append(html.Button(
+                [html.B(f"{f['severity'].upper()} {f['kind']}", style={"color": colour}),
+                 html.Span(f"  {f['layer'] or 'model'}, {span}"), html.Br(),
+                 html.Small(f["message"])],
+                id={"type": "finding", "index": i}, n_clicks=0, className="finding",
+                style={"display": "block", "textAlign": "left", "width": "100%", "margin": "4px 0",
+                       "border": f"1px solid {colour}", "background": "white", "cursor": "pointer"},
+            ))
+        return items
+
+    @app.callback(
+        Output("slider", "value", allow_duplicate=True), Output("layer", "value"),
+        Input({"type": "finding", "index": ALL}, "n_clicks"),
+        prevent_initial_call=True,
+    )
+    def go_to_finding(clicks: list[int]) -> Any:
+        if not ctx.triggered_id or not any(clicks or []):
+            return no_update, no_update
+        found = src.findings() or []
+        i = ctx.triggered_id["index"]
+        if not isinstance(i, int) or not 0 <= i < len(found):
+            return no_update, no_update
+        f = found[i]
+        steps = src.steps
+        index = int(np.searchsorted(steps, f["first_step"]))
+        index = min(index, len(steps) - 1)
+        layer = f["layer"] if f["layer"] in src.layers else no_update
+        return index, layer
+
+    @app.callback(
+        Output("step-label", "children"), Output("propagation", "figure"), Output("hidden", "figure"),
+        Output("cell", "figure"), Output("gates", "children"), Output("saturation", "figure"),
+        Output("gradflow", "figure", allow_duplicate=True), Output("overview", "figure", allow_duplicate=True),
+        Output("status", "children"),
+        Input("slider", "value"), Input("layer", "value"), Input("sequence", "value"),
+        prevent_initial_call="initial_duplicate",
+    )
+    def step_views(index: Any, layer: Any, sequence: Any) -> Any:
+        steps = src.steps
+        if not len(steps):
+            empty = figures.empty_figure("no recorded steps yet")
+            return "no steps", empty, empty, empty, [], empty, no_update, no_update, ""
+        layer = src.check_layer(layer)
+        index = int(index) if isinstance(index, (int, float)) else 0
+        index = min(max(index, 0), len(steps) - 1)
+        step = int(steps[index])
+        marker = Patch()
+        marker["layout"]["shapes"][0]["x0"] = step
+        marker["layout"]["shapes"][0]["x1"] = step
+        marker2 = Patch()
+        marker2["layout"]["shapes"][0]["x0"] = step
+        marker2["layout"]["shapes"][0]["x1"] = step
+        try:
+            data = src.step_data(layer, step)
+        except Exception as exc:  # noqa: BLE001 - shown in the page, not a traceback
+            empty = figures.empty_figure(str(exc))
+            return f"step {step}", empty, empty, empty, [], empty, marker, marker2, str(exc)
+        hidden = data["hidden"]
+        k = int(sequence) if isinstance(sequence, (int, float)) and 0 <= int(sequence) < hidden.shape[0] else 0
+        label = f"step {step}  ({index + 1} of {len(steps)})"
+
+        def state_fig(arr: np.ma.MaskedArray, title: str) -> Any:
+            z = np.ma.filled(arr[k].astype(np.float64), np.nan).T  # [unit, time]
+            return figures.heatmap(z, mask=np.ma.getmaskarray(arr[k]).T, title=title, x_title="timestep",
+                                   y_title="unit", zmid=0.0)
+
+        hidden_fig = state_fig(hidden, f"h_t, {layer}, sequence {k}")
+        cell_fig = state_fig(data["cell"], f"c_t, {layer}, sequence {k}") if "cell" in data else \
+            figures.empty_figure("no cell state (not an LSTM layer)")
+        prop = data.get("propagation")
+        prop_fig = figures.propagation_figure(prop, k, layer, step) if prop is not None else \
+            figures.empty_figure("no gradients at this step (no backward pass)")
+        gate_graphs: list[Any] = []
+        for name, g in data["gates"].items():
+            z = np.ma.filled(g[k].astype(np.float64), np.nan).T
+            fig = figures.heatmap(z, mask=np.ma.getmaskarray(g[k]).T, title=f"{name} gate, sequence {k}",
+                                  x_title="timestep", y_title="unit", colorscale="Viridis", height=280)
+            gate_graphs.append(dcc.Graph(figure=fig, id={"type": "gate", "name": name},
+                                         config={"displaylogo": False}))
+        if not gate_graphs:
+            gate_graphs = [html.P("This layer has no gates (plain RNN).")]
+        sat_fig = figures.saturation_figure(data["gates"]) if data["gates"] else figures.empty_figure("no gates")
+        return label, prop_fig, hidden_fig, cell_fig, gate_graphs, sat_fig, marker, marker2, ""
+
+    @app.callback(
+        Output("replay", "disabled"), Output("play", "children"),
+        Input("play", "n_clicks"), State("replay", "disabled"),
+        prevent_initial_call=True,
+    )
+    def toggle_play(_: int, disabled: bool) -> Any:
+        playing = bool(disabled)  # it was paused: start
+        return (not playing), ("⏸ pause" if playing else "▶ play")
+
+    app.clientside_callback(
+        """
+        function(n, value, max) {
+            if (value === null || value === undefined) { return 0; }
+            return value >= max ? 0 : value + 1;
+        }
+        """,
+        Output("slider", "value"),
+        Input("replay", "n_intervals"), State("slider", "value"), State("slider", "max"),
+        prevent_initial_call=True,
+    )
+    return app
+
+
+def serve(path: str, host: str = "127.0.0.1", port: int = 8050) -> None:
+    """Serve the dashboard for ``path`` until interrupted."""
+    source = TraceSource(path)
+    app = create_app(source)
+    print(f"seqscope dashboard for {path}: http://{host}:{port}/  (Ctrl+C to stop)", flush=True)
+    app.run(host=host, port=port, debug=False)

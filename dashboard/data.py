@@ -1,0 +1,165 @@
+"""The dashboard's data source: one trace, read on demand, cached per layer.
+
+The app is handed this object (``create_app(source)``), never a path from the
+browser: nothing typed into the page can reach another file. All trace access
+goes through one lock (Dash serves callbacks from several threads).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import numpy as np
+
+from seqscope.diagnose import diagnose
+from seqscope.errors import NotInTraceError
+from seqscope.trace import schema
+from seqscope.trace.reader import Trace, open_trace
+
+
+class TraceSource:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.trace: Trace = open_trace(path)
+        self._lock = threading.RLock()
+        self._grad_cache: dict[str, tuple[int, tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
+        self._findings: list[dict[str, Any]] | None = None
+        self._findings_steps = -1
+        self._diagnosing = False
+        self.start_diagnosis()
+
+    # ---- live -----------------------------------------------------------------------
+    def refresh(self) -> bool:
+        """Pick up newly committed steps; True when there are new ones."""
+        with self._lock:
+            before = len(self.trace.steps)
+            try:
+                self.trace.refresh()
+            except Exception:  # noqa: BLE001 - a half-written moment: keep what we have
+                return False
+            grew = len(self.trace.steps) != before
+        if grew:
+            self.start_diagnosis()
+        return grew
+
+    # ---- tables ---------------------------------------------------------------------
+    @property
+    def steps(self) -> np.ndarray:
+        with self._lock:
+            return self.trace.steps
+
+    @property
+    def layers(self) -> list[str]:
+        with self._lock:
+            return self.trace.layers
+
+    def kind(self, layer: str) -> str:
+        with self._lock:
+            return self.trace.layer_info(layer).kind
+
+    def check_layer(self, layer: Any) -> str:
+        """A layer name from the browser, validated against the trace."""
+        layers = self.layers
+        if isinstance(layer, str) and layer in layers:
+            return layer
+        if not layers:
+            raise NotInTraceError("the trace has no layers yet")
+        return layers[0]
+
+    def series(self, name: str) -> tuple[np.ndarray, np.ndarray] | None:
+        with self._lock:
+            s = self.trace.scalars().get(name)
+        return None if s is None else (s.steps, s.values)
+
+    # ---- arrays -----------------------------------------------------------------------
+    def grad_matrix(self, layer: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(steps, ||dL/dh_t|| [step, time] median over stored sequences, padding mask)."""
+        with self._lock:
+            steps = self.trace.steps
+            cached = self._grad_cache.get(layer)
+            if cached is not None and cached[0] == len(steps):
+                return cached[1]
+            start = 0
+            rows: list[np.ndarray] = []
+            if cached is not None and cached[0] < len(steps):
+                old_steps, old_norms, old_mask = cached[1]
+                rows = [np.where(old_mask[i], np.nan, old_norms[i]) for i in range(len(old_steps))]
+                start = len(old_steps)
+            have: list[bool] = [True] * start
+            for step in steps[start:]:
+                if not self.trace.has(layer, int(step), schema.FIELD_GRAD_HIDDEN):
+                    rows.append(np.zeros(0))
+                    have.append(False)
+                    continue
+                g = self.trace.grad_norms(layer, int(step))["hidden"]
+                with np.errstate(all="ignore"):
+                    med = np.ma.median(g, axis=0)  # over sequences, padding ignored
+                rows.append(np.ma.filled(med.astype(np.float64), np.nan) if np.ma.isMaskedArray(med)
+                            else np.asarray(med, dtype=np.float64))
+                # a timestep that is padding in every sequence stays masked
+                full_mask = np.ma.getmaskarray(g).all(axis=0)
+                rows[-1] = np.where(full_mask, np.nan, rows[-1])
+                have.append(True)
+            width = max((len(r) for r in rows), default=0)
+            norms = np.full((len(rows), width), np.nan)
+            mask = np.ones((len(rows), width), bool)
+            for i, r in enumerate(rows):
+                norms[i, : len(r)] = r
+                mask[i, : len(r)] = False
+            # padding and missing rows are masked; real NaN stays NaN and unmasked
+            for i in range(len(rows)):
+                if not have[i]:
+                    mask[i] = True
+            result = (steps.copy(), norms, mask)
+            self._grad_cache[layer] = (len(steps), result)
+            return result
+
+    def step_data(self, layer: str, step: int) -> dict[str, Any]:
+        with self._lock:
+            t = self.trace
+            out: dict[str, Any] = {"hidden": t.hidden(layer, step)}
+            info = t.layer_info(layer)
+            if info.kind == schema.KIND_LSTM:
+                out["cell"] = t.cell(layer, step)
+            out["gates"] = t.gates(layer, step)
+            if t.has(layer, step, schema.FIELD_PROPAGATION):
+                out["propagation"] = t.propagation(layer, step)
+            out["lengths"] = t.lengths(layer, step)
+            out["sequence_index"] = t.sequence_index(layer, step)
+            return out
+
+    # ---- findings -------------------------------------------------------------------
+    def start_diagnosis(self) -> None:
+        """Diagnose on a background thread so the page never waits for it."""
+        with self._lock:
+            if self._diagnosing:
+                return
+            self._diagnosing = True
+
+        def run() -> None:
+            try:
+                with self._lock:
+                    n = len(self.trace.steps)
+                    found = [f.to_dict() for f in diagnose(self.trace)]
+                self._findings, self._findings_steps = found, n
+            except Exception as exc:  # noqa: BLE001 - the dashboard shows the error instead
+                self._findings = [{"kind": "diagnosis_failed", "severity": "warning", "layer": None,
+                                   "first_step": 0, "last_step": 0, "evidence": {},
+                                   "message": f"diagnosis failed: {exc}"}]
+            finally:
+                self._diagnosing = False
+
+        threading.Thread(target=run, name="seqscope-diagnose", daemon=True).start()
+
+    def findings(self) -> list[dict[str, Any]] | None:
+        """Findings as dicts, or None while the first diagnosis is running."""
+        return self._findings
+
+    def wait_for_findings(self, timeout: float = 60.0) -> list[dict[str, Any]] | None:
+        import time
+
+        deadline = time.monotonic() + timeout
+        while self._findings is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self._findings
