@@ -189,12 +189,16 @@ def create_app(source: TraceSource | str) -> Dash:
         index = int(index) if isinstance(index, (int, float)) else 0
         index = min(max(index, 0), len(steps) - 1)
         step = int(steps[index])
-        marker = Patch()
+        marker: Any = Patch()
         marker["layout"]["shapes"][0]["x0"] = step
         marker["layout"]["shapes"][0]["x1"] = step
-        marker2 = Patch()
+        marker2: Any = Patch()
         marker2["layout"]["shapes"][0]["x0"] = step
         marker2["layout"]["shapes"][0]["x1"] = step
+        if ctx.triggered_id != "slider":
+            # initial call or layer change: layer_views draws the figures with the marker
+            # in place; a patch could reach the browser before the figure exists
+            marker = marker2 = no_update
         try:
             data = src.step_data(layer, step)
         except Exception as exc:  # noqa: BLE001 - shown in the page, not a traceback
