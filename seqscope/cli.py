@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -25,10 +26,19 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"seqscope: {message}\n")
 
 
-def _cmd_info(args: argparse.Namespace) -> int:
+def _open(path: str) -> Any:
+    """Open a trace for a command: first in a child process with a time limit
+    (a damaged file can hang the HDF5 library), then here."""
+    from seqscope.trace.probe import check_readable
     from seqscope.trace.reader import open_trace
 
-    with open_trace(args.trace) as trace:
+    if os.path.isfile(path):
+        check_readable(path)
+    return open_trace(path)
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    with _open(args.trace) as trace:
         info = trace.info()
     if args.json:
         print(json.dumps(info, indent=2))
@@ -79,17 +89,14 @@ def _serve(path: str, host: str, port: int) -> int:
 
 
 def _cmd_dashboard(args: argparse.Namespace) -> int:
-    from seqscope.trace.reader import open_trace
-
-    open_trace(args.trace).close()  # fail here, with one line, on a bad trace
+    _open(args.trace).close()  # fail here, with one line, on a bad trace
     return _serve(args.trace, args.host, args.port)
 
 
 def _cmd_diagnose(args: argparse.Namespace) -> int:
     from seqscope.diagnose import diagnose, render_text
-    from seqscope.trace.reader import open_trace
 
-    with open_trace(args.trace) as trace:
+    with _open(args.trace) as trace:
         findings = diagnose(trace)
     if args.json:
         print(json.dumps({"findings": [f.to_dict() for f in findings]}, indent=2))

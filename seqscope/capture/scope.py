@@ -355,9 +355,8 @@ class Scope:
         return out
 
     def _submit(self, record: StepRecord) -> None:
-        if not self.writer.submit(record) and self.writer.failed and not self._warned:
-            self._warned = True
-            log.warning("seqscope: recording stopped (%s); training goes on", self.writer.failed)
+        # after a write error or max_bytes the writer refuses records; it has warned once
+        self.writer.submit(record)
 
     def _storage_dtype(self, capture: LayerCapture, field: str, model_dtype: torch.dtype) -> torch.dtype:
         full = model_dtype if model_dtype in (torch.float32, torch.float64) else torch.float32

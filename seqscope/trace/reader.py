@@ -108,6 +108,14 @@ class Trace:
     # ---- loading -----------------------------------------------------------------
     def refresh(self) -> None:
         """Pick up steps committed since the trace was opened (live traces)."""
+        try:
+            self._load()
+        except TraceError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - h5py raises many types on damaged files
+            raise TraceCorruptError(f"{self.path} is damaged: {type(exc).__name__}: {exc}") from None
+
+    def _load(self) -> None:
         f = self._file
         commit_ds = f["commit"]
         if hasattr(commit_ds, "refresh"):
@@ -210,10 +218,15 @@ class Trace:
         shape = tuple(int(s) for s in row["shape"][:ndim])
         size = int(np.prod(shape))
         offset = int(row["offset"])
-        dset = self._file[heap]
-        if offset < 0 or offset + size > dset.shape[0]:
-            raise TraceCorruptError(f"{self.path}: {field} of {layer} at step {step} lies outside the data")
-        data = np.asarray(dset[offset : offset + size]).reshape(shape)
+        try:
+            dset = self._file[heap]
+            if offset < 0 or size < 0 or offset + size > dset.shape[0]:
+                raise TraceCorruptError(f"{self.path}: {field} of {layer} at step {step} lies outside the data")
+            data = np.asarray(dset[offset : offset + size]).reshape(shape)
+        except TraceError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - h5py raises many types on damaged files
+            raise TraceCorruptError(f"{self.path}: cannot read {field} of {layer} at step {step}: {exc}") from None
         if data.dtype == np.float16:
             data = data.astype(np.float32)
         return data

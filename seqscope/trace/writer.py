@@ -71,7 +71,8 @@ class TraceWriter:
     ) -> None:
         self.path = Path(path)
         self.max_bytes = max_bytes
-        self.failed: str | None = None
+        self.failed: str | None = None  # why recording stopped (write error or max_bytes)
+        self._io_error = False
         self._bytes = 0
         self._queue: queue.Queue[StepRecord | None] = queue.Queue(maxsize=queue_size)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -125,7 +126,7 @@ class TraceWriter:
         self._queue.put(None)
         self._thread.join()
         try:
-            if self.failed is None:
+            if not self._io_error:
                 self._counts[schema.COMMIT_CLOSED] = 1
                 self._file["commit"][...] = np.asarray(self._counts, dtype=np.int64)
                 self._file.flush()
@@ -148,6 +149,7 @@ class TraceWriter:
             try:
                 self._write(record)
             except Exception as exc:  # noqa: BLE001 - disk full, I/O errors: stop recording
+                self._io_error = True
                 self.failed = f"{type(exc).__name__}: {exc}"
                 log.warning(
                     "seqscope: writing %s failed (%s); recording stopped, training goes on",
