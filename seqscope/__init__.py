@@ -86,4 +86,4 @@ if TYPE_CHECKING:
     from seqscope.trace.reader import LayerInfo as LayerInfo
     from seqscope.trace.reader import Series as Series
     from seqscope.trace.reader import Trace as Trace
-    from seqscope.trace.reader import open_trace as open  # noqa: A004
+    from seqscope.trace.reader import open_trace as open  # noqa: A004, F401
