@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -38,8 +39,13 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def interleaved(fns: dict[str, Callable[[], None]], reps: int, device: torch.device, warmup: int = 2) -> dict[str, float]:
-    """Median seconds per call of each function, calls interleaved."""
+def interleaved(fns: dict[str, Callable[[], None]], reps: int, device: torch.device, warmup: int = 2,
+                block: int = 1, after: dict[str, Callable[[], None]] | None = None) -> dict[str, float]:
+    """Median seconds per call of each function: blocks of ``block`` calls,
+    blocks of the functions interleaved. ``after[name]`` runs inside the timed
+    block (seqscope's writer drain: its disk work is charged to the recorded run,
+    not to whichever function happens to run next)."""
+    after = after or {}
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(warmup):
         for fn in fns.values():
@@ -48,9 +54,12 @@ def interleaved(fns: dict[str, Callable[[], None]], reps: int, device: torch.dev
         for name, fn in fns.items():
             sync(device)
             t0 = time.perf_counter()
-            fn()
+            for _ in range(block):
+                fn()
+            if name in after:
+                after[name]()
             sync(device)
-            times[name].append(time.perf_counter() - t0)
+            times[name].append((time.perf_counter() - t0) / block)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -117,7 +126,7 @@ def part1(sizes, reps: int, device: torch.device, kinds: list[str]) -> list[str]
                 torch.stack(outs).pow(2).mean().backward()
 
             res = interleaved({"plain": plain, "rec": recorded, "naive": lambda: naive.step(x), "cell": cell_loop},
-                              reps, device)
+                              reps, device, block=5, after={"rec": scope.writer.drain})
             scope.close()
             p = res["plain"]
             rows.append(f"| nn.{kind.upper()} | {b}, {t}, {i}, {h} | {p * 1e3:.1f} ms | **{res['rec'] / p:.2f}x** | "
@@ -166,7 +175,8 @@ def part2(quick: bool, reps: int, device: torch.device) -> list[str]:
                 opt.zero_grad()
         return run
 
-    res = interleaved({k: loop(k) for k in configs}, max(2, reps // 3), device, warmup=1)
+    drains = {k: models[k][2].writer.drain for k in configs if models[k][2] is not None}
+    res = interleaved({k: loop(k) for k in configs}, max(3, reps // 2), device, warmup=1, after=drains)
     for _, _, scope in models.values():
         if scope is not None:
             scope.close()
@@ -218,12 +228,129 @@ def part3(quick: bool, device: torch.device) -> list[str]:
     return rows
 
 
+def make_big_trace(path: str, target_bytes: int) -> int:
+    """A synthetic trace of about ``target_bytes``: 2 LSTM layers, H=256,
+    8 sequences x 200 timesteps per step, written through the real writer."""
+    import numpy as np
+
+    from seqscope.trace import schema
+    from seqscope.trace.writer import ArrayRecord, StepRecord, TraceWriter
+
+    k, t, h = 8, 200, 256
+    rng = np.random.default_rng(0)
+    layers = [(f"rnn.l{i}".encode(), b"rnn", b"lstm", i, 0, h, h, h) for i in range(2)]
+    writer = TraceWriter(path, {"synthetic": True}, queue_size=2)
+    hidden = rng.uniform(-1, 1, (k, t, h)).astype(np.float16)
+    cell = rng.normal(0, 2, (k, t, h)).astype(np.float32)
+    gates = rng.uniform(0, 1, (k, t, 4, h)).astype(np.float16)
+    per_step = 2 * (hidden.nbytes + cell.nbytes + gates.nbytes)
+    steps = max(2, target_bytes // per_step)
+    names = ["loss", "grad_norm"]
+    for step in range(int(steps)):
+        arrays = []
+        decay = np.exp(-np.arange(t)[::-1] / (20 + step % 50))
+        for lid in range(2):
+            norms = np.tile(decay, (k, 1)) * (1 + 0.1 * rng.random((k, t)))
+            for field, data in ((schema.FIELD_HIDDEN, hidden), (schema.FIELD_CELL, cell), (schema.FIELD_GATES, gates),
+                                (schema.FIELD_GRAD_HIDDEN, norms), (schema.FIELD_GRAD_CELL, norms),
+                                (schema.FIELD_PROPAGATION, decay[None].repeat(k, 0)),
+                                (schema.FIELD_LENGTHS, np.full(k, t, np.int64)),
+                                (schema.FIELD_SEQUENCE_INDEX, np.arange(k, dtype=np.int64))):
+                arrays.append(ArrayRecord(step, lid, field, data))
+        scalars = [(step, 0, float(1 / (1 + step))), (step, 1, float(1 + rng.random()))]
+        writer.submit(StepRecord((step, time.time(), 32, t, k), arrays, scalars,
+                                 layers if step == 0 else [], names if step == 0 else []))
+    writer.close()
+    return int(steps)
+
+
+def part4(quick: bool) -> list[str]:
+    """Dashboard on a large trace: start-up and the slider callback's work."""
+    import plotly.io as pio
+
+    from seqscope.dashboard import TraceSource, create_app, figures
+
+    tmp = tempfile.mkdtemp()
+    path = os.path.join(tmp, "big.h5")
+    target = 20 * 2**20 if quick else 2**30
+    t0 = time.perf_counter()
+    steps = make_big_trace(path, target)
+    size = os.path.getsize(path)
+    print(f"generated {size / 2**30:.2f} GiB trace, {steps} steps in {time.perf_counter() - t0:.0f} s", flush=True)
+    # start-up: open the trace, build the app, serve the page and the first views
+    t0 = time.perf_counter()
+    src = TraceSource(path)
+    app = create_app(src)
+    client = app.server.test_client()
+    assert client.get("/").status_code == 200
+    s, norms, mask = src.grad_matrix("rnn.l0")
+    pio.to_json(figures.gradient_flow_figure(s, norms, mask, "rnn.l0"))
+    startup = time.perf_counter() - t0
+    # slider callback: read one step and build + serialise its figures
+    import random
+
+    rnd = random.Random(0)
+    lat = []
+    for _ in range(10 if quick else 60):
+        step = int(src.steps[rnd.randrange(len(src.steps))])
+        t1 = time.perf_counter()
+        data = src.step_data("rnn.l0", step)
+        figs = [figures.propagation_figure(data["propagation"], 0, "rnn.l0", step)]
+        for arr in (data["hidden"], data["cell"], *data["gates"].values()):
+            z = np.ma.filled(arr[0].astype(np.float64), np.nan).T
+            figs.append(figures.heatmap(z, mask=np.ma.getmaskarray(arr[0]).T, title="x"))
+        figs.append(figures.saturation_figure(data["gates"]))
+        for f in figs:
+            pio.to_json(f)
+        lat.append(time.perf_counter() - t1)
+    lat.sort()
+    p95 = lat[int(0.95 * (len(lat) - 1))]
+    return [f"Trace: {size / 2**30:.2f} GiB, {steps} recorded steps, 2 LSTM layers, 8 sequences x 200 timesteps x 256 units.",
+            "", "| measure | value | target |", "|---|---|---|",
+            f"| open trace + build app + serve page + first gradient-flow view | {startup:.2f} s | < 2 s |",
+            f"| slider callback work (read step, build and serialise 8 figures), median | {lat[len(lat) // 2] * 1e3:.0f} ms | |",
+            f"| slider callback work, 95th percentile | {p95 * 1e3:.0f} ms | < 300 ms |"]
+
+
+PEAK = """
+import resource, sys, torch
+from torch import nn
+import seqscope
+b, t, i, h, record = 32, 100, 64, 256, sys.argv[1] == "1"
+torch.manual_seed(0)
+m = nn.LSTM(i, h, num_layers=2)
+x = torch.randn(t, b, i)
+scope = seqscope.watch(m, sys.argv[2], every=1) if record else None
+for _ in range(5):
+    out, _ = m(x)
+    out.pow(2).mean().backward()
+if scope:
+    scope.close()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def part5(quick: bool) -> list[str]:
+    import subprocess
+
+    tmp = tempfile.mkdtemp()
+    rss = {}
+    for record in ("0", "1"):
+        out = subprocess.run([sys.executable, "-c", PEAK, record, os.path.join(tmp, "peak.h5")],
+                             capture_output=True, text=True, check=True)
+        rss[record] = int(out.stdout.strip().splitlines()[-1]) / 1024
+    return ["Peak resident memory of a process running 5 steps of a 2-layer LSTM (B=32, T=100, I=64, H=256), "
+            "every step recorded vs none (includes the Python interpreter and torch itself).", "",
+            "| plain | recorded | ratio |", "|---|---|---|",
+            f"| {rss['0']:.0f} MiB | {rss['1']:.0f} MiB | {rss['1'] / rss['0']:.2f}x |"]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for CI")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--reps", type=int, default=9)
-    parser.add_argument("--only", choices=["recorder", "loop", "trace"], default=None)
+    parser.add_argument("--only", choices=["recorder", "loop", "trace", "dashboard", "memory"], default=None)
     parser.add_argument("--out", default=None, help="results file (default benchmarks/results.md; --quick: none)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -244,6 +371,11 @@ def main(argv: list[str] | None = None) -> None:
         lines += ["## 2. Realistic training loop", ""] + part2(args.quick, reps, device) + [""]
     if args.only in (None, "trace"):
         lines += ["## 3. Trace size and writer", ""] + part3(args.quick, device) + [""]
+    if args.only in (None, "dashboard"):
+        lines += ["## 4. Dashboard on a large trace", ""] + part4(args.quick) + [""]
+    if args.only in (None, "memory"):
+        lines += ["## 5. Peak memory", ""] + part5(args.quick) + [""]
+    print("\n".join(lines))
     out = args.out or (None if args.quick else str(RESULTS))
     if out:
         Path(out).write_text("\n".join(lines) + "\n")

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
@@ -442,11 +443,16 @@ class Scope:
 
 def _sigma_max(matrix: np.ndarray) -> float:
     """Largest singular value of ``matrix`` [rows, cols]: the square root of the
-    largest eigenvalue of its Gram matrix, in float64 (relative error ~1e-15
-    for the top singular value; cheaper than a full SVD)."""
-    w = torch.from_numpy(matrix).double()
-    gram = w.t() @ w if w.shape[0] >= w.shape[1] else w @ w.t()
-    return float(torch.linalg.eigvalsh(gram)[-1].clamp(min=0).sqrt())
+    largest eigenvalue of its Gram matrix, in float64 (cheaper than a full SVD).
+
+    Runs on the writer thread with numpy's BLAS held to one thread: a second
+    thread team (torch's OpenMP, or OpenBLAS workers that spin after each call)
+    measurably slowed the training thread's own kernels (8x on a 2-core machine).
+    """
+    with threadpool_limits(limits=1, user_api="blas"):
+        w = matrix.astype(np.float64)
+        gram = w.T @ w if w.shape[0] >= w.shape[1] else w @ w.T
+        return float(np.sqrt(max(np.linalg.eigvalsh(gram)[-1], 0.0)))
 
 
 def _to_host(items: list[tuple[int, str, torch.Tensor]]) -> list[tuple[int, str, np.ndarray]]:

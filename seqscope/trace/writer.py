@@ -139,12 +139,18 @@ class TraceWriter:
                 log.warning("seqscope: closing %s failed: %s", self.path, exc)
 
     # ---- writer thread -------------------------------------------------------------
+    def drain(self) -> None:
+        """Block until every submitted record is written (for benchmarks and tests)."""
+        self._queue.join()
+
     def _run(self) -> None:
         while True:
             record = self._queue.get()
             if record is None:
+                self._queue.task_done()
                 return
             if self.failed is not None:
+                self._queue.task_done()
                 continue
             try:
                 self._write(record)
@@ -156,6 +162,8 @@ class TraceWriter:
                     self.path,
                     self.failed,
                 )
+            finally:
+                self._queue.task_done()
 
     def _append(self, name: str, rows: np.ndarray, counter: int | None) -> int:
         """Append rows to a 1-D dataset through h5py's low-level API (a quarter
