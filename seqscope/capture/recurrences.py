@@ -77,10 +77,21 @@ def previous(seq: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
 
 
 def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    out = torch.matmul(x, w.t())
-    if b is not None:
-        out = out + b
-    return out
+    """x @ w^T + b over [time, sequence, feature] as one 2-D product."""
+    flat = x.reshape(-1, x.shape[-1])
+    out = torch.mm(flat, w.t()) if b is None else torch.addmm(b, flat, w.t())
+    return out.view(x.shape[0], x.shape[1], -1)
+
+
+def _pre_activation(x: torch.Tensor, h_prev: torch.Tensor, w: LayerWeights) -> torch.Tensor:
+    """W_ih x_t + b_ih + W_hh h_{t-1} + b_hh for all timesteps: two products."""
+    a = _linear(x, w.w_ih, w.b_ih)
+    a2 = a.view(-1, a.shape[-1])
+    hp = h_prev.reshape(-1, h_prev.shape[-1])
+    if w.b_hh is not None:
+        a2.add_(w.b_hh)
+    a2.addmm_(hp, w.w_hh.t())
+    return a
 
 
 def forward_details(
@@ -89,16 +100,19 @@ def forward_details(
     h: torch.Tensor,
     h0: torch.Tensor,
     c0: torch.Tensor | None,
-    valid: torch.Tensor,
+    valid: torch.Tensor | None,
 ) -> ForwardDetails:
     """Recompute gates (and LSTM cell states) from the layer's input ``x``
     [time, sequence, input], output ``h`` [time, sequence, output] and initial
-    state ``h0``/``c0`` [sequence, unit]."""
+    state ``h0``/``c0`` [sequence, unit]. ``valid`` [time, sequence] masks
+    padding; None when every sequence has every timestep."""
     h_prev = previous(h, h0)
-    vmask = valid.unsqueeze(-1).to(h.dtype)  # zero the backward factors on padding
+    # zero the backward factors on padding (nothing to do without padding)
+    vmask: torch.Tensor | float = 1.0 if valid is None else valid.unsqueeze(-1).to(h.dtype)
+    vmask3: torch.Tensor | float = vmask if isinstance(vmask, float) else vmask.unsqueeze(2)
     if w.kind == schema.KIND_LSTM:
         assert c0 is not None
-        a = _linear(x, w.w_ih, w.b_ih) + _linear(h_prev, w.w_hh, w.b_hh)
+        a = _pre_activation(x, h_prev, w)
         n_time, n_seq = a.shape[:2]
         a = a.view(n_time, n_seq, 4, -1)
         gates = torch.sigmoid(a)
@@ -115,8 +129,7 @@ def forward_details(
             # dc_t += dm_t * A_t
             "A": o * (1 - tc * tc) * vmask,
             # da_t[i,f,g] = dc_t * P3_t
-            "P3": torch.stack([g * i * (1 - i), c_prev * f * (1 - f), i * (1 - g * g)], dim=2)
-            * vmask.unsqueeze(2),
+            "P3": torch.stack([g * i * (1 - i), c_prev * f * (1 - f), i * (1 - g * g)], dim=2) * vmask3,
             # da_t[o] = dm_t * Bo_t
             "Bo": tc * o * (1 - o) * vmask,
             # dc_{t} += f_{t+1} dc_{t+1}
@@ -139,7 +152,7 @@ def forward_details(
             "F3": torch.stack(
                 [fn * gh[:, :, 2] * r * (1 - r), (h_prev - n) * z * (1 - z), r * fn], dim=2
             )
-            * vmask.unsqueeze(2),
+            * vmask3,
             "Z": z * vmask,
         }
         return ForwardDetails(w.kind, gates, None, factors)

@@ -415,6 +415,9 @@ class Scope:
             n_time = max(n_time, cap.hidden.shape[0])
             n_seq = max(n_seq, cap.hidden.shape[1])
         arrays = [ArrayRecord(step.step, lid, field, arr) for (lid, field, arr) in _to_host(items)]
+        per_layer: dict[int, list[np.ndarray]] = {}
+        for rec in arrays:
+            per_layer.setdefault(rec.layer, []).append(rec.data)
         for cap in step.captures:
             for field, ints in ((schema.FIELD_LENGTHS, cap.lengths), (schema.FIELD_SEQUENCE_INDEX, cap.sequence_index)):
                 arrays.append(ArrayRecord(step.step, cap.layer_id, field, ints.numpy().astype(np.int64)))
@@ -424,11 +427,9 @@ class Scope:
             name = self._layer_rows[cap.layer_id][0].decode()
             sid = self._scalar_id(schema.SCALAR_SIGMA_PREFIX + name)
             deferred.append((step.step, sid, functools.partial(_sigma_max, cap.w_hh)))
-            stored = [t for t in (cap.hidden, cap.cell, cap.gates, cap.grad_hidden, cap.grad_cell, cap.propagation)
-                      if t is not None]
-            # counted on the device, over valid and padded positions alike (padding holds finite values)
-            nonfinite = sum((~torch.isfinite(t)).sum() for t in stored)
-            extra.append((step.step, schema.SCALAR_NONFINITE_PREFIX + name, nonfinite))
+            # NaN/Inf in the stored states, gates and norms, counted on the writer thread
+            nid = self._scalar_id(schema.SCALAR_NONFINITE_PREFIX + name)
+            deferred.append((step.step, nid, functools.partial(_count_nonfinite, per_layer.get(cap.layer_id, []))))
         if step.param_grad_norms:
             norms = step.param_grad_norms
             first = next(iter(norms.values()))
@@ -453,6 +454,11 @@ def _sigma_max(matrix: np.ndarray) -> float:
         w = matrix.astype(np.float64)
         gram = w.T @ w if w.shape[0] >= w.shape[1] else w @ w.T
         return float(np.sqrt(max(np.linalg.eigvalsh(gram)[-1], 0.0)))
+
+
+def _count_nonfinite(arrays: list[np.ndarray]) -> float:
+    """NaN/Inf entries over all arrays (padding holds finite values)."""
+    return float(sum(int(a.size - np.count_nonzero(np.isfinite(a))) for a in arrays))
 
 
 def _to_host(items: list[tuple[int, str, torch.Tensor]]) -> list[tuple[int, str, np.ndarray]]:
