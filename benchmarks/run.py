@@ -375,6 +375,9 @@ def main(argv: list[str] | None = None) -> None:
         lines += ["## 4. Dashboard on a large trace", ""] + part4(args.quick) + [""]
     if args.only in (None, "memory"):
         lines += ["## 5. Peak memory", ""] + part5(args.quick) + [""]
+    notes = Path(__file__).with_name("profiling.md")
+    if notes.exists() and not args.quick:
+        lines += [notes.read_text()]
     print("\n".join(lines))
     out = args.out or (None if args.quick else str(RESULTS))
     if out:

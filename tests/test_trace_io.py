@@ -94,3 +94,32 @@ def test_unbounded_values_keep_their_range(tmp_path):
         assert np.isfinite(h.data).all() and h.max() > 1e45
         g = trace.grad_norms("rnn.l0", 0)["hidden"]
         assert g[0, 0] > 1e40  # beyond float32's range: norms are float64
+
+
+def test_cli_dashboard_binds_localhost_and_refuses_bad_traces(tmp_path, capsys):
+    from seqscope.cli import build_parser
+
+    args = build_parser().parse_args(["dashboard", "x.h5"])
+    assert args.host == "127.0.0.1" and args.port == 8050
+    assert cli_main(["dashboard", str(tmp_path / "missing.h5")]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_demo_and_example_write_traces(tmp_path, capsys):
+    out = tmp_path / "demo.h5"
+    assert cli_main(["demo", "--out", str(out), "--steps", "12", "--every", "5", "--no-dashboard"]) == 0
+    assert f"trace written to {out}" in capsys.readouterr().out
+    with seqscope.open(out) as trace:
+        assert list(trace.steps) == [0, 5, 10]
+        assert trace.layers == ["rnn.l0", "rnn.l1"]
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "train_lstm", Path(__file__).resolve().parent.parent / "examples" / "train_lstm.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    path = module.main(["--steps", "6", "--every", "2", "--out", str(tmp_path / "ex.h5")])
+    with seqscope.open(path) as trace:
+        assert list(trace.steps) == [0, 2, 4]
+        assert set(trace.gates("rnn.l1", 4)) == {"input", "forget", "cell", "output"}
