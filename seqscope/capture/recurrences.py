@@ -101,12 +101,20 @@ def forward_details(
     h0: torch.Tensor,
     c0: torch.Tensor | None,
     valid: torch.Tensor | None,
+    h_prev: torch.Tensor | None = None,
+    c_prev: torch.Tensor | None = None,
+    cell: torch.Tensor | None = None,
 ) -> ForwardDetails:
     """Recompute gates (and LSTM cell states) from the layer's input ``x``
     [time, sequence, input], output ``h`` [time, sequence, output] and initial
     state ``h0``/``c0`` [sequence, unit]. ``valid`` [time, sequence] masks
-    padding; None when every sequence has every timestep."""
-    h_prev = previous(h, h0)
+    padding; None when every sequence has every timestep.
+
+    Cell loops pass the states each call actually received (``h_prev``,
+    ``c_prev`` [time, sequence, unit]) and returned (``cell``): the gates are
+    then exact even when the loop changes the state between calls."""
+    if h_prev is None:
+        h_prev = previous(h, h0)
     # zero the backward factors on padding (nothing to do without padding)
     vmask: torch.Tensor | float = 1.0 if valid is None else valid.unsqueeze(-1).to(h.dtype)
     vmask3: torch.Tensor | float = vmask if isinstance(vmask, float) else vmask.unsqueeze(2)
@@ -118,12 +126,14 @@ def forward_details(
         gates = torch.sigmoid(a)
         gates[:, :, 2] = torch.tanh(a[:, :, 2])
         i, f, g, o = gates.unbind(2)
-        ig = i * g
-        cell = torch.empty_like(ig)
-        prev = c0
-        for ig_t, f_t, c_t in zip(ig.unbind(0), f.unbind(0), cell.unbind(0)):
-            prev = torch.addcmul(ig_t, f_t, prev, out=c_t)
-        c_prev = previous(cell, c0)
+        if cell is None:
+            ig = i * g
+            cell = torch.empty_like(ig)
+            prev = c0
+            for ig_t, f_t, c_t in zip(ig.unbind(0), f.unbind(0), cell.unbind(0)):
+                prev = torch.addcmul(ig_t, f_t, prev, out=c_t)
+        if c_prev is None:
+            c_prev = previous(cell, c0)
         tc = torch.tanh(cell)
         factors = {
             # dc_t += dm_t * A_t

@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from seqscope import schedules
+from seqscope.capture.cells import CELL_TYPES, CellRecorder, cell_kind
 from seqscope.capture.fused import (
     FUSED_TYPES,
     FusedRecorder,
@@ -61,6 +62,9 @@ class StepState:
     param_grad_norms: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
     handles: list[RemovableHandle] = dataclasses.field(default_factory=list)
     failed: bool = False
+    cell_calls: dict[int, Any] = dataclasses.field(default_factory=dict)
+    cell_recorders: list[Any] = dataclasses.field(default_factory=list)
+    repeated_pass: bool = False  # a closure ran the model again within this step
 
     def remove_hooks(self) -> None:
         for h in self.handles:
@@ -99,6 +103,7 @@ class Scope:
                 raise ValueError("sequences must be a positive count or a list of batch indices")
 
         self._recorders: list[FusedRecorder] = []
+        self._cell_recorders: list[CellRecorder] = []
         self._layer_rows: list[tuple[Any, ...]] = []
         self._find_layers()
 
@@ -152,16 +157,29 @@ class Scope:
                     (lname.encode(), display.encode(), kind.encode(), k, d, in_size, module.hidden_size, out_size)
                 )
             self._recorders.append(FusedRecorder(self, display, module, ids))
+        for name, module in self.model.named_modules():
+            if not isinstance(module, CELL_TYPES):
+                continue
+            display = name or type(module).__name__.lower()
+            lid = len(self._layer_rows)
+            size = module.hidden_size
+            self._layer_rows.append(
+                (display.encode(), display.encode(), cell_kind(module).encode(), 0, 0, module.input_size, size, size)
+            )
+            self._cell_recorders.append(CellRecorder(self, display, module, lid))
         if problems:
             raise UnsupportedModelError("cannot record: " + "; ".join(problems))
-        if not self._recorders:
+        if not self._recorders and not self._cell_recorders:
             raise UnsupportedModelError(
-                f"no recurrent layer (nn.RNN, nn.GRU, nn.LSTM) found in {type(self.model).__name__}"
+                "no recurrent layer (nn.RNN, nn.GRU, nn.LSTM, nn.RNNCell, nn.GRUCell, nn.LSTMCell) "
+                f"found in {type(self.model).__name__}"
             )
 
     def _install(self) -> None:
         for r in self._recorders:
             r.install()
+        for c in self._cell_recorders:
+            c.install()
         self._handles.append(self.model.register_forward_pre_hook(self._on_model_forward))
         from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
@@ -171,6 +189,8 @@ class Scope:
     def _uninstall(self) -> None:
         for r in self._recorders:
             r.remove()
+        for c in self._cell_recorders:
+            c.remove()
         for h in self._handles:
             h.remove()
         self._handles.clear()
@@ -191,6 +211,7 @@ class Scope:
             return
         if self._opt_depth > 0:
             if self._opt_has_pass and self._current is not None:
+                self._current.repeated_pass = True
                 return  # another closure evaluation of the same optimizer step
             self._opt_has_pass = True
         self._begin_step()
@@ -229,6 +250,13 @@ class Scope:
         if not torch.is_grad_enabled() or id(recorder) in step.recorded_modules:
             return None
         step.recorded_modules.add(id(recorder))
+        return step
+
+    def cell_step(self) -> StepState | None:
+        """The step that cell calls are recorded into, or None."""
+        step = self._current
+        if step is None or not step.recorded or step.failed or step.repeated_pass or self._closed:
+            return None
         return step
 
     def select_sequences(self, batch: int) -> torch.Tensor:
@@ -380,6 +408,15 @@ class Scope:
     def _finalize(self, step: StepState) -> None:
         """Turn a finished step into a StepRecord and hand it to the writer."""
         step.remove_hooks()
+        if step.recorded and not step.failed:
+            for recorder in step.cell_recorders:
+                try:
+                    capture = recorder.build_capture(step)
+                except Exception as exc:  # noqa: BLE001 - never break training
+                    self.recording_failed(f"recording {recorder.name} failed: {type(exc).__name__}: {exc}")
+                    return
+                if capture is not None:
+                    step.captures.append(capture)
         if not step.recorded or step.failed or not step.captures:
             if step.recorded and not step.captures and not step.failed:
                 log.debug("seqscope: step %d ran no recurrent layer", step.step)

@@ -1,0 +1,194 @@
+"""Recording nn.LSTMCell / nn.GRUCell / nn.RNNCell called in a Python loop.
+
+Each cell module is one layer of the trace and each call one timestep. A
+forward hook keeps, for the stored sequences, what the call received and
+returned; a tensor hook on the returned state receives dL/dh_t — here autograd
+holds the unrolled graph, so that hook sees the total BPTT gradient. When the
+step ends the gates are recomputed from the inputs each call actually received
+and the propagation profile is walked back through the cell's own recurrence
+(capture.recurrences), assuming each call's state input is the previous call's
+output (true for the usual loops; the gates and norms do not depend on it).
+Calls under torch.no_grad() are not recorded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from seqscope.capture import recurrences as rec
+from seqscope.capture.fused import LayerCapture
+from seqscope.trace import schema
+
+if TYPE_CHECKING:
+    from seqscope.capture.scope import Scope, StepState
+
+log = logging.getLogger("seqscope")
+
+CELL_TYPES: tuple[type[nn.Module], ...] = (nn.LSTMCell, nn.GRUCell, nn.RNNCell)
+
+
+def cell_kind(module: nn.Module) -> str:
+    if isinstance(module, nn.LSTMCell):
+        return schema.KIND_LSTM
+    if isinstance(module, nn.GRUCell):
+        return schema.KIND_GRU
+    if isinstance(module, nn.RNNCell):
+        return schema.KIND_RNN_TANH if module.nonlinearity == "tanh" else schema.KIND_RNN_RELU
+    raise TypeError(type(module).__name__)
+
+
+@dataclasses.dataclass
+class _Calls:
+    """One step's calls of one cell, stored sequences only, on the device."""
+
+    select: torch.Tensor  # [sequence] batch indices, CPU
+    batch: int
+    x: list[torch.Tensor] = dataclasses.field(default_factory=list)  # [sequence, input] per call
+    h_prev: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    c_prev: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    h: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    c: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    grad_h: list[torch.Tensor | None] = dataclasses.field(default_factory=list)
+    grad_c: list[torch.Tensor | None] = dataclasses.field(default_factory=list)
+    broken: str | None = None
+
+
+class CellRecorder:
+    """Hooks one cell module for the lifetime of a Scope."""
+
+    def __init__(self, scope: Scope, name: str, module: nn.Module, layer_id: int) -> None:
+        self.scope = scope
+        self.name = name
+        self.module = module
+        self.kind = cell_kind(module)
+        self.layer_id = layer_id
+        self._handle: Any = None
+
+    def install(self) -> None:
+        self._handle = self.module.register_forward_hook(self._on_call, with_kwargs=True)
+
+    def remove(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    # ---- per call ------------------------------------------------------------------------
+    def _on_call(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        step = self.scope.cell_step()
+        if step is None or not torch.is_grad_enabled():
+            return
+        try:
+            self._record_call(step, args, kwargs, output)
+        except Exception as exc:  # noqa: BLE001 - never break training
+            self.scope.recording_failed(f"recording {self.name} failed: {type(exc).__name__}: {exc}")
+
+    def _record_call(self, step: StepState, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        m: Any = self.module
+        x = args[0] if args else kwargs["input"]
+        hx = args[1] if len(args) > 1 else kwargs.get("hx")
+        is_lstm = self.kind == schema.KIND_LSTM
+        h_out, c_out = (output[0], output[1]) if is_lstm else (output, None)
+        unbatched = x.dim() == 1
+        if unbatched:
+            x = x.unsqueeze(0)
+        batch = x.shape[0]
+        if hx is None:
+            zeros = x.new_zeros(batch, m.hidden_size)
+            h_in, c_in = zeros, (zeros if is_lstm else None)
+        elif is_lstm:
+            h_in, c_in = hx
+        else:
+            h_in, c_in = hx, None
+        if unbatched:
+            h_in = h_in.unsqueeze(0)
+            c_in = c_in.unsqueeze(0) if c_in is not None else None
+        calls: _Calls | None = step.cell_calls.get(id(self))
+        if calls is None:
+            calls = _Calls(select=self.scope.select_sequences(batch), batch=batch)
+            step.cell_calls[id(self)] = calls
+            step.cell_recorders.append(self)
+            step.batch_size = max(step.batch_size, batch)
+        if calls.broken:
+            return
+        if batch != calls.batch:
+            calls.broken = f"batch size changed from {calls.batch} to {batch} between calls"
+            return
+        sel = calls.select.to(x.device)
+        with torch.no_grad():
+            calls.x.append(x.detach().index_select(0, sel))
+            calls.h_prev.append(h_in.detach().index_select(0, sel))
+            h_view = h_out.detach().unsqueeze(0) if unbatched else h_out.detach()
+            calls.h.append(h_view.index_select(0, sel))
+            if is_lstm:
+                assert c_in is not None and c_out is not None
+                calls.c_prev.append(c_in.detach().index_select(0, sel))
+                c_view = c_out.detach().unsqueeze(0) if unbatched else c_out.detach()
+                calls.c.append(c_view.index_select(0, sel))
+        t = len(calls.x) - 1
+        calls.grad_h.append(None)
+        calls.grad_c.append(None)
+        for tensor, slot in ((h_out, calls.grad_h), (c_out, calls.grad_c)):
+            if tensor is None or not tensor.requires_grad:
+                continue
+
+            def hook(grad: torch.Tensor, slot: list[torch.Tensor | None] = slot, t: int = t) -> None:
+                if slot[t] is None:  # the first backward of the step wins
+                    g = grad.detach().unsqueeze(0) if unbatched else grad.detach()
+                    slot[t] = g.index_select(0, sel)
+
+            step.handles.append(tensor.register_hook(hook))
+
+    # ---- end of step ---------------------------------------------------------------------
+    def build_capture(self, step: StepState) -> LayerCapture | None:
+        calls: _Calls | None = step.cell_calls.get(id(self))
+        if calls is None or not calls.x:
+            return None
+        if calls.broken:
+            log.warning("seqscope: %s not recorded at step %d: %s", self.name, step.step, calls.broken)
+            return None
+        m: Any = self.module
+        with torch.no_grad():
+            x = torch.stack(calls.x)  # [time, sequence, input]
+            h = torch.stack(calls.h)
+            h_prev = torch.stack(calls.h_prev)
+            is_lstm = self.kind == schema.KIND_LSTM
+            c = torch.stack(calls.c) if is_lstm else None
+            c_prev = torch.stack(calls.c_prev) if is_lstm else None
+            w = rec.LayerWeights(
+                kind=self.kind,
+                w_ih=m.weight_ih.detach(),
+                w_hh=m.weight_hh.detach(),
+                b_ih=m.bias_ih.detach() if m.bias else None,
+                b_hh=m.bias_hh.detach() if m.bias else None,
+            )
+            details = rec.forward_details(w, x, h, h_prev[0], None if c_prev is None else c_prev[0], None,
+                                          h_prev=h_prev, c_prev=c_prev, cell=c)
+            n_time, n_seq = h.shape[:2]
+            capture = LayerCapture(
+                layer_id=self.layer_id,
+                kind=self.kind,
+                hidden=h,
+                gates=details.gates,
+                cell=c,
+                lengths=torch.full((n_seq,), n_time, dtype=torch.long),
+                sequence_index=calls.select.clone(),
+                w_hh=w.w_hh.to("cpu", copy=True).numpy(),
+            )
+            if any(g is not None for g in calls.grad_h):
+                # a call whose output received no gradient contributed nothing: zero
+                grads = torch.stack([g if g is not None else torch.zeros_like(h[0]) for g in calls.grad_h])
+                capture.grad_hidden = torch.linalg.vector_norm(grads, dim=-1)
+                if is_lstm and c is not None:
+                    gc = torch.stack([g if g is not None else torch.zeros_like(c[0]) for g in calls.grad_c])
+                    capture.grad_cell = torch.linalg.vector_norm(gc, dim=-1)
+                # propagation: a unit gradient at the last call, walked back through the recurrence
+                ext = torch.zeros((n_time, 1, n_seq, h.shape[-1]), dtype=h.dtype, device=h.device)
+                ext[-1, 0] = rec.unit_seed(grads[-1])
+                dh, _ = rec.backward_scan(w, details, ext, None)
+                capture.propagation = torch.linalg.vector_norm(dh[:, 0], dim=-1)
+        return capture

@@ -1,0 +1,254 @@
+"""Cell loops (nn.LSTMCell / GRUCell / RNNCell) against plain-math references
+unrolled with autograd and retain_grad on every h_t and c_t."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import seqscope
+from tests import reference as ref
+
+T, B, IN, HID = 7, 4, 3, 5
+
+
+def cell_weights(cell: nn.Module) -> dict[str, torch.Tensor]:
+    w = {"w_ih": cell.weight_ih, "w_hh": cell.weight_hh}
+    if cell.bias:
+        w["b_ih"], w["b_hh"] = cell.bias_ih, cell.bias_hh
+    return {k: v.detach().clone().requires_grad_(True) for k, v in w.items()}
+
+
+def kind_of(cell: nn.Module) -> str:
+    if isinstance(cell, nn.LSTMCell):
+        return "lstm"
+    if isinstance(cell, nn.GRUCell):
+        return "gru"
+    return "rnn_" + cell.nonlinearity
+
+
+def make_cell(kind: str, n_in: int, n_hid: int, bias: bool = True) -> nn.Module:
+    if kind == "lstm":
+        c = nn.LSTMCell(n_in, n_hid, bias=bias)
+    elif kind == "gru":
+        c = nn.GRUCell(n_in, n_hid, bias=bias)
+    else:
+        c = nn.RNNCell(n_in, n_hid, bias=bias, nonlinearity=kind[4:])
+    with torch.no_grad():
+        for p in c.parameters():
+            p.uniform_(-0.7, 0.7)
+    return c.double()
+
+
+class Loop(nn.Module):
+    """Two stacked cells in one loop, then ``future`` steps fed from the model's own output."""
+
+    def __init__(self, kind: str, stacked: bool, future: int, bias: bool = True) -> None:
+        super().__init__()
+        self.kind, self.stacked, self.future = kind, stacked, future
+        self.c1 = make_cell(kind, IN, HID, bias)
+        self.c2 = make_cell(kind, HID, HID, bias) if stacked else None
+        self.head = nn.Linear(HID, IN).double()
+
+    def step(self, x, s1, s2):
+        s1 = self.c1(x, s1)
+        top = s1[0] if self.kind == "lstm" else s1
+        if self.c2 is not None:
+            s2 = self.c2(top, s2)
+            top = s2[0] if self.kind == "lstm" else s2
+        return s1, s2, self.head(top)
+
+    def forward(self, x):
+        s1 = s2 = None
+        outs = []
+        for t in range(x.shape[0]):
+            s1, s2, y = self.step(x[t], s1, s2)
+            outs.append(y)
+        for _ in range(self.future):
+            s1, s2, y = self.step(outs[-1], s1, s2)
+            outs.append(y)
+        return torch.stack(outs)
+
+
+def reference_loop(model: Loop, x):
+    """The same computation in plain tensor math; every state keeps its gradient."""
+    cells = [model.c1] + ([model.c2] if model.c2 is not None else [])
+    ws = [cell_weights(c) for c in cells]
+    head_w = model.head.weight.detach()
+    head_b = model.head.bias.detach()
+    kind = model.kind
+    states = [[None, None] for _ in cells]
+    record = [{"x": [], "h": [], "c": [], "hp": [], "cp": [], "gates": []} for _ in cells]
+    outs = []
+    inputs = list(x.unbind(0))
+
+    def run(inp):
+        for i, w in enumerate(ws):
+            h, c = states[i]
+            if h is None:
+                h = torch.zeros(inp.shape[0], HID, dtype=inp.dtype)
+                c = torch.zeros(inp.shape[0], HID, dtype=inp.dtype) if kind == "lstm" else None
+            rec = record[i]
+            rec["x"].append(inp)
+            rec["hp"].append(h)
+            rec["cp"].append(c)
+            h, c, g = ref.cell_step(kind, inp, h, c, w)
+            h.retain_grad()
+            if c is not None:
+                c.retain_grad()
+            rec["h"].append(h)
+            rec["c"].append(c)
+            rec["gates"].append(g)
+            states[i] = [h, c]
+            inp = h
+        return inp @ head_w.T + head_b
+
+    for xt in inputs:
+        outs.append(run(xt))
+    for _ in range(model.future):
+        outs.append(run(outs[-1]))
+    return torch.stack(outs), record, ws
+
+
+def own_recurrence_profile(kind, w, rec, b):
+    """||(dh_T/dh_t)^T v|| through the cell's own recurrence (inputs held fixed)."""
+    n = len(rec["h"])
+    hs, h = [], rec["hp"][0][b].detach().clone()
+    c = rec["cp"][0][b].detach().clone() if kind == "lstm" else None
+    wd = {k: v.detach() for k, v in w.items()}
+    h = h.requires_grad_(True)
+    for t in range(n):
+        h, c, _ = ref.cell_step(kind, rec["x"][t][b].detach(), h, c, wd)
+        hs.append(h)
+    g = rec["h"][-1].grad[b]
+    norm = torch.linalg.vector_norm(g)
+    v = g / norm if norm > 0 else torch.full_like(g, g.numel() ** -0.5)
+    grads = torch.autograd.grad(hs[-1], hs, grad_outputs=v, allow_unused=True)
+    return np.array([0.0 if gr is None else torch.linalg.vector_norm(gr).item() for gr in grads])
+
+
+CASES = [(k, s, f) for k in ("lstm", "gru", "rnn_tanh", "rnn_relu") for (s, f) in ((False, 0), (True, 3))]
+
+
+@pytest.mark.parametrize("kind,stacked,future", CASES,
+                         ids=[f"{k}-{'stacked-future' if s else 'single'}" for k, s, f in CASES])
+def test_cell_loop_matches_reference(kind, stacked, future, tmp_path):
+    torch.manual_seed(0)
+    model = Loop(kind, stacked, future)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(T, B, IN, generator=g, dtype=torch.float64)
+    target = torch.randn(T + future, B, IN, generator=g, dtype=torch.float64)
+    path = tmp_path / "t.h5"
+    with seqscope.watch(model, path, every=1, sequences=B, precision="full"):
+        out = model(x)
+        ((out - target) ** 2).sum().backward()
+    ref_out, records, ws = reference_loop(model, x)
+    ((ref_out - target) ** 2).sum().backward()
+    torch.testing.assert_close(ref_out.detach(), out.detach())
+    names = ["c1", "c2"] if stacked else ["c1"]
+    with seqscope.open(path) as trace:
+        assert trace.layers == names
+        for name, rec, w in zip(names, records, ws):
+            n = len(rec["h"])
+            assert n == T + future  # each call is a timestep, the future included
+            hidden = trace.hidden(name, 0)
+            grads = trace.grad_norms(name, 0)
+            prop = trace.propagation(name, 0)
+            gates = trace.gates(name, 0)
+            for b in range(B):
+                np.testing.assert_allclose(hidden[b].data, torch.stack(rec["h"])[:, b].detach().numpy(),
+                                           rtol=1e-6, atol=1e-9)
+                want = [torch.linalg.vector_norm(h.grad[b]).item() for h in rec["h"]]
+                np.testing.assert_allclose(grads["hidden"][b].data, want, rtol=1e-5)
+                for gname, values in gates.items():
+                    want_g = torch.stack([gg[gname][b] for gg in rec["gates"]]).detach().numpy()
+                    np.testing.assert_allclose(values[b].data, want_g, rtol=1e-6, atol=1e-9)
+                if kind == "lstm":
+                    np.testing.assert_allclose(trace.cell(name, 0)[b].data,
+                                               torch.stack(rec["c"])[:, b].detach().numpy(), rtol=1e-6, atol=1e-9)
+                    want_c = [torch.linalg.vector_norm(c.grad[b]).item() for c in rec["c"]]
+                    np.testing.assert_allclose(grads["cell"][b].data, want_c, rtol=1e-5)
+                np.testing.assert_allclose(prop[b].data, own_recurrence_profile(kind, w, rec, b),
+                                           rtol=1e-5, atol=1e-300)
+
+
+class EncoderDecoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.LSTM(IN, HID).double()
+        self.decoder = make_cell("lstm", IN, HID)
+        self.head = nn.Linear(HID, IN).double()
+
+    def forward(self, x, steps=4):
+        _, (h, c) = self.encoder(x)
+        state = (h[0], c[0])
+        y = x[-1]
+        outs = []
+        for _ in range(steps):
+            state = self.decoder(y, state)
+            y = self.head(state[0])
+            outs.append(y)
+        return torch.stack(outs)
+
+
+def test_encoder_decoder_fused_and_cell_in_one_trace(tmp_path):
+    torch.manual_seed(0)
+    model = EncoderDecoder()
+    x = torch.randn(T, B, IN, dtype=torch.float64)
+    path = tmp_path / "t.h5"
+    with seqscope.watch(model, path, every=1, sequences=B, precision="full"):
+        model(x).pow(2).sum().backward()
+    # reference: encoder unrolled by tests/reference.py, decoder in plain math, one graph
+    layers, _, h_n, c_n = ref.run_reference(model.encoder, list(x.unbind(1)))
+    w = cell_weights(model.decoder)
+    hw, hb = model.head.weight.detach(), model.head.bias.detach()
+    h, c, y = h_n[0], c_n[0], x[-1]
+    dec_h, dec_c, outs = [], [], []
+    for _ in range(4):
+        h, c, _g = ref.cell_step("lstm", y, h, c, w)
+        h.retain_grad()
+        c.retain_grad()
+        dec_h.append(h)
+        dec_c.append(c)
+        y = h @ hw.T + hb
+        outs.append(y)
+    torch.stack(outs).pow(2).sum().backward()
+    with seqscope.open(path) as trace:
+        assert trace.layers == ["encoder.l0", "decoder"]
+        enc = trace.grad_norms("encoder.l0", 0)
+        dec = trace.grad_norms("decoder", 0)
+        for b in range(B):
+            want_enc = [torch.linalg.vector_norm(hh.grad).item() for hh in layers[(0, 0)].h[b]]
+            np.testing.assert_allclose(enc["hidden"][b].data, want_enc, rtol=1e-5)
+            want_dec = [torch.linalg.vector_norm(hh.grad[b]).item() for hh in dec_h]
+            np.testing.assert_allclose(dec["hidden"][b].data, want_dec, rtol=1e-5)
+            want_dc = [torch.linalg.vector_norm(cc.grad[b]).item() for cc in dec_c]
+            np.testing.assert_allclose(dec["cell"][b].data, want_dc, rtol=1e-5)
+
+
+def test_lbfgs_and_evaluation_calls_are_not_recorded_twice(tmp_path):
+    torch.manual_seed(0)
+    model = Loop("gru", stacked=True, future=2)
+    x = torch.randn(T, B, IN, dtype=torch.float64)
+    opt = torch.optim.LBFGS(model.parameters(), max_iter=3)
+    passes = []
+
+    def closure():
+        opt.zero_grad()
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        passes.append(1)
+        return loss
+
+    with seqscope.watch(model, tmp_path / "t.h5", every=1) as scope:
+        for _ in range(2):
+            scope.log(loss=opt.step(closure))
+            with torch.no_grad():
+                model(x)  # evaluation: not a step, not recorded
+    assert len(passes) > 2
+    with seqscope.open(tmp_path / "t.h5") as trace:
+        assert list(trace.steps) == [0, 1]
+        for name in ("c1", "c2"):
+            assert trace.hidden(name, 1).shape[1] == T + 2  # one pass, not several
