@@ -135,6 +135,37 @@ def part1(sizes, reps: int, device: torch.device, kinds: list[str]) -> list[str]
     return rows
 
 
+def part1b(quick: bool, reps: int, device: torch.device) -> list[str]:
+    """A 2-layer nn.LSTMCell loop, recorded every step vs not watched."""
+    b, t, h = (4, 6, 8) if quick else (32, 100, 128)
+
+    class Loop(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1, self.c2 = nn.LSTMCell(h, h), nn.LSTMCell(h, h)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            s1 = s2 = None
+            outs = []
+            for step in range(x.shape[0]):
+                s1 = self.c1(x[step], s1)
+                s2 = self.c2(s1[0], s2)
+                outs.append(s2[0])
+            return torch.stack(outs)
+
+    torch.manual_seed(0)
+    plain_m, rec_m = Loop().to(device), Loop().to(device)
+    rec_m.load_state_dict(plain_m.state_dict())
+    x = torch.randn(t, b, h, device=device)
+    scope = seqscope.watch(rec_m, os.path.join(tempfile.mkdtemp(), "cells.h5"), every=1)
+    res = interleaved({"plain": lambda: plain_m(x).pow(2).mean().backward(),
+                       "rec": lambda: rec_m(x).pow(2).mean().backward()}, reps, device, block=3,
+                      after={"rec": scope.writer.drain})
+    scope.close()
+    return ["| cell loop | B, T, H | plain step | recorded / plain |", "|---|---|---|---|",
+            f"| 2 x nn.LSTMCell | {b}, {t}, {h} | {res['plain'] * 1e3:.1f} ms | **{res['rec'] / res['plain']:.2f}x** |"]
+
+
 def part2(quick: bool, reps: int, device: torch.device) -> list[str]:
     vocab, embed, hidden, batch, length = (50, 8, 16, 4, 8) if quick else (256, 64, 256, 32, 64)
 
@@ -238,7 +269,7 @@ def make_big_trace(path: str, target_bytes: int) -> int:
 
     k, t, h = 8, 200, 256
     rng = np.random.default_rng(0)
-    layers = [(f"rnn.l{i}".encode(), b"rnn", b"lstm", i, 0, h, h, h) for i in range(2)]
+    layers = [(f"rnn.l{i}".encode(), b"rnn", b"lstm", i, 0, h, h, h, b"") for i in range(2)]
     writer = TraceWriter(path, {"synthetic": True}, queue_size=2)
     hidden = rng.uniform(-1, 1, (k, t, h)).astype(np.float16)
     cell = rng.normal(0, 2, (k, t, h)).astype(np.float32)
@@ -367,6 +398,8 @@ def main(argv: list[str] | None = None) -> None:
                   "Ratios to the plain fused module's step, medians of interleaved repetitions. seqscope stores "
                   "8 sequences per step (default); the naive recorder computes norms for the whole batch.", ""]
         lines += part1(sizes, reps, device, ["lstm", "gru", "rnn"]) + [""]
+        lines += ["Cell loops (each call a timestep; totals from tensor hooks, every step recorded):", ""]
+        lines += part1b(args.quick, reps, device) + [""]
     if args.only in (None, "loop"):
         lines += ["## 2. Realistic training loop", ""] + part2(args.quick, reps, device) + [""]
     if args.only in (None, "trace"):

@@ -252,3 +252,19 @@ def test_lbfgs_and_evaluation_calls_are_not_recorded_twice(tmp_path):
         assert list(trace.steps) == [0, 1]
         for name in ("c1", "c2"):
             assert trace.hidden(name, 1).shape[1] == T + 2  # one pass, not several
+
+
+def test_sine_example_records_both_cells(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "sine_cells", Path(__file__).resolve().parent.parent / "examples" / "sine_cells.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    path = module.main(["--steps", "3", "--every", "1", "--out", str(tmp_path / "sine.h5")])
+    with seqscope.open(path) as trace:
+        assert trace.layers == ["cell1", "cell2"]
+        assert list(trace.steps) == [0, 1, 2]
+        assert trace.hidden("cell2", 2).shape == (8, 50, 32)
+        assert np.isfinite(trace.propagation("cell1", 1)).all()

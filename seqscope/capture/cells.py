@@ -13,10 +13,13 @@ Calls under torch.no_grad() are not recorded.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -192,3 +195,209 @@ class CellRecorder:
                 dh, _ = rec.backward_scan(w, details, ext, None)
                 capture.propagation = torch.linalg.vector_norm(dh[:, 0], dim=-1)
         return capture
+
+
+# ---- user-written cells ----------------------------------------------------------------------
+
+GatesFn = Callable[[nn.Module, torch.Tensor, Any], "dict[str, torch.Tensor]"]
+
+
+def flatten_state(state: Any) -> tuple[list[torch.Tensor], Callable[[list[torch.Tensor]], Any]]:
+    """The tensors of a cell state and a function that rebuilds the same kind of
+    state from new tensors. A state is a tensor, a tuple/list of tensors, or an
+    object (dataclass or plain) whose attributes are tensors."""
+    if isinstance(state, torch.Tensor):
+        return [state], lambda ts: ts[0]
+    if isinstance(state, (tuple, list)) and state and all(isinstance(t, torch.Tensor) for t in state):
+        kind = type(state)
+        if hasattr(state, "_fields"):  # namedtuple
+            return list(state), lambda ts: kind(*ts)
+        return list(state), lambda ts: kind(ts)
+    if dataclasses.is_dataclass(state) and not isinstance(state, type):
+        names = [f.name for f in dataclasses.fields(state) if isinstance(getattr(state, f.name), torch.Tensor)]
+        if names:
+            return [getattr(state, n) for n in names], lambda ts: dataclasses.replace(
+                state, **dict(zip(names, ts)))
+    attrs = getattr(state, "__dict__", None)
+    if isinstance(attrs, dict):
+        names = [n for n, v in attrs.items() if isinstance(v, torch.Tensor)]
+        if names:
+            def rebuild(ts: list[torch.Tensor]) -> Any:
+                new = copy.copy(state)
+                for n, t in zip(names, ts):
+                    setattr(new, n, t)
+                return new
+            return [attrs[n] for n in names], rebuild
+    raise TypeError(
+        f"a cell state of type {type(state).__name__} holds no tensors seqscope can find; return a tensor, "
+        "a tuple of tensors or a dataclass of tensors (h first)"
+    )
+
+
+@dataclasses.dataclass
+class _CustomCalls:
+    select: torch.Tensor
+    batch: int
+    x: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    state_in: list[Any] = dataclasses.field(default_factory=list)  # the K-selected state each call received
+    h: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    c: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    grad_h: list[torch.Tensor | None] = dataclasses.field(default_factory=list)
+    grad_c: list[torch.Tensor | None] = dataclasses.field(default_factory=list)
+    broken: str | None = None
+
+
+class CustomCellRecorder:
+    """A user-written cell ``(x_t, state) -> state`` named in ``watch(cells=...)``.
+
+    h_t is the first tensor of the returned state, c_t the second if there is one.
+    Totals come from tensor hooks (exact). Gates come from the user's function,
+    if given. The propagation profile is computed by autograd on a re-run of the
+    cell over the stored sequences after the step (a cell with randomness, such
+    as dropout, gives the profile of a different draw).
+    """
+
+    kind = schema.KIND_CUSTOM
+
+    def __init__(self, scope: Scope, name: str, module: nn.Module, gates_fn: GatesFn | None) -> None:
+        self.scope = scope
+        self.name = name
+        self.module = module
+        self.gates_fn = gates_fn
+        self.layer_id: int | None = None
+        self._handle: Any = None
+        self._replaying = False
+        self._disabled = False
+
+    def install(self) -> None:
+        self._handle = self.module.register_forward_hook(self._on_call, with_kwargs=True)
+
+    def remove(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def _on_call(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        if self._replaying or self._disabled:
+            return
+        step = self.scope.cell_step()
+        if step is None or not torch.is_grad_enabled():
+            return
+        try:
+            self._record_call(step, args, kwargs, output)
+        except TypeError as exc:
+            self._disabled = True
+            log.warning("seqscope: not recording %s: %s", self.name, exc)
+        except Exception as exc:  # noqa: BLE001 - never break training
+            self.scope.recording_failed(f"recording {self.name} failed: {type(exc).__name__}: {exc}")
+
+    def _record_call(self, step: StepState, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        values = list(args) + list(kwargs.values())
+        if not values or not isinstance(values[0], torch.Tensor):
+            raise TypeError("a recorded cell must be called as cell(x_t, state)")
+        x = values[0]
+        state_in = values[1] if len(values) > 1 else None
+        out_tensors, _ = flatten_state(output)
+        h_out = out_tensors[0]
+        c_out = out_tensors[1] if len(out_tensors) > 1 and out_tensors[1].shape[0] == h_out.shape[0] else None
+        batch = h_out.shape[0]
+        if self.layer_id is None:
+            names: tuple[str, ...] = ()
+            if self.gates_fn is not None:
+                with torch.no_grad():
+                    names = tuple(self.gates_fn(self.module, x, state_in).keys())
+            hidden = c_out.shape[-1] if c_out is not None else h_out.shape[-1]
+            self.layer_id = self.scope.add_layer(self.name, self.kind, int(x.shape[-1]), int(hidden),
+                                                 int(h_out.shape[-1]), names)
+        calls: _CustomCalls | None = step.cell_calls.get(id(self))
+        if calls is None:
+            calls = _CustomCalls(select=self.scope.select_sequences(batch), batch=batch)
+            step.cell_calls[id(self)] = calls
+            step.cell_recorders.append(self)
+            step.batch_size = max(step.batch_size, batch)
+        if calls.broken:
+            return
+        if batch != calls.batch:
+            calls.broken = f"batch size changed from {calls.batch} to {batch} between calls"
+            return
+        sel = calls.select.to(x.device)
+        with torch.no_grad():
+            calls.x.append(x.detach().index_select(0, sel))
+            if state_in is None:
+                calls.state_in.append(None)
+            else:
+                tensors, rebuild = flatten_state(state_in)
+                calls.state_in.append(rebuild([t.detach().index_select(0, sel) for t in tensors]))
+            calls.h.append(h_out.detach().index_select(0, sel))
+            if c_out is not None:
+                calls.c.append(c_out.detach().index_select(0, sel))
+        t = len(calls.x) - 1
+        calls.grad_h.append(None)
+        calls.grad_c.append(None)
+        for tensor, slot in ((h_out, calls.grad_h), (c_out, calls.grad_c)):
+            if tensor is None or not tensor.requires_grad:
+                continue
+
+            def hook(grad: torch.Tensor, slot: list[torch.Tensor | None] = slot, t: int = t) -> None:
+                if slot[t] is None:
+                    slot[t] = grad.detach().index_select(0, sel)
+
+            step.handles.append(tensor.register_hook(hook))
+
+    def build_capture(self, step: StepState) -> LayerCapture | None:
+        calls: _CustomCalls | None = step.cell_calls.get(id(self))
+        if calls is None or not calls.x or self.layer_id is None:
+            return None
+        if calls.broken:
+            log.warning("seqscope: %s not recorded at step %d: %s", self.name, step.step, calls.broken)
+            return None
+        with torch.no_grad():
+            h = torch.stack(calls.h)
+            c = torch.stack(calls.c) if len(calls.c) == len(calls.h) else None
+            gates = None
+            if self.gates_fn is not None:
+                per_call = [self.gates_fn(self.module, x_t, s_t) for x_t, s_t in zip(calls.x, calls.state_in)]
+                gates = torch.stack([torch.stack(list(g.values()), dim=1) for g in per_call])  # [time, seq, gate, unit]
+        n_time, n_seq = h.shape[:2]
+        capture = LayerCapture(
+            layer_id=self.layer_id, kind=self.kind, hidden=h, gates=gates, cell=c,
+            lengths=torch.full((n_seq,), n_time, dtype=torch.long), sequence_index=calls.select.clone(),
+            w_hh=_recurrent_matrix(self.module),
+        )
+        if any(g is not None for g in calls.grad_h):
+            grads = torch.stack([g if g is not None else torch.zeros_like(h[0]) for g in calls.grad_h])
+            capture.grad_hidden = torch.linalg.vector_norm(grads, dim=-1)
+            if c is not None:
+                gc = torch.stack([g if g is not None else torch.zeros_like(c[0]) for g in calls.grad_c])
+                capture.grad_cell = torch.linalg.vector_norm(gc, dim=-1)
+            capture.propagation = self._propagation(calls, rec.unit_seed(grads[-1]))
+        return capture
+
+    def _propagation(self, calls: _CustomCalls, v: torch.Tensor) -> torch.Tensor | None:
+        """||(dh_T/dh_t)^T v|| by autograd over a re-run of the cell's own chain."""
+        state = calls.state_in[0]
+        self._replaying = True
+        try:
+            with torch.enable_grad():
+                hs: list[torch.Tensor] = []
+                for x_t in calls.x:
+                    if state is not None:
+                        tensors, rebuild = flatten_state(state)
+                        state = rebuild([t.detach().requires_grad_(True) if not hs else t for t in tensors])
+                    state = self.module(x_t, state) if state is not None else self.module(x_t)
+                    h_t = flatten_state(state)[0][0]
+                    hs.append(h_t)
+                grads = torch.autograd.grad(hs[-1], hs, grad_outputs=v, allow_unused=True)
+        finally:
+            self._replaying = False
+        return torch.stack([torch.linalg.vector_norm(g, dim=-1) if g is not None else torch.zeros_like(v[:, 0])
+                            for g in grads])
+
+
+def _recurrent_matrix(module: nn.Module) -> np.ndarray:
+    """The largest 2-D parameter named like a recurrent weight (weight_hh, W_hh, ...),
+    for sigma_max; an empty matrix when there is none."""
+    for name, p in module.named_parameters():
+        if p.dim() == 2 and ("hh" in name.lower()):
+            return p.detach().to("cpu", copy=True).numpy()
+    return np.zeros((0, 0), dtype=np.float32)

@@ -18,7 +18,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from seqscope import schedules
-from seqscope.capture.cells import CELL_TYPES, CellRecorder, cell_kind
+from seqscope.capture.cells import CELL_TYPES, CellRecorder, CustomCellRecorder, GatesFn, cell_kind
 from seqscope.capture.fused import (
     FUSED_TYPES,
     FusedRecorder,
@@ -84,6 +84,7 @@ class Scope:
         sequences: int | Sequence[int] = 8,
         precision: str = "auto",
         max_bytes: int | None = None,
+        cells: Sequence[nn.Module] | Mapping[nn.Module, GatesFn | None] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise UnsupportedModelError(f"watch() needs a torch.nn.Module, got {type(model).__name__}")
@@ -104,6 +105,16 @@ class Scope:
 
         self._recorders: list[FusedRecorder] = []
         self._cell_recorders: list[CellRecorder] = []
+        self._custom_recorders: list[CustomCellRecorder] = []
+        self._custom_cells: dict[nn.Module, GatesFn | None] = {}
+        if cells is not None:
+            items = cells.items() if isinstance(cells, Mapping) else ((c, None) for c in cells)
+            for cell, fn in items:
+                if not isinstance(cell, nn.Module):
+                    raise UnsupportedModelError(f"cells= takes the cell modules themselves, got {type(cell).__name__}")
+                if fn is not None and not callable(fn):
+                    raise UnsupportedModelError("a cell's gates function must be callable (cell, x_t, state) -> dict")
+                self._custom_cells[cell] = fn
         self._layer_rows: list[tuple[Any, ...]] = []
         self._find_layers()
 
@@ -154,7 +165,7 @@ class Scope:
                 ids[(k, d)] = len(self._layer_rows)
                 in_size = module.input_size if k == 0 else out_size * n_dir
                 self._layer_rows.append(
-                    (lname.encode(), display.encode(), kind.encode(), k, d, in_size, module.hidden_size, out_size)
+                    (lname.encode(), display.encode(), kind.encode(), k, d, in_size, module.hidden_size, out_size, b"")
                 )
             self._recorders.append(FusedRecorder(self, display, module, ids))
         for name, module in self.model.named_modules():
@@ -163,13 +174,25 @@ class Scope:
             display = name or type(module).__name__.lower()
             lid = len(self._layer_rows)
             size = module.hidden_size
+            ckind = cell_kind(module).encode()
             self._layer_rows.append(
-                (display.encode(), display.encode(), cell_kind(module).encode(), 0, 0, module.input_size, size, size)
+                (display.encode(), display.encode(), ckind, 0, 0, module.input_size, size, size, b"")
             )
             self._cell_recorders.append(CellRecorder(self, display, module, lid))
+        names = {id(m): n for n, m in self.model.named_modules()}
+        for cell, fn in self._custom_cells.items():
+            if isinstance(cell, CELL_TYPES + FUSED_TYPES):
+                continue  # recorded anyway
+            if id(cell) not in names:
+                raise UnsupportedModelError(
+                    f"cells=: a {type(cell).__name__} that is not a submodule of the watched model; "
+                    "pass the module object that the model calls (e.g. model.my_cell)"
+                )
+            display = names[id(cell)] or type(cell).__name__.lower()
+            self._custom_recorders.append(CustomCellRecorder(self, display, cell, fn))
         if problems:
             raise UnsupportedModelError("cannot record: " + "; ".join(problems))
-        if not self._recorders and not self._cell_recorders:
+        if not self._recorders and not self._cell_recorders and not self._custom_recorders:
             raise UnsupportedModelError(
                 "no recurrent layer (nn.RNN, nn.GRU, nn.LSTM, nn.RNNCell, nn.GRUCell, nn.LSTMCell) "
                 f"found in {type(self.model).__name__}"
@@ -180,6 +203,8 @@ class Scope:
             r.install()
         for c in self._cell_recorders:
             c.install()
+        for u in self._custom_recorders:
+            u.install()
         self._handles.append(self.model.register_forward_pre_hook(self._on_model_forward))
         from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
@@ -191,6 +216,8 @@ class Scope:
             r.remove()
         for c in self._cell_recorders:
             c.remove()
+        for u in self._custom_recorders:
+            u.remove()
         for h in self._handles:
             h.remove()
         self._handles.clear()
@@ -251,6 +278,15 @@ class Scope:
             return None
         step.recorded_modules.add(id(recorder))
         return step
+
+    def add_layer(self, name: str, kind: str, input_size: int, hidden_size: int, output_size: int,
+                  gate_names: Sequence[str] = ()) -> int:
+        """Register a layer discovered while training (a user-written cell); returns its id."""
+        row = (name.encode(), name.encode(), kind.encode(), 0, 0, input_size, hidden_size, output_size,
+               ",".join(gate_names).encode())
+        self._layer_rows.append(row)
+        self._new_layers.append(row)
+        return len(self._layer_rows) - 1
 
     def cell_step(self) -> StepState | None:
         """The step that cell calls are recorded into, or None."""
@@ -487,6 +523,8 @@ def _sigma_max(matrix: np.ndarray) -> float:
     thread team (torch's OpenMP, or OpenBLAS workers that spin after each call)
     measurably slowed the training thread's own kernels (8x on a 2-core machine).
     """
+    if matrix.size == 0:
+        return float("nan")  # a user-written cell without a recurrent weight matrix
     with threadpool_limits(limits=1, user_api="blas"):
         w = matrix.astype(np.float64)
         gram = w.T @ w if w.shape[0] >= w.shape[1] else w @ w.T
@@ -527,6 +565,7 @@ def watch(
     sequences: int | Sequence[int] = 8,
     precision: str = "auto",
     max_bytes: int | None = None,
+    cells: Sequence[nn.Module] | Mapping[nn.Module, GatesFn | None] | None = None,
 ) -> Scope:
     """Record ``model``'s recurrent layers into the HDF5 trace at ``path``.
 
@@ -541,5 +580,11 @@ def watch(
         always float64.
     max_bytes: stop recording (with one warning; training goes on) when the
         trace would grow beyond this many bytes of data.
+    cells: user-written cells to record, each a submodule called as
+        ``cell(x_t, state) -> state`` (state: a tensor, a tuple of tensors or a
+        dataclass of tensors, h first, c second if any). A mapping gives each
+        cell a function ``(cell, x_t, state) -> {gate name: [batch, unit]}``.
+        nn.RNNCell/GRUCell/LSTMCell and nn.RNN/GRU/LSTM are found by themselves.
     """
-    return Scope(model, path, every=every, sequences=sequences, precision=precision, max_bytes=max_bytes)
+    return Scope(model, path, every=every, sequences=sequences, precision=precision, max_bytes=max_bytes,
+                 cells=cells)

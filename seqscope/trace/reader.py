@@ -41,10 +41,11 @@ class LayerInfo:
     input_size: int
     hidden_size: int
     output_size: int
+    custom_gates: tuple[str, ...] = ()
 
     @property
     def gate_names(self) -> tuple[str, ...]:
-        return schema.GATE_NAMES.get(self.kind, ())
+        return self.custom_gates or schema.GATE_NAMES.get(self.kind, ())
 
 
 class Series(NamedTuple):
@@ -145,6 +146,7 @@ class Trace:
                 input_size=int(row["input_size"]),
                 hidden_size=int(row["hidden_size"]),
                 output_size=int(row["output_size"]),
+                custom_gates=tuple(n for n in row["gates"].decode().split(",") if n),
             )
             for i, row in enumerate(tables["layers"])
         ]
@@ -252,8 +254,11 @@ class Trace:
         return self._masked(layer, step, schema.FIELD_HIDDEN)
 
     def cell(self, layer: str, step: int) -> np.ma.MaskedArray:
-        """c_t [sequence, time, unit] (LSTM layers only)."""
-        if self.layer_info(layer).kind != schema.KIND_LSTM:
+        """c_t [sequence, time, unit] (LSTM layers, and user cells with a second state tensor)."""
+        info = self.layer_info(layer)
+        if info.kind == schema.KIND_CUSTOM and self.has(layer, step, schema.FIELD_CELL):
+            return self._masked(layer, step, schema.FIELD_CELL)
+        if info.kind != schema.KIND_LSTM:
             raise NotInTraceError(f"layer {layer!r} is not an LSTM layer: it has no cell state")
         return self._masked(layer, step, schema.FIELD_CELL)
 
@@ -270,7 +275,7 @@ class Trace:
         """Total BPTT gradient norms [sequence, time]: ``hidden`` = ||dL/dh_t||,
         ``cell`` = ||dL/dc_t|| (LSTM)."""
         out = {"hidden": self._masked(layer, step, schema.FIELD_GRAD_HIDDEN)}
-        if self.layer_info(layer).kind == schema.KIND_LSTM:
+        if self.layer_info(layer).kind == schema.KIND_LSTM or self.has(layer, step, schema.FIELD_GRAD_CELL):
             out["cell"] = self._masked(layer, step, schema.FIELD_GRAD_CELL)
         return out
 

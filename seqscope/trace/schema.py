@@ -54,6 +54,7 @@ LAYER_DTYPE = np.dtype(
         ("input_size", "i4"),
         ("hidden_size", "i4"),  # size of c_t and of the gates
         ("output_size", "i4"),  # size of h_t (proj_size when set)
+        ("gates", "S256"),  # comma-separated gate names of a user-written cell (else empty)
     ]
 )
 
@@ -61,13 +62,15 @@ KIND_LSTM = "lstm"
 KIND_GRU = "gru"
 KIND_RNN_TANH = "rnn_tanh"
 KIND_RNN_RELU = "rnn_relu"
-KINDS = (KIND_LSTM, KIND_GRU, KIND_RNN_TANH, KIND_RNN_RELU)
+KIND_CUSTOM = "custom"  # a user-written cell named in watch(cells=...)
+KINDS = (KIND_LSTM, KIND_GRU, KIND_RNN_TANH, KIND_RNN_RELU, KIND_CUSTOM)
 
 GATE_NAMES: dict[str, tuple[str, ...]] = {
     KIND_LSTM: ("input", "forget", "cell", "output"),
     KIND_GRU: ("reset", "update", "new"),
     KIND_RNN_TANH: (),
     KIND_RNN_RELU: (),
+    KIND_CUSTOM: (),  # per layer: LAYER_DTYPE["gates"]
 }
 
 # ---- step table --------------------------------------------------------------
