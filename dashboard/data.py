@@ -120,7 +120,7 @@ class TraceSource:
             t = self.trace
             out: dict[str, Any] = {"hidden": t.hidden(layer, step)}
             info = t.layer_info(layer)
-            if info.kind == schema.KIND_LSTM:
+            if info.kind == schema.KIND_LSTM or t.has(layer, step, schema.FIELD_CELL):
                 out["cell"] = t.cell(layer, step)
             out["gates"] = t.gates(layer, step)
             if t.has(layer, step, schema.FIELD_PROPAGATION):

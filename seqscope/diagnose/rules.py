@@ -316,8 +316,10 @@ def _vanishing(trace: Trace, info: LayerInfo, measures: list[StepMeasure], scala
             remedy = "switch this vanilla RNN to an LSTM or GRU"
         elif info.kind == schema.KIND_LSTM:
             remedy = "initialise the forget-gate bias to 1 or more (bias_ih/bias_hh rows H:2H)"
-        else:
+        elif info.kind == schema.KIND_GRU:
             remedy = "initialise the update-gate bias positive so units keep their state (bias rows H:2H)"
+        else:
+            remedy = "give the cell a gated path that can carry its state unchanged (as LSTM/GRU do)"
         remedy += f", or shorten the sequences / truncation length to about {max(1, int(hz))} timesteps"
         findings.append(Finding("vanishing_gradient", severity, info.name, first, last, evidence,
                                 f"{what}. Remedy: {remedy}."))
