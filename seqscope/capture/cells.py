@@ -51,6 +51,7 @@ class _Calls:
 
     select: torch.Tensor  # [sequence] batch indices, CPU
     batch: int
+    select_dev: torch.Tensor | None = None  # the same on the cell's device (copied once per step)
     x: list[torch.Tensor] = dataclasses.field(default_factory=list)  # [sequence, input] per call
     h_prev: list[torch.Tensor] = dataclasses.field(default_factory=list)
     c_prev: list[torch.Tensor] = dataclasses.field(default_factory=list)
@@ -121,7 +122,9 @@ class CellRecorder:
         if batch != calls.batch:
             calls.broken = f"batch size changed from {calls.batch} to {batch} between calls"
             return
-        sel = calls.select.to(x.device)
+        if calls.select_dev is None or calls.select_dev.device != x.device:
+            calls.select_dev = calls.select.to(x.device)
+        sel = calls.select_dev
         with torch.no_grad():
             calls.x.append(x.detach().index_select(0, sel))
             calls.h_prev.append(h_in.detach().index_select(0, sel))
@@ -238,6 +241,7 @@ def flatten_state(state: Any) -> tuple[list[torch.Tensor], Callable[[list[torch.
 class _CustomCalls:
     select: torch.Tensor
     batch: int
+    select_dev: torch.Tensor | None = None
     x: list[torch.Tensor] = dataclasses.field(default_factory=list)
     state_in: list[Any] = dataclasses.field(default_factory=list)  # the K-selected state each call received
     h: list[torch.Tensor] = dataclasses.field(default_factory=list)
@@ -320,7 +324,9 @@ class CustomCellRecorder:
         if batch != calls.batch:
             calls.broken = f"batch size changed from {calls.batch} to {batch} between calls"
             return
-        sel = calls.select.to(x.device)
+        if calls.select_dev is None or calls.select_dev.device != x.device:
+            calls.select_dev = calls.select.to(x.device)
+        sel = calls.select_dev
         with torch.no_grad():
             calls.x.append(x.detach().index_select(0, sel))
             if state_in is None:
