@@ -55,7 +55,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp())
     images = HERE / "images"
     images.mkdir(exist_ok=True)
-    demo_trace = demo.run(tmp / "demo.h5", steps=400, every=10)
+    demo_trace = demo.run(tmp / "demo.h5")
     exploding_trace = exploding.main(["--out", str(tmp / "exploding.h5")])
     chromium = shutil.which("chromium")
     with sync_playwright() as p:

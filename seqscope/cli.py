@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="record a demo training run (2-layer LSTM) and open the dashboard on it")
     p.add_argument("--out", default="runs/demo.h5", help="trace path (default: runs/demo.h5)")
-    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--steps", type=int, default=600)
     p.add_argument("--every", type=int, default=10)
     p.add_argument("--no-dashboard", action="store_true", help="only record, do not serve the dashboard")
     p.add_argument("--host", default="127.0.0.1")
