@@ -132,6 +132,16 @@ def test_custom_cell_matches_autograd(which, tmp_path):
             del sel
 
 
+def test_dict_state_is_flattened():
+    from seqscope.capture.cells import flatten_state
+
+    h, c = torch.zeros(2, 3), torch.ones(2, 3)
+    tensors, rebuild = flatten_state({"h": h, "c": c})
+    assert tensors[0] is h and tensors[1] is c
+    rebuilt = rebuild([c, h])
+    assert rebuilt["h"] is c and rebuilt["c"] is h
+
+
 def test_custom_cell_errors(tmp_path):
     with pytest.raises(UnsupportedModelError, match="not a submodule"):
         seqscope.watch(Model(MinimalGRU()), tmp_path / "a.h5", cells=[MinimalGRU()])
@@ -146,7 +156,7 @@ def test_unsupported_state_is_reported_and_training_goes_on(tmp_path, caplog):
             self.lin = nn.Linear(IN, HID)
 
         def forward(self, x, state):
-            return {"h": torch.tanh(self.lin(x))}  # a dict: not a supported state
+            return [torch.tanh(self.lin(x)), "not a tensor"]  # a list with a string: not a state
 
     class M(nn.Module):
         def __init__(self) -> None:

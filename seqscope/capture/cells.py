@@ -207,8 +207,8 @@ GatesFn = Callable[[nn.Module, torch.Tensor, Any], "dict[str, torch.Tensor]"]
 
 def flatten_state(state: Any) -> tuple[list[torch.Tensor], Callable[[list[torch.Tensor]], Any]]:
     """The tensors of a cell state and a function that rebuilds the same kind of
-    state from new tensors. A state is a tensor, a tuple/list of tensors, or an
-    object (dataclass or plain) whose attributes are tensors."""
+    state from new tensors. A state is a tensor, a tuple/list/dict of tensors,
+    or an object (dataclass or plain) whose attributes are tensors."""
     if isinstance(state, torch.Tensor):
         return [state], lambda ts: ts[0]
     if isinstance(state, (tuple, list)) and state and all(isinstance(t, torch.Tensor) for t in state):
@@ -216,6 +216,9 @@ def flatten_state(state: Any) -> tuple[list[torch.Tensor], Callable[[list[torch.
         if hasattr(state, "_fields"):  # namedtuple
             return list(state), lambda ts: kind(*ts)
         return list(state), lambda ts: kind(ts)
+    if isinstance(state, dict) and state and all(isinstance(t, torch.Tensor) for t in state.values()):
+        keys = list(state)
+        return [state[k] for k in keys], lambda ts: type(state)(zip(keys, ts))
     if dataclasses.is_dataclass(state) and not isinstance(state, type):
         names = [f.name for f in dataclasses.fields(state) if isinstance(getattr(state, f.name), torch.Tensor)]
         if names:
@@ -233,7 +236,7 @@ def flatten_state(state: Any) -> tuple[list[torch.Tensor], Callable[[list[torch.
             return [attrs[n] for n in names], rebuild
     raise TypeError(
         f"a cell state of type {type(state).__name__} holds no tensors seqscope can find; return a tensor, "
-        "a tuple of tensors or a dataclass of tensors (h first)"
+        "a tuple, dict or dataclass of tensors (h first)"
     )
 
 

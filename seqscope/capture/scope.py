@@ -582,7 +582,7 @@ def watch(
         trace would grow beyond this many bytes of data.
     cells: user-written cells to record, each a submodule called as
         ``cell(x_t, state) -> state`` (state: a tensor, a tuple of tensors or a
-        dataclass of tensors, h first, c second if any). A mapping gives each
+        dict or dataclass of tensors, h first, c second if any). A mapping gives each
         cell a function ``(cell, x_t, state) -> {gate name: [batch, unit]}``.
         nn.RNNCell/GRUCell/LSTMCell and nn.RNN/GRU/LSTM are found by themselves.
     """
