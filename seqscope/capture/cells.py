@@ -46,20 +46,78 @@ def cell_kind(module: nn.Module) -> str:
 
 
 @dataclasses.dataclass
-class _Calls:
+class _CallsBase:
     """One step's calls of one cell, stored sequences only, on the device."""
 
     select: torch.Tensor  # [sequence] batch indices, CPU
     batch: int
     select_dev: torch.Tensor | None = None  # the same on the cell's device (copied once per step)
     x: list[torch.Tensor] = dataclasses.field(default_factory=list)  # [sequence, input] per call
-    h_prev: list[torch.Tensor] = dataclasses.field(default_factory=list)
-    c_prev: list[torch.Tensor] = dataclasses.field(default_factory=list)
     h: list[torch.Tensor] = dataclasses.field(default_factory=list)
     c: list[torch.Tensor] = dataclasses.field(default_factory=list)
     grad_h: list[torch.Tensor | None] = dataclasses.field(default_factory=list)
     grad_c: list[torch.Tensor | None] = dataclasses.field(default_factory=list)
     broken: str | None = None
+
+
+@dataclasses.dataclass
+class _Calls(_CallsBase):
+    h_prev: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    c_prev: list[torch.Tensor] = dataclasses.field(default_factory=list)
+
+
+def _open_calls(recorder: Any, step: StepState, batch: int, device: torch.device,
+                factory: type[_CallsBase]) -> tuple[Any, torch.Tensor] | None:
+    """This step's call record of a cell (created at its first call) and the
+    stored sequences' indices on the device; None when recording it stopped."""
+    calls = step.cell_calls.get(id(recorder))
+    if calls is None:
+        calls = factory(select=recorder.scope.select_sequences(batch), batch=batch)
+        step.cell_calls[id(recorder)] = calls
+        step.cell_recorders.append(recorder)
+        step.batch_size = max(step.batch_size, batch)
+    if calls.broken:
+        return None
+    if batch != calls.batch:
+        calls.broken = f"batch size changed from {calls.batch} to {batch} between calls"
+        return None
+    if calls.select_dev is None or calls.select_dev.device != device:
+        calls.select_dev = calls.select.to(device)
+    return calls, calls.select_dev
+
+
+def _hook_outputs(step: StepState, calls: _CallsBase, h_out: torch.Tensor, c_out: torch.Tensor | None,
+                  sel: torch.Tensor, unbatched: bool = False) -> None:
+    """Tensor hooks that keep dL/dh_t (and dL/dc_t) of this call for the stored
+    sequences: autograd hands them the total over every later use."""
+    t = len(calls.x) - 1
+    calls.grad_h.append(None)
+    calls.grad_c.append(None)
+    for tensor, slot in ((h_out, calls.grad_h), (c_out, calls.grad_c)):
+        if tensor is None or not tensor.requires_grad:
+            continue
+
+        def hook(grad: torch.Tensor, slot: list[torch.Tensor | None] = slot, t: int = t) -> None:
+            if slot[t] is None:  # the first backward of the step wins
+                g = grad.detach().unsqueeze(0) if unbatched else grad.detach()
+                slot[t] = g.index_select(0, sel)
+
+        step.handles.append(tensor.register_hook(hook))
+
+
+def _gradient_norms(calls: _CallsBase, h: torch.Tensor, c: torch.Tensor | None,
+                    capture: LayerCapture) -> torch.Tensor | None:
+    """Fill the capture's norms from the hooked gradients; returns dL/dh_t
+    [time, sequence, unit] (None when no backward pass reached the cell). A call
+    whose output received no gradient contributed nothing: zero."""
+    if not any(g is not None for g in calls.grad_h):
+        return None
+    grads = torch.stack([g if g is not None else torch.zeros_like(h[0]) for g in calls.grad_h])
+    capture.grad_hidden = torch.linalg.vector_norm(grads, dim=-1)
+    if c is not None:
+        gc = torch.stack([g if g is not None else torch.zeros_like(c[0]) for g in calls.grad_c])
+        capture.grad_cell = torch.linalg.vector_norm(gc, dim=-1)
+    return grads
 
 
 class CellRecorder:
@@ -111,20 +169,10 @@ class CellRecorder:
         if unbatched:
             h_in = h_in.unsqueeze(0)
             c_in = c_in.unsqueeze(0) if c_in is not None else None
-        calls: _Calls | None = step.cell_calls.get(id(self))
-        if calls is None:
-            calls = _Calls(select=self.scope.select_sequences(batch), batch=batch)
-            step.cell_calls[id(self)] = calls
-            step.cell_recorders.append(self)
-            step.batch_size = max(step.batch_size, batch)
-        if calls.broken:
+        opened = _open_calls(self, step, batch, x.device, _Calls)
+        if opened is None:
             return
-        if batch != calls.batch:
-            calls.broken = f"batch size changed from {calls.batch} to {batch} between calls"
-            return
-        if calls.select_dev is None or calls.select_dev.device != x.device:
-            calls.select_dev = calls.select.to(x.device)
-        sel = calls.select_dev
+        calls, sel = opened
         with torch.no_grad():
             calls.x.append(x.detach().index_select(0, sel))
             calls.h_prev.append(h_in.detach().index_select(0, sel))
@@ -135,19 +183,7 @@ class CellRecorder:
                 calls.c_prev.append(c_in.detach().index_select(0, sel))
                 c_view = c_out.detach().unsqueeze(0) if unbatched else c_out.detach()
                 calls.c.append(c_view.index_select(0, sel))
-        t = len(calls.x) - 1
-        calls.grad_h.append(None)
-        calls.grad_c.append(None)
-        for tensor, slot in ((h_out, calls.grad_h), (c_out, calls.grad_c)):
-            if tensor is None or not tensor.requires_grad:
-                continue
-
-            def hook(grad: torch.Tensor, slot: list[torch.Tensor | None] = slot, t: int = t) -> None:
-                if slot[t] is None:  # the first backward of the step wins
-                    g = grad.detach().unsqueeze(0) if unbatched else grad.detach()
-                    slot[t] = g.index_select(0, sel)
-
-            step.handles.append(tensor.register_hook(hook))
+        _hook_outputs(step, calls, h_out, c_out, sel, unbatched)
 
     # ---- end of step ---------------------------------------------------------------------
     def build_capture(self, step: StepState) -> LayerCapture | None:
@@ -185,13 +221,8 @@ class CellRecorder:
                 sequence_index=calls.select.clone(),
                 w_hh=w.w_hh.to("cpu", copy=True).numpy(),
             )
-            if any(g is not None for g in calls.grad_h):
-                # a call whose output received no gradient contributed nothing: zero
-                grads = torch.stack([g if g is not None else torch.zeros_like(h[0]) for g in calls.grad_h])
-                capture.grad_hidden = torch.linalg.vector_norm(grads, dim=-1)
-                if is_lstm and c is not None:
-                    gc = torch.stack([g if g is not None else torch.zeros_like(c[0]) for g in calls.grad_c])
-                    capture.grad_cell = torch.linalg.vector_norm(gc, dim=-1)
+            grads = _gradient_norms(calls, h, c, capture)
+            if grads is not None:
                 # propagation: a unit gradient at the last call, walked back through the recurrence
                 ext = torch.zeros((n_time, 1, n_seq, h.shape[-1]), dtype=h.dtype, device=h.device)
                 ext[-1, 0] = rec.unit_seed(grads[-1])
@@ -241,17 +272,8 @@ def flatten_state(state: Any) -> tuple[list[torch.Tensor], Callable[[list[torch.
 
 
 @dataclasses.dataclass
-class _CustomCalls:
-    select: torch.Tensor
-    batch: int
-    select_dev: torch.Tensor | None = None
-    x: list[torch.Tensor] = dataclasses.field(default_factory=list)
+class _CustomCalls(_CallsBase):
     state_in: list[Any] = dataclasses.field(default_factory=list)  # the K-selected state each call received
-    h: list[torch.Tensor] = dataclasses.field(default_factory=list)
-    c: list[torch.Tensor] = dataclasses.field(default_factory=list)
-    grad_h: list[torch.Tensor | None] = dataclasses.field(default_factory=list)
-    grad_c: list[torch.Tensor | None] = dataclasses.field(default_factory=list)
-    broken: str | None = None
 
 
 class CustomCellRecorder:
@@ -316,20 +338,10 @@ class CustomCellRecorder:
             hidden = c_out.shape[-1] if c_out is not None else h_out.shape[-1]
             self.layer_id = self.scope.add_layer(self.name, self.kind, int(x.shape[-1]), int(hidden),
                                                  int(h_out.shape[-1]), names)
-        calls: _CustomCalls | None = step.cell_calls.get(id(self))
-        if calls is None:
-            calls = _CustomCalls(select=self.scope.select_sequences(batch), batch=batch)
-            step.cell_calls[id(self)] = calls
-            step.cell_recorders.append(self)
-            step.batch_size = max(step.batch_size, batch)
-        if calls.broken:
+        opened = _open_calls(self, step, batch, x.device, _CustomCalls)
+        if opened is None:
             return
-        if batch != calls.batch:
-            calls.broken = f"batch size changed from {calls.batch} to {batch} between calls"
-            return
-        if calls.select_dev is None or calls.select_dev.device != x.device:
-            calls.select_dev = calls.select.to(x.device)
-        sel = calls.select_dev
+        calls, sel = opened
         with torch.no_grad():
             calls.x.append(x.detach().index_select(0, sel))
             if state_in is None:
@@ -340,18 +352,7 @@ class CustomCellRecorder:
             calls.h.append(h_out.detach().index_select(0, sel))
             if c_out is not None:
                 calls.c.append(c_out.detach().index_select(0, sel))
-        t = len(calls.x) - 1
-        calls.grad_h.append(None)
-        calls.grad_c.append(None)
-        for tensor, slot in ((h_out, calls.grad_h), (c_out, calls.grad_c)):
-            if tensor is None or not tensor.requires_grad:
-                continue
-
-            def hook(grad: torch.Tensor, slot: list[torch.Tensor | None] = slot, t: int = t) -> None:
-                if slot[t] is None:
-                    slot[t] = grad.detach().index_select(0, sel)
-
-            step.handles.append(tensor.register_hook(hook))
+        _hook_outputs(step, calls, h_out, c_out, sel)
 
     def build_capture(self, step: StepState) -> LayerCapture | None:
         calls: _CustomCalls | None = step.cell_calls.get(id(self))
@@ -373,12 +374,8 @@ class CustomCellRecorder:
             lengths=torch.full((n_seq,), n_time, dtype=torch.long), sequence_index=calls.select.clone(),
             w_hh=_recurrent_matrix(self.module),
         )
-        if any(g is not None for g in calls.grad_h):
-            grads = torch.stack([g if g is not None else torch.zeros_like(h[0]) for g in calls.grad_h])
-            capture.grad_hidden = torch.linalg.vector_norm(grads, dim=-1)
-            if c is not None:
-                gc = torch.stack([g if g is not None else torch.zeros_like(c[0]) for g in calls.grad_c])
-                capture.grad_cell = torch.linalg.vector_norm(gc, dim=-1)
+        grads = _gradient_norms(calls, h, c, capture)
+        if grads is not None:
             capture.propagation = self._propagation(calls, rec.unit_seed(grads[-1]))
         return capture
 
