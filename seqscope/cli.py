@@ -52,6 +52,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
         print(f"recorded steps {info['recorded_steps']} (steps {info['first_step']} .. {info['last_step']})")
     else:
         print("recorded steps 0")
+    if info.get("evaluation_passes"):
+        print(f"eval passes    {info['evaluation_passes']} (forwards under torch.no_grad(); phase=\"eval\")")
     print("layers")
     for layer in info["layers"]:
         print(

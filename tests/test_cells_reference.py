@@ -232,6 +232,11 @@ def test_lbfgs_and_evaluation_calls_are_not_recorded_twice(tmp_path):
     torch.manual_seed(0)
     model = Loop("gru", stacked=True, future=2)
     x = torch.randn(T, B, IN, dtype=torch.float64)
+    # reference for step 0: its first closure pass runs with the initial weights
+    ref_out, records, _ = reference_loop(model, x)
+    ref_out.pow(2).mean().backward()
+    want_h = torch.stack(records[0]["h"]).detach()
+    want_g = [[torch.linalg.vector_norm(h.grad[b]).item() for h in records[0]["h"]] for b in range(B)]
     opt = torch.optim.LBFGS(model.parameters(), max_iter=3)
     passes = []
 
@@ -242,16 +247,20 @@ def test_lbfgs_and_evaluation_calls_are_not_recorded_twice(tmp_path):
         passes.append(1)
         return loss
 
-    with seqscope.watch(model, tmp_path / "t.h5", every=1) as scope:
+    with seqscope.watch(model, tmp_path / "t.h5", every=1, sequences=B, precision="full") as scope:
         for _ in range(2):
             scope.log(loss=opt.step(closure))
             with torch.no_grad():
-                model(x)  # evaluation: not a step, not recorded
+                model(x)  # evaluation: not a training step
     assert len(passes) > 2
     with seqscope.open(tmp_path / "t.h5") as trace:
         assert list(trace.steps) == [0, 1]
         for name in ("c1", "c2"):
             assert trace.hidden(name, 1).shape[1] == T + 2  # one pass, not several
+        # step 0 holds the first closure pass, exactly
+        for b in range(B):
+            np.testing.assert_allclose(trace.hidden("c1", 0)[b].data, want_h[:, b].numpy(), rtol=1e-6, atol=1e-9)
+            np.testing.assert_allclose(trace.grad_norms("c1", 0)["hidden"][b].data, want_g[b], rtol=1e-5)
 
 
 def test_sine_example_records_both_cells(tmp_path):
@@ -268,3 +277,34 @@ def test_sine_example_records_both_cells(tmp_path):
         assert list(trace.steps) == [0, 1, 2]
         assert trace.hidden("cell2", 2).shape == (8, 50, 32)
         assert np.isfinite(trace.propagation("cell1", 1)).all()
+
+
+def test_evaluation_pass_is_recorded_without_gradients_and_apart(tmp_path):
+    torch.manual_seed(0)
+    model = Loop("lstm", stacked=True, future=2)
+    x = torch.randn(T, B, IN, dtype=torch.float64)
+    x_eval = torch.randn(T + 3, B, IN, dtype=torch.float64)  # a different length: nothing can mix
+    path = tmp_path / "t.h5"
+    with seqscope.watch(model, path, every=2, sequences=B, precision="full"):
+        for _ in range(3):
+            model(x).pow(2).mean().backward()
+            with torch.no_grad():
+                evaluated = model(x_eval)
+    with seqscope.open(path) as trace:
+        assert list(trace.steps) == [0, 2]
+        assert list(trace.eval_steps) == [0, 2]  # evaluation passes of the recorded steps
+        train = trace.hidden("c1", 2)
+        assert train.shape == (B, T + 2, HID)
+        ev = trace.hidden("c1", 2, phase="eval")
+        assert ev.shape == (B, T + 3 + 2, HID)
+        with pytest.raises(seqscope.NotInTraceError):
+            trace.grad_norms("c1", 2)["hidden"]  # present for training ...
+            trace._read("c1", 2, "grad_hidden", "eval")  # ... and absent for evaluation
+    # the evaluation record holds what the evaluation computed
+    _, records, _ = reference_loop(model, x_eval)
+    h_top = torch.stack(records[1]["h"])
+    with seqscope.open(path) as trace:
+        np.testing.assert_allclose(trace.hidden("c2", 2, phase="eval")[0].data, h_top[:, 0].detach().numpy(),
+                                   rtol=1e-6, atol=1e-9)
+        assert set(trace.gates("c2", 2, phase="eval")) == {"input", "forget", "cell", "output"}
+    assert evaluated.shape[0] == T + 3 + 2

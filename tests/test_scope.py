@@ -250,3 +250,7 @@ def test_evaluation_passes_are_not_steps(tmp_path):
                 rnn(x)
     with seqscope.open(tmp_path / "t.h5") as trace:
         assert list(trace.steps) == [0, 1]
+        assert list(trace.eval_steps) == [0, 1]  # recorded apart, without gradients
+        assert trace.hidden("lstm.l0", 1, phase="eval").shape == (2, 4, 3)
+        assert not trace.has("lstm.l0", 1, "grad_hidden", phase="eval")
+        assert trace.has("lstm.l0", 1, "grad_hidden")

@@ -8,7 +8,8 @@ step ends the gates are recomputed from the inputs each call actually received
 and the propagation profile is walked back through the cell's own recurrence
 (capture.recurrences), assuming each call's state input is the previous call's
 output (true for the usual loops; the gates and norms do not depend on it).
-Calls under torch.no_grad() are not recorded.
+Calls under torch.no_grad() belong to an evaluation pass: recorded without
+gradients, apart from the training step's data (read with ``phase="eval"``).
 """
 
 from __future__ import annotations
@@ -141,8 +142,8 @@ class CellRecorder:
 
     # ---- per call ------------------------------------------------------------------------
     def _on_call(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-        step = self.scope.cell_step()
-        if step is None or not torch.is_grad_enabled():
+        step = self.scope.cell_step()  # the training step, or an evaluation pass under no_grad
+        if step is None:
             return
         try:
             self._record_call(step, args, kwargs, output)
@@ -310,7 +311,7 @@ class CustomCellRecorder:
         if self._replaying or self._disabled:
             return
         step = self.scope.cell_step()
-        if step is None or not torch.is_grad_enabled():
+        if step is None:
             return
         try:
             self._record_call(step, args, kwargs, output)

@@ -65,6 +65,7 @@ class StepState:
     cell_calls: dict[int, Any] = dataclasses.field(default_factory=dict)
     cell_recorders: list[Any] = dataclasses.field(default_factory=list)
     repeated_pass: bool = False  # a closure ran the model again within this step
+    phase: int = schema.PHASE_TRAIN
 
     def remove_hooks(self) -> None:
         for h in self.handles:
@@ -124,6 +125,8 @@ class Scope:
         self._pending_scalars: list[tuple[int, str, Any]] = []
         self._next_step = 0
         self._current: StepState | None = None
+        self._eval: StepState | None = None  # an evaluation pass (forward under no_grad) in flight
+        self._eval_recorded_for: int | None = None
         self._opt_depth = 0
         self._opt_has_pass = False
         self._handles: list[RemovableHandle] = []
@@ -206,6 +209,7 @@ class Scope:
         for u in self._custom_recorders:
             u.install()
         self._handles.append(self.model.register_forward_pre_hook(self._on_model_forward))
+        self._handles.append(self.model.register_forward_hook(self._on_model_forward_end))
         from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
         self._handles.append(register_optimizer_step_pre_hook(self._on_optimizer_pre))
@@ -234,7 +238,10 @@ class Scope:
         self._opt_depth = max(0, self._opt_depth - 1)
 
     def _on_model_forward(self, module: nn.Module, args: Any) -> None:
-        if self._closed or not torch.is_grad_enabled():
+        if self._closed:
+            return
+        if not torch.is_grad_enabled():
+            self._begin_eval()
             return
         if self._opt_depth > 0:
             if self._opt_has_pass and self._current is not None:
@@ -257,6 +264,24 @@ class Scope:
         if recorded:
             self._hook_parameters(self._current)
 
+    def _begin_eval(self) -> None:
+        """An evaluation pass: recorded (without gradients) once per step number
+        that the schedule picks, numbered with the training step in progress."""
+        n = self._current.step if self._current is not None else self._next_step
+        try:
+            wanted = bool(self.schedule(n))
+        except Exception:  # noqa: BLE001 - reported for training steps already
+            wanted = False
+        recorded = wanted and self._eval_recorded_for != n and self.writer.failed is None
+        self._eval = StepState(step=n, recorded=recorded, wall_time=time.time(), phase=schema.PHASE_EVAL)
+        if recorded:
+            self._eval_recorded_for = n
+
+    def _on_model_forward_end(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self._eval is not None and not torch.is_grad_enabled():
+            state, self._eval = self._eval, None
+            self._finalize(state)
+
     def _hook_parameters(self, step: StepState) -> None:
         for name, p in self.model.named_parameters():
             if not p.requires_grad:
@@ -269,12 +294,17 @@ class Scope:
             step.handles.append(p.register_post_accumulate_grad_hook(hook))
 
     # ---- called by recorders -------------------------------------------------------------------
+    def _active(self) -> StepState | None:
+        """The record that module calls go to: the training step, or the evaluation
+        pass when autograd is off."""
+        return self._current if torch.is_grad_enabled() else self._eval
+
     def recording_step_for(self, recorder: FusedRecorder) -> StepState | None:
         """The step to record this module's forward into, or None to run it plainly."""
-        step = self._current
+        step = self._active()
         if step is None or not step.recorded or step.failed or self._closed:
             return None
-        if not torch.is_grad_enabled() or id(recorder) in step.recorded_modules:
+        if id(recorder) in step.recorded_modules:
             return None
         step.recorded_modules.add(id(recorder))
         return step
@@ -290,7 +320,7 @@ class Scope:
 
     def cell_step(self) -> StepState | None:
         """The step that cell calls are recorded into, or None."""
-        step = self._current
+        step = self._active()
         if step is None or not step.recorded or step.failed or step.repeated_pass or self._closed:
             return None
         return step
@@ -305,8 +335,9 @@ class Scope:
 
     def recording_failed(self, message: str) -> None:
         """Drop the current step's record; training goes on."""
-        if self._current is not None:
-            self._current.failed = True
+        step = self._active()
+        if step is not None:
+            step.failed = True
         if not self._warned:
             log.warning("seqscope: %s; this step is not recorded (further failures are logged at debug)", message)
             self._warned = True
@@ -363,6 +394,9 @@ class Scope:
         if self._closed:
             return
         try:
+            if self._eval is not None:  # an evaluation pass interrupted by the exit
+                self._eval.remove_hooks()
+                self._eval = None
             if self._current is not None:
                 if keep_current:
                     self._finalize(self._current)
@@ -487,15 +521,20 @@ class Scope:
             add(schema.FIELD_PROPAGATION, cap.propagation)
             n_time = max(n_time, cap.hidden.shape[0])
             n_seq = max(n_seq, cap.hidden.shape[1])
-        arrays = [ArrayRecord(step.step, lid, field, arr) for (lid, field, arr) in _to_host(items)]
+        arrays = [ArrayRecord(step.step, lid, field, arr, step.phase) for (lid, field, arr) in _to_host(items)]
         per_layer: dict[int, list[np.ndarray]] = {}
         for rec in arrays:
             per_layer.setdefault(rec.layer, []).append(rec.data)
         for cap in step.captures:
             for field, ints in ((schema.FIELD_LENGTHS, cap.lengths), (schema.FIELD_SEQUENCE_INDEX, cap.sequence_index)):
-                arrays.append(ArrayRecord(step.step, cap.layer_id, field, ints.numpy().astype(np.int64)))
+                arrays.append(ArrayRecord(step.step, cap.layer_id, field, ints.numpy().astype(np.int64), step.phase))
         extra: list[tuple[int, str, Any]] = []
         deferred: list[tuple[int, int, Callable[[], float]]] = []
+        if step.phase == schema.PHASE_EVAL:
+            # an evaluation pass adds arrays only: its scalars would collide with the
+            # training step of the same number, and logged scalars belong to training
+            step_row = (step.step, step.wall_time, step.batch_size, n_time, n_seq, step.phase)
+            return StepRecord(step_row, arrays, [], self._take_layers(), self._take_names(), [])
         for cap in step.captures:
             name = self._layer_rows[cap.layer_id][0].decode()
             sid = self._scalar_id(schema.SCALAR_SIGMA_PREFIX + name)
@@ -511,7 +550,7 @@ class Scope:
             for pname, n in norms.items():
                 extra.append((step.step, schema.SCALAR_PARAM_GRAD_PREFIX + pname, n))
         scalars = self._take_scalars(extra)
-        step_row = (step.step, step.wall_time, step.batch_size, n_time, n_seq)
+        step_row = (step.step, step.wall_time, step.batch_size, n_time, n_seq, step.phase)
         return StepRecord(step_row, arrays, scalars, self._take_layers(), self._take_names(), deferred)
 
 

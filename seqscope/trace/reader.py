@@ -155,8 +155,8 @@ class Trace:
         self._scalar_names = [n.decode() for n in tables["scalar_names"]]
         self._scalar_rows = tables["scalars"]
         index = tables["index"]
-        self._index: dict[tuple[int, int, int], np.void] = {
-            (int(r["step"]), int(r["layer"]), int(r["field"])): r for r in index
+        self._index: dict[tuple[int, int, int, int], np.void] = {
+            (int(r["step"]), int(r["layer"]), int(r["field"]), int(r["phase"])): r for r in index
         }
 
     # ---- context manager -----------------------------------------------------------
@@ -176,7 +176,15 @@ class Trace:
     @property
     def steps(self) -> np.ndarray:
         """Recorded training steps, ascending (int64)."""
-        return np.asarray(self._step_table["step"], dtype=np.int64)
+        table = self._step_table
+        return np.asarray(table["step"][table["phase"] == schema.PHASE_TRAIN], dtype=np.int64)
+
+    @property
+    def eval_steps(self) -> np.ndarray:
+        """Step numbers of recorded evaluation passes (forwards under torch.no_grad();
+        read them with ``phase="eval"``)."""
+        table = self._step_table
+        return np.asarray(table["step"][table["phase"] == schema.PHASE_EVAL], dtype=np.int64)
 
     @property
     def step_table(self) -> np.ndarray:
@@ -207,14 +215,16 @@ class Trace:
         return out
 
     # ---- arrays ---------------------------------------------------------------------
-    def _read(self, layer: str, step: int, field: str) -> np.ndarray:
+    def _read(self, layer: str, step: int, field: str, phase: str = "train") -> np.ndarray:
         info = self.layer_info(layer)
-        key = (int(step), info.id, schema.FIELD_ID[field])
+        key = (int(step), info.id, schema.FIELD_ID[field], _phase(phase))
         row = self._index.get(key)
         if row is None:
-            if int(step) not in set(self.steps.tolist()):
-                raise NotInTraceError(f"step {step} is not in the trace (recorded steps: {_summary(self.steps)})")
-            raise NotInTraceError(f"no {field} recorded for layer {layer!r} at step {step}")
+            known = self.steps if phase == "train" else self.eval_steps
+            if int(step) not in set(known.tolist()):
+                what = "step" if phase == "train" else "evaluation pass at step"
+                raise NotInTraceError(f"{what} {step} is not in the trace (recorded: {_summary(known)})")
+            raise NotInTraceError(f"no {field} recorded for layer {layer!r} at step {step} ({phase})")
         heap = schema.HEAPS[int(row["heap"])]
         ndim = int(row["ndim"])
         shape = tuple(int(s) for s in row["shape"][:ndim])
@@ -233,42 +243,42 @@ class Trace:
             data = data.astype(np.float32)
         return data
 
-    def lengths(self, layer: str, step: int) -> np.ndarray:
+    def lengths(self, layer: str, step: int, phase: str = "train") -> np.ndarray:
         """Valid timesteps of each stored sequence [sequence]."""
-        return self._read(layer, step, schema.FIELD_LENGTHS)
+        return self._read(layer, step, schema.FIELD_LENGTHS, phase)
 
-    def sequence_index(self, layer: str, step: int) -> np.ndarray:
+    def sequence_index(self, layer: str, step: int, phase: str = "train") -> np.ndarray:
         """Batch index of each stored sequence [sequence]."""
-        return self._read(layer, step, schema.FIELD_SEQUENCE_INDEX)
+        return self._read(layer, step, schema.FIELD_SEQUENCE_INDEX, phase)
 
-    def _masked(self, layer: str, step: int, field: str) -> np.ma.MaskedArray:
-        data = self._read(layer, step, field)
-        lengths = self.lengths(layer, step)
+    def _masked(self, layer: str, step: int, field: str, phase: str = "train") -> np.ma.MaskedArray:
+        data = self._read(layer, step, field, phase)
+        lengths = self.lengths(layer, step, phase)
         n_time = data.shape[1]
         valid = np.arange(n_time)[None, :] < lengths[:, None]  # [sequence, time]
         mask = np.broadcast_to(~valid.reshape(valid.shape + (1,) * (data.ndim - 2)), data.shape)
         return np.ma.MaskedArray(data, mask=mask.copy())
 
-    def hidden(self, layer: str, step: int) -> np.ma.MaskedArray:
-        """h_t [sequence, time, unit]."""
-        return self._masked(layer, step, schema.FIELD_HIDDEN)
+    def hidden(self, layer: str, step: int, phase: str = "train") -> np.ma.MaskedArray:
+        """h_t [sequence, time, unit]. ``phase="eval"`` reads an evaluation pass."""
+        return self._masked(layer, step, schema.FIELD_HIDDEN, phase)
 
-    def cell(self, layer: str, step: int) -> np.ma.MaskedArray:
+    def cell(self, layer: str, step: int, phase: str = "train") -> np.ma.MaskedArray:
         """c_t [sequence, time, unit] (LSTM layers, and user cells with a second state tensor)."""
         info = self.layer_info(layer)
-        if info.kind == schema.KIND_CUSTOM and self.has(layer, step, schema.FIELD_CELL):
-            return self._masked(layer, step, schema.FIELD_CELL)
+        if info.kind == schema.KIND_CUSTOM and self.has(layer, step, schema.FIELD_CELL, phase):
+            return self._masked(layer, step, schema.FIELD_CELL, phase)
         if info.kind != schema.KIND_LSTM:
             raise NotInTraceError(f"layer {layer!r} is not an LSTM layer: it has no cell state")
-        return self._masked(layer, step, schema.FIELD_CELL)
+        return self._masked(layer, step, schema.FIELD_CELL, phase)
 
-    def gates(self, layer: str, step: int) -> dict[str, np.ma.MaskedArray]:
+    def gates(self, layer: str, step: int, phase: str = "train") -> dict[str, np.ma.MaskedArray]:
         """Activated gates, each [sequence, time, unit]: input/forget/cell/output
         (LSTM), reset/update/new (GRU); empty for a plain RNN."""
         names = self.layer_info(layer).gate_names
         if not names:
             return {}
-        stacked = self._masked(layer, step, schema.FIELD_GATES)
+        stacked = self._masked(layer, step, schema.FIELD_GATES, phase)
         return {name: stacked[:, :, i, :] for i, name in enumerate(names)}
 
     def grad_norms(self, layer: str, step: int) -> dict[str, np.ma.MaskedArray]:
@@ -284,9 +294,9 @@ class Trace:
         layer's direction ends (the last valid timestep forward, t=0 reverse)."""
         return self._masked(layer, step, schema.FIELD_PROPAGATION)
 
-    def has(self, layer: str, step: int, field: str) -> bool:
+    def has(self, layer: str, step: int, field: str, phase: str = "train") -> bool:
         info = self.layer_info(layer)
-        return (int(step), info.id, schema.FIELD_ID[field]) in self._index
+        return (int(step), info.id, schema.FIELD_ID[field], _phase(phase)) in self._index
 
     def info(self) -> dict[str, Any]:
         """A summary of what the trace holds."""
@@ -297,11 +307,19 @@ class Trace:
             "closed_cleanly": self.closed_cleanly,
             "bytes": self.path.stat().st_size,
             "recorded_steps": len(steps),
+            "evaluation_passes": len(self.eval_steps),
             "first_step": int(steps[0]) if len(steps) else None,
             "last_step": int(steps[-1]) if len(steps) else None,
             "layers": [dataclasses.asdict(info) for info in self._layers],
             "scalars": list(self._scalar_names),
         }
+
+
+def _phase(phase: str) -> int:
+    try:
+        return schema.PHASES[phase]
+    except KeyError:
+        raise ValueError(f"phase must be one of {sorted(schema.PHASES)}, got {phase!r}") from None
 
 
 def _summary(steps: np.ndarray) -> str:

@@ -11,7 +11,7 @@ Layout (version 1)::
     /                 attrs: format="seqscope-trace", version, created, config (JSON)
     /layers           [layer]   LAYER_DTYPE: one row per recorded layer (and direction)
     /scalar_names     [name]    bytes: names of logged scalars, id = row number
-    /steps            [record]  STEP_DTYPE: one row per recorded training step
+    /steps            [record]  STEP_DTYPE: one row per recorded training step or evaluation pass
     /scalars          [row]     SCALAR_DTYPE: (step, name id, value), long format
     /index            [array]   INDEX_DTYPE: one row per recorded array
     /heap_f16 .. /heap_i64      flat data, see HEAPS
@@ -81,8 +81,16 @@ STEP_DTYPE = np.dtype(
         ("batch_size", "i4"),
         ("n_time", "i4"),  # padded length of the longest sequence
         ("n_sequences", "i4"),  # sequences stored per layer
+        ("phase", "i1"),  # PHASE_TRAIN or PHASE_EVAL
     ]
 )
+
+# A record is a training step (forward + backward, gradients recorded) or an
+# evaluation pass (a forward under torch.no_grad(), numbered with the training
+# step in progress, no gradients); both can exist for one step number.
+PHASE_TRAIN = 0
+PHASE_EVAL = 1
+PHASES = {"train": PHASE_TRAIN, "eval": PHASE_EVAL}
 
 SCALAR_DTYPE = np.dtype([("step", "i8"), ("name", "i4"), ("value", "f8")])
 SCALAR_NAME_DTYPE = np.dtype("S256")
@@ -104,6 +112,7 @@ INDEX_DTYPE = np.dtype(
         ("offset", "i8"),  # first element in the heap
         ("shape", "i4", (4,)),  # unused trailing axes are 1
         ("ndim", "i1"),
+        ("phase", "i1"),  # PHASE_TRAIN or PHASE_EVAL
     ]
 )
 

@@ -36,13 +36,14 @@ class ArrayRecord:
     layer: int
     field: str
     data: np.ndarray
+    phase: int = schema.PHASE_TRAIN
 
 
 @dataclasses.dataclass
 class StepRecord:
     """Everything one recorded training step adds to the trace."""
 
-    step_row: tuple[int, float, int, int, int] | None
+    step_row: tuple[int, float, int, int, int, int] | None
     arrays: list[ArrayRecord]
     scalars: list[tuple[int, int, float]]  # (step, name id, value)
     new_layers: list[tuple[Any, ...]]  # rows of schema.LAYER_DTYPE
@@ -231,6 +232,7 @@ class TraceWriter:
         offsets = np.empty(n, np.int64)
         shapes = np.ones((n, 4), np.int32)
         ndims = np.empty(n, np.int8)
+        phases = np.empty(n, np.int8)
         per_heap: dict[int, list[np.ndarray]] = {}
         heap_len = list(self._heap_len)
         for i, rec in enumerate(arrays):
@@ -242,6 +244,7 @@ class TraceWriter:
             offsets[i] = heap_len[heap]
             shapes[i, : rec.data.ndim] = rec.data.shape
             ndims[i] = rec.data.ndim
+            phases[i] = rec.phase
             heap_len[heap] += rec.data.size
             per_heap.setdefault(heap, []).append(rec.data.reshape(-1))
         for heap, parts in per_heap.items():
@@ -252,5 +255,5 @@ class TraceWriter:
             self._heap_len[heap] = start + data.size
         index = np.empty(n, dtype=schema.INDEX_DTYPE)
         index["step"], index["layer"], index["field"], index["heap"] = steps, layers, fields, heaps
-        index["offset"], index["shape"], index["ndim"] = offsets, shapes, ndims
+        index["offset"], index["shape"], index["ndim"], index["phase"] = offsets, shapes, ndims, phases
         return index
