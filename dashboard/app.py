@@ -82,6 +82,7 @@ def create_app(source: TraceSource | str) -> Dash:
             dcc.Interval(id="replay", interval=REPLAY_MS, disabled=True),
             dcc.Interval(id="live", interval=LIVE_MS),
             dcc.Store(id="n-steps", data=len(steps)),
+            dcc.Store(id="findings-version", data=-1),
             html.Div(id="status", style={"color": "#b00"}),
             html.Div(
                 [
@@ -129,15 +130,18 @@ def create_app(source: TraceSource | str) -> Dash:
         return overview, figures.gradient_flow_figure(s, norms, mask, layer, current)
 
     @app.callback(
-        Output("findings", "children"),
-        Input("live", "n_intervals"), Input("n-steps", "data"),
+        Output("findings", "children"), Output("findings-version", "data"),
+        Input("live", "n_intervals"), Input("n-steps", "data"), State("findings-version", "data"),
     )
-    def findings_list(*_: Any) -> Any:
+    def findings_list(_: Any, __: Any, shown: int) -> Any:
         found = src.findings()
         if found is None:
-            return "diagnosing…"
+            return "diagnosing…", -1
+        version = src.findings_version
+        if version == shown:
+            return no_update, no_update  # re-rendering would reset the buttons under the user's pointer
         if not found:
-            return html.P("No findings: gradients neither vanish nor explode in this trace.", id="no-findings")
+            return html.P("No findings: gradients neither vanish nor explode in this trace.", id="no-findings"), version
         items = []
         for i, f in enumerate(found):
             colour = figures.SEVERITY_COLOUR.get(f["severity"], "#888")
@@ -151,7 +155,7 @@ def create_app(source: TraceSource | str) -> Dash:
                 style={"display": "block", "textAlign": "left", "width": "100%", "margin": "4px 0",
                        "border": f"1px solid {colour}", "background": "white", "cursor": "pointer"},
             ))
-        return items
+        return items, version
 
     @app.callback(
         Output("slider", "value", allow_duplicate=True), Output("layer", "value"),

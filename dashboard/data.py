@@ -25,6 +25,7 @@ class TraceSource:
         self._lock = threading.RLock()
         self._grad_cache: dict[str, tuple[int, tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
         self._findings: list[dict[str, Any]] | None = None
+        self.findings_version = 0  # bumped whenever a diagnosis finishes
         self._findings_steps = -1
         self._diagnosing = False
         self.start_diagnosis()
@@ -142,11 +143,14 @@ class TraceSource:
                 with self._lock:
                     n = len(self.trace.steps)
                     found = [f.to_dict() for f in diagnose(self.trace)]
-                self._findings, self._findings_steps = found, n
+                if found != self._findings:
+                    self._findings, self._findings_steps = found, n
+                    self.findings_version += 1
             except Exception as exc:  # noqa: BLE001 - the dashboard shows the error instead
                 self._findings = [{"kind": "diagnosis_failed", "severity": "warning", "layer": None,
                                    "first_step": 0, "last_step": 0, "evidence": {},
                                    "message": f"diagnosis failed: {exc}"}]
+                self.findings_version += 1
             finally:
                 self._diagnosing = False
 

@@ -79,7 +79,7 @@ def served(tmp_path_factory):
 
 
 @pytest.fixture
-def page(browser, served):
+def page(served, browser):  # the app (and dash's imports) first, then Playwright's greenlets
     page = browser.new_page(viewport={"width": 1400, "height": 1800})
     page.errors = []
     page.on("console", lambda m: page.errors.append(m.text) if m.type == "error" else None)
@@ -151,7 +151,9 @@ def test_switching_layers(page):
     page.click("#layer")
     page.get_by_role("option", name="lstm.l1", exact=True).click()
     page.wait_for_function("document.querySelector('#gradflow .gtitle').textContent.includes('lstm.l1')")
-    assert "lstm.l1" in _title(page, "hidden")
+    # the state views follow in their own callback
+    page.wait_for_function("document.querySelector('#hidden .gtitle').textContent.includes('lstm.l1')")
+    assert "lstm.l1" in _title(page, "propagation")
 
 
 WRITER = textwrap.dedent("""
@@ -170,7 +172,7 @@ WRITER = textwrap.dedent("""
 """)
 
 
-def test_live_trace_grows_without_restart(browser, tmp_path):
+def test_live_trace_grows_without_restart(served, browser, tmp_path):
     path = tmp_path / "live.h5"
     proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE, text=True)
     try:
