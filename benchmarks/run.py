@@ -289,9 +289,11 @@ def make_big_trace(path: str, target_bytes: int) -> int:
                                 (schema.FIELD_SEQUENCE_INDEX, np.arange(k, dtype=np.int64))):
                 arrays.append(ArrayRecord(step, lid, field, data))
         scalars = [(step, 0, float(1 / (1 + step))), (step, 1, float(1 + rng.random()))]
-        writer.submit(StepRecord((step, time.time(), 32, t, k), arrays, scalars,
+        writer.submit(StepRecord((step, time.time(), 32, t, k, schema.PHASE_TRAIN), arrays, scalars,
                                  layers if step == 0 else [], names if step == 0 else []))
     writer.close()
+    if writer.failed:
+        raise RuntimeError(f"writing the synthetic trace failed: {writer.failed}")
     return int(steps)
 
 

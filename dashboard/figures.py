@@ -158,7 +158,8 @@ def gradient_flow_figure(steps: np.ndarray, norms: np.ndarray, mask: np.ndarray,
                   title=f"Gradient flow in {layer}: ||dL/dh_t|| (median over stored sequences)",
                   x_title="training step", y_title="timestep", colorbar_title="log10", height=360)
     # shape 0: the current-step marker (the slider callback patches it)
-    fig.add_vline(x=current_step if current_step is not None else steps[0], line_dash="dot", line_color="white")
+    marker = current_step if current_step is not None else (int(steps[0]) if len(steps) else 0)
+    fig.add_vline(x=marker, line_dash="dot", line_color="white")
     return fig
 
 
