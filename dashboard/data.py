@@ -26,7 +26,6 @@ class TraceSource:
         self._grad_cache: dict[str, tuple[int, tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
         self._findings: list[dict[str, Any]] | None = None
         self.findings_version = 0  # bumped whenever a diagnosis finishes
-        self._findings_steps = -1
         self._diagnosing = False
         self.start_diagnosis()
 
@@ -141,10 +140,9 @@ class TraceSource:
         def run() -> None:
             try:
                 with self._lock:
-                    n = len(self.trace.steps)
                     found = [f.to_dict() for f in diagnose(self.trace)]
                 if found != self._findings:
-                    self._findings, self._findings_steps = found, n
+                    self._findings = found
                     self.findings_version += 1
             except Exception as exc:  # noqa: BLE001 - the dashboard shows the error instead
                 self._findings = [{"kind": "diagnosis_failed", "severity": "warning", "layer": None,

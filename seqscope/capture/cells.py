@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from seqscope.capture import recurrences as rec
-from seqscope.capture.fused import LayerCapture
+from seqscope.capture.fused import LayerCapture, module_kind
 from seqscope.trace import schema
 
 if TYPE_CHECKING:
@@ -34,16 +34,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("seqscope")
 
 CELL_TYPES: tuple[type[nn.Module], ...] = (nn.LSTMCell, nn.GRUCell, nn.RNNCell)
-
-
-def cell_kind(module: nn.Module) -> str:
-    if isinstance(module, nn.LSTMCell):
-        return schema.KIND_LSTM
-    if isinstance(module, nn.GRUCell):
-        return schema.KIND_GRU
-    if isinstance(module, nn.RNNCell):
-        return schema.KIND_RNN_TANH if module.nonlinearity == "tanh" else schema.KIND_RNN_RELU
-    raise TypeError(type(module).__name__)
 
 
 @dataclasses.dataclass
@@ -121,16 +111,14 @@ def _gradient_norms(calls: _CallsBase, h: torch.Tensor, c: torch.Tensor | None,
     return grads
 
 
-class CellRecorder:
-    """Hooks one cell module for the lifetime of a Scope."""
+class _HookedCell:
+    """A forward hook on one cell module for the lifetime of a Scope."""
 
-    def __init__(self, scope: Scope, name: str, module: nn.Module, layer_id: int) -> None:
-        self.scope = scope
-        self.name = name
-        self.module = module
-        self.kind = cell_kind(module)
-        self.layer_id = layer_id
-        self._handle: Any = None
+    module: nn.Module
+    _handle: Any = None
+
+    def _on_call(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        raise NotImplementedError
 
     def install(self) -> None:
         self._handle = self.module.register_forward_hook(self._on_call, with_kwargs=True)
@@ -139,6 +127,17 @@ class CellRecorder:
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
+
+
+class CellRecorder(_HookedCell):
+    """Records one nn.*Cell module."""
+
+    def __init__(self, scope: Scope, name: str, module: nn.Module, layer_id: int) -> None:
+        self.scope = scope
+        self.name = name
+        self.module = module
+        self.kind = module_kind(module)
+        self.layer_id = layer_id
 
     # ---- per call ------------------------------------------------------------------------
     def _on_call(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
@@ -277,7 +276,7 @@ class _CustomCalls(_CallsBase):
     state_in: list[Any] = dataclasses.field(default_factory=list)  # the K-selected state each call received
 
 
-class CustomCellRecorder:
+class CustomCellRecorder(_HookedCell):
     """A user-written cell ``(x_t, state) -> state`` named in ``watch(cells=...)``.
 
     h_t is the first tensor of the returned state, c_t the second if there is one.
@@ -295,17 +294,8 @@ class CustomCellRecorder:
         self.module = module
         self.gates_fn = gates_fn
         self.layer_id: int | None = None
-        self._handle: Any = None
         self._replaying = False
         self._disabled = False
-
-    def install(self) -> None:
-        self._handle = self.module.register_forward_hook(self._on_call, with_kwargs=True)
-
-    def remove(self) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
 
     def _on_call(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         if self._replaying or self._disabled:

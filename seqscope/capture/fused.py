@@ -35,11 +35,12 @@ _BASE_FORWARDS = {nn.LSTM.forward, nn.GRU.forward, nn.RNN.forward}
 
 
 def module_kind(module: nn.Module) -> str:
-    if isinstance(module, nn.LSTM):
+    """The trace kind of a fused module or of the matching *Cell module."""
+    if isinstance(module, (nn.LSTM, nn.LSTMCell)):
         return schema.KIND_LSTM
-    if isinstance(module, nn.GRU):
+    if isinstance(module, (nn.GRU, nn.GRUCell)):
         return schema.KIND_GRU
-    if isinstance(module, nn.RNN):
+    if isinstance(module, (nn.RNN, nn.RNNCell)):
         return schema.KIND_RNN_TANH if module.nonlinearity == "tanh" else schema.KIND_RNN_RELU
     raise TypeError(type(module).__name__)
 
@@ -85,7 +86,6 @@ class LayerCapture:
 class _Direction:
     """Per-direction state kept between forward and backward of one step."""
 
-    layer_id: int
     weights: rec.LayerWeights
     details: rec.ForwardDetails
     flip: torch.Tensor | None  # time index for reverse directions
@@ -208,6 +208,7 @@ class FusedRecorder:
         }[kind]
         h_n: list[torch.Tensor] = []
         c_n: list[torch.Tensor] = []
+        x_next: torch.Tensor | None = None
         for k in range(n_layers):
             weights: list[torch.Tensor] = flat[k * n_dir * per_dir : (k + 1) * n_dir * per_dir]  # type: ignore[assignment]
             sl = slice(k * n_dir, (k + 1) * n_dir)
@@ -220,16 +221,21 @@ class FusedRecorder:
             hn_k = result[1]
             cn_k = result[2] if is_lstm else None
             with torch.no_grad():
+                x_sel = x_next if x_next is not None else padded(layer_input)
+                out_sel = padded(out)
                 dirs = self._capture_layer(
-                    k, weights, per_dir, padded(layer_input), padded(out), h0[sl], None if c0 is None else c0[sl],
+                    k, weights, per_dir, x_sel, out_sel, h0[sl], None if c0 is None else c0[sl],
                     select_dev, lengths, select, valid, flip, out_size,
                 )
             self._hook_gradients(step, dirs, out, hn_k, cn_k, padded, unsorted_idx, select_dev, lengths_dev, n_time)
             h_n.append(hn_k)
             if cn_k is not None:
                 c_n.append(cn_k)
+            # the next layer's input, selected and padded, is this output unless dropout changes it
+            x_next = out_sel
             if k + 1 < n_layers and m.dropout > 0 and m.training:
                 out = F.dropout(out, p=m.dropout, training=True)
+                x_next = None
             layer_input = out
 
         h_final = torch.cat(h_n, 0)
@@ -302,7 +308,7 @@ class FusedRecorder:
                 sequence_index=select,
                 w_hh=lw.w_hh.to("cpu", copy=True).numpy(),
             )
-            dirs.append(_Direction(capture.layer_id, lw, details, fl, capture))
+            dirs.append(_Direction(lw, details, fl, capture))
         return dirs
 
     def _hook_gradients(

@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from seqscope import schedules
-from seqscope.capture.cells import CELL_TYPES, CellRecorder, CustomCellRecorder, GatesFn, cell_kind
+from seqscope.capture.cells import CELL_TYPES, CellRecorder, CustomCellRecorder, GatesFn
 from seqscope.capture.fused import (
     FUSED_TYPES,
     FusedRecorder,
@@ -55,8 +55,6 @@ class StepState:
     recorded: bool
     wall_time: float
     batch_size: int = 0
-    n_time: int = 0
-    n_sequences: int = 0
     recorded_modules: set[int] = dataclasses.field(default_factory=set)
     captures: list[LayerCapture] = dataclasses.field(default_factory=list)
     param_grad_norms: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
@@ -177,7 +175,7 @@ class Scope:
             display = name or type(module).__name__.lower()
             lid = len(self._layer_rows)
             size = module.hidden_size
-            ckind = cell_kind(module).encode()
+            ckind = module_kind(module).encode()
             self._layer_rows.append(
                 (display.encode(), display.encode(), ckind, 0, 0, module.input_size, size, size, b"")
             )
@@ -378,7 +376,7 @@ class Scope:
                 value = value.reshape(())
             self._pending_scalars.append((target, name, value))
         if len(self._pending_scalars) >= _PENDING_SCALARS_MAX:
-            self._submit(StepRecord(None, [], self._take_scalars(), self._take_layers(), self._take_names()))
+            self.writer.submit(StepRecord(None, [], self._take_scalars(), self._take_layers(), self._take_names()))
 
     def close(self) -> None:
         """Write the last step, remove every hook, close the file. Idempotent."""
@@ -406,7 +404,7 @@ class Scope:
                     self._pending_scalars = [p for p in self._pending_scalars if p[0] != old]
                 self._current = None
             if self._pending_scalars or self._new_layers:
-                self._submit(StepRecord(None, [], self._take_scalars(), self._take_layers(), self._take_names()))
+                self.writer.submit(StepRecord(None, [], self._take_scalars(), self._take_layers(), self._take_names()))
         except Exception as exc:  # noqa: BLE001
             log.warning("seqscope: writing the last step failed: %s", exc)
         finally:
@@ -431,31 +429,19 @@ class Scope:
         return rows
 
     def _take_scalars(self, extra: Iterable[tuple[int, str, Any]] = ()) -> list[tuple[int, int, float]]:
+        """Pending and extra scalars as (step, name id, value) rows; tensors are
+        copied to the host in one transfer per device."""
         items = list(self._pending_scalars) + list(extra)
         self._pending_scalars = []
-        tensors = [v for (_, _, v) in items if isinstance(v, torch.Tensor)]
-        values: list[float] = []
-        if tensors:
-            # one host copy for all tensor scalars (per device)
-            by_device: dict[torch.device, list[int]] = {}
-            for i, t in enumerate(tensors):
-                by_device.setdefault(t.device, []).append(i)
-            host = [0.0] * len(tensors)
-            for _, idx in by_device.items():
-                stacked = torch.stack([tensors[i].double() for i in idx]).cpu().tolist()
-                for i, v in zip(idx, stacked):
-                    host[i] = float(v)
-            values = host
-        out = []
-        it = iter(values)
-        for s, name, v in items:
-            val = next(it) if isinstance(v, torch.Tensor) else float(v)
-            out.append((int(s), self._scalar_id(name), val))
-        return out
-
-    def _submit(self, record: StepRecord) -> None:
-        # after a write error or max_bytes the writer refuses records; it has warned once
-        self.writer.submit(record)
+        values: list[Any] = [v for (_, _, v) in items]
+        by_device: dict[torch.device, list[int]] = {}
+        for i, v in enumerate(values):
+            if isinstance(v, torch.Tensor):
+                by_device.setdefault(v.device, []).append(i)
+        for idx in by_device.values():
+            for i, host in zip(idx, torch.stack([values[i].double() for i in idx]).cpu().tolist()):
+                values[i] = host
+        return [(int(s), self._scalar_id(name), float(v)) for (s, name, _), v in zip(items, values)]
 
     def _storage_dtype(self, capture: LayerCapture, field: str, model_dtype: torch.dtype) -> torch.dtype:
         full = model_dtype if model_dtype in (torch.float32, torch.float64) else torch.float32
@@ -496,7 +482,7 @@ class Scope:
         except Exception as exc:  # noqa: BLE001 - never break training
             self.recording_failed(f"preparing step {step.step} failed: {type(exc).__name__}: {exc}")
             return
-        self._submit(record)
+        self.writer.submit(record)
 
     def _build_record(self, step: StepState) -> StepRecord:
         items: list[tuple[int, str, torch.Tensor]] = []  # (layer id, field, [sequence, time, ...] tensor)

@@ -187,10 +187,6 @@ def loss_plateaued(loss: Series | None) -> bool | None:
     return last > middle * (1 - PLATEAU_IMPROVEMENT) if middle > 0 else last >= middle
 
 
-def _series(scalars: dict[str, Series], name: str) -> Series | None:
-    return scalars.get(name)
-
-
 def _value_at(series: Series | None, step: int) -> float:
     if series is None:
         return math.nan
@@ -203,7 +199,7 @@ def _value_at(series: Series | None, step: int) -> float:
 
 def _nonfinite(trace: Trace, scalars: dict[str, Series]) -> list[Finding]:
     findings = []
-    loss = _series(scalars, schema.SCALAR_LOSS)
+    loss = scalars.get(schema.SCALAR_LOSS)
     if loss is not None:
         bad = ~np.isfinite(loss.values)
         if bad.any():
@@ -220,7 +216,7 @@ def _nonfinite(trace: Trace, scalars: dict[str, Series]) -> list[Finding]:
                 )
             )
     for info in _layers(trace):
-        counts = _series(scalars, schema.SCALAR_NONFINITE_PREFIX + info.name)
+        counts = scalars.get(schema.SCALAR_NONFINITE_PREFIX + info.name)
         if counts is None:
             continue
         bad = counts.values > 0
@@ -238,7 +234,7 @@ def _nonfinite(trace: Trace, scalars: dict[str, Series]) -> list[Finding]:
                 "Non-finite states usually follow an exploding gradient: clip gradients, lower the learning rate.",
             )
         )
-    grad = _series(scalars, schema.SCALAR_GRAD_NORM)
+    grad = scalars.get(schema.SCALAR_GRAD_NORM)
     if grad is not None:
         bad = ~np.isfinite(grad.values)
         if bad.any():
@@ -271,7 +267,7 @@ def _vanishing(trace: Trace, info: LayerInfo, measures: list[StepMeasure], scala
         return []
     flags = [m.horizon < HORIZON_FRACTION * m.length for m in measures]
     findings = []
-    sigma = _series(scalars, schema.SCALAR_SIGMA_PREFIX + info.name)
+    sigma = scalars.get(schema.SCALAR_SIGMA_PREFIX + info.name)
     for run in _runs(flags):
         sel = measures[run[0] : run[1] + 1]
         first, last = sel[0].step, sel[-1].step
@@ -342,7 +338,7 @@ def _clip_suggestion(grad: Series | None, before_step: int) -> float | None:
 def _exploding(trace: Trace, layers: list[LayerInfo], measures: dict[str, list[StepMeasure]],
                scalars: dict[str, Series]) -> list[Finding]:
     findings = []
-    grad = _series(scalars, schema.SCALAR_GRAD_NORM)
+    grad = scalars.get(schema.SCALAR_GRAD_NORM)
     # (a) global gradient norm spikes against its running median
     spike_steps: list[int] = []
     if grad is not None and len(grad.values) > 3:
@@ -367,7 +363,7 @@ def _exploding(trace: Trace, layers: list[LayerInfo], measures: dict[str, list[S
             sustained = _sustained(run, len(ms))
             severity = "error" if severe or sustained else "warning"
             clip = _clip_suggestion(grad, first)
-            sigma = _value_at(_series(scalars, schema.SCALAR_SIGMA_PREFIX + info.name), first)
+            sigma = _value_at(scalars.get(schema.SCALAR_SIGMA_PREFIX + info.name), first)
             evidence = {"max_growth": growth, "recorded_steps": len(sel), "sigma_max_w_hh": sigma,
                         "global_grad_norm_at_start": _value_at(grad, first), "suggested_clip": clip}
             gamma = GAMMA.get(info.kind)

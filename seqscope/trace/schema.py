@@ -139,8 +139,6 @@ FIELD_ID = {name: i for i, name in enumerate(FIELDS)}
 # Bulk fields may be stored at reduced precision; norms never are (they span
 # 1e-40..1e+40, beyond float32's range), and integer fields are exact.
 BULK_FIELDS = frozenset({FIELD_HIDDEN, FIELD_CELL, FIELD_GATES})
-NORM_FIELDS = frozenset({FIELD_GRAD_HIDDEN, FIELD_GRAD_CELL, FIELD_PROPAGATION})
-INT_FIELDS = frozenset({FIELD_LENGTHS, FIELD_SEQUENCE_INDEX})
 
 HEAPS = ("heap_f16", "heap_f32", "heap_f64", "heap_i64")
 HEAP_DTYPES = (np.float16, np.float32, np.float64, np.int64)
