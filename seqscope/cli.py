@@ -146,11 +146,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         result: Any = args.func(args)
+        sys.stdout.flush()  # inside the try: a closed pipe surfaces here, not at exit
     except SeqscopeError as exc:
         print(f"seqscope: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # the reader of our output went away (`seqscope info t.h5 | head`): not an error
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_OK
     return int(result or 0)
 
 

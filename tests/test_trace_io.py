@@ -123,3 +123,10 @@ def test_demo_and_example_write_traces(tmp_path, capsys):
     with seqscope.open(path) as trace:
         assert list(trace.steps) == [0, 2, 4]
         assert set(trace.gates("rnn.l1", 4)) == {"input", "forget", "cell", "output"}
+
+
+def test_cli_output_into_a_closed_pipe_is_not_a_traceback(small_trace):
+    # `true` exits without reading: every write of ours meets a closed pipe
+    proc = subprocess.run(f"{sys.executable} -m seqscope info {small_trace} | true", shell=True,
+                          capture_output=True, text=True)
+    assert proc.stderr == ""
