@@ -128,6 +128,12 @@ def test_nonfinite_values_are_recorded_and_training_goes_on(tmp_path):
         assert np.isfinite(trace.hidden("lstm.l0", 0)).all()
         assert np.isnan(trace.scalars()["loss"].values[1])
         assert trace.scalars()["nonfinite/lstm.l0"].values[1] > 0
+        for step in range(4):
+            # the count covers every stored array (float32 storage: the model's own values)
+            stored = [trace.hidden("lstm.l0", step), trace.cell("lstm.l0", step), trace.propagation("lstm.l0", step)]
+            stored += list(trace.gates("lstm.l0", step).values()) + list(trace.grad_norms("lstm.l0", step).values())
+            want = sum(int(np.size(a) - np.isfinite(np.ma.getdata(a)).sum()) for a in stored)
+            assert trace.scalars()["nonfinite/lstm.l0"].values[step] == want
         found = diagnose(trace)
     first = [f for f in found if f.kind == "nonfinite"]
     assert first and min(f.first_step for f in first) == 1

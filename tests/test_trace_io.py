@@ -130,3 +130,52 @@ def test_cli_output_into_a_closed_pipe_is_not_a_traceback(small_trace):
     proc = subprocess.run(f"{sys.executable} -m seqscope info {small_trace} | true", shell=True,
                           capture_output=True, text=True)
     assert proc.stderr == ""
+
+
+def test_records_that_queue_up_are_committed_together_and_in_order(tmp_path):
+    """While the writer is busy, later records wait in the queue; the next write
+    takes all of them (one commit) and every one of them reads back exactly."""
+    import threading
+    import time
+
+    from seqscope.trace import schema
+    from seqscope.trace.writer import ArrayRecord, StepRecord, TraceWriter
+
+    release, entered = threading.Event(), threading.Event()
+
+    def hold() -> float:
+        entered.set()
+        return float(release.wait(10))
+    writer = TraceWriter(tmp_path / "g.h5", {}, queue_size=8)
+    groups: list[list[int]] = []
+    real = writer._write
+
+    def counting(records):
+        groups.append([r.step_row[0] for r in records])
+        return real(records)
+
+    writer._write = counting
+    layer = [(b"rnn.l0", b"rnn", b"rnn_tanh", 0, 0, 2, 3, 3, b"")]
+    rng = np.random.default_rng(0)
+    data = {step: rng.normal(size=(2, 4, 3)).astype(np.float32) for step in range(5)}
+    for step in range(5):
+        arrays = [
+            ArrayRecord(step, 0, schema.FIELD_HIDDEN, data[step]),
+            ArrayRecord(step, 0, schema.FIELD_LENGTHS, np.full(2, 4, np.int64)),
+            ArrayRecord(step, 0, schema.FIELD_SEQUENCE_INDEX, np.arange(2, dtype=np.int64)),
+        ]
+        # the first record's deferred scalar holds the writer until the other four are queued
+        deferred = [(step, 1, hold)] if step == 0 else []
+        writer.submit(StepRecord((step, time.time(), 2, 4, 2, schema.PHASE_TRAIN), arrays, [(step, 0, step / 10)],
+                                 layer if step == 0 else [], ["loss", "held"] if step == 0 else [], deferred))
+        if step == 0:
+            assert entered.wait(10)
+    release.set()
+    writer.close()
+    assert groups == [[0], [1, 2, 3, 4]]
+    with seqscope.open(tmp_path / "g.h5") as trace:
+        assert list(trace.steps) == [0, 1, 2, 3, 4]
+        for step in range(5):
+            np.testing.assert_array_equal(trace.hidden("rnn.l0", step), data[step])
+        assert list(trace.scalars()["loss"].values) == [0.0, 0.1, 0.2, 0.3, 0.4]
+        assert trace.closed_cleanly

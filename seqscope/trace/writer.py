@@ -1,9 +1,10 @@
 """Append recorded steps to a trace file from a background thread.
 
 The training thread hands over numpy arrays (already on the host) and returns;
-a single writer thread owns the HDF5 file. Each record is appended, flushed,
-and only then counted in ``/commit`` (flushed again), so a process killed at any
-moment leaves a file whose committed part is complete.
+a single writer thread owns the HDF5 file. Each record (or each group of
+records that queued up while the previous group was written) is appended,
+flushed, and only then counted in ``/commit`` (flushed again), so a process
+killed at any moment leaves a file whose committed part is complete.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from seqscope.trace import schema
 log = logging.getLogger("seqscope")
 
 _LIBVER = ("v110", "v114")  # SWMR-capable, and readable by HDF5 >= 1.10
+_GROUP_MAX = 16  # records committed together at most
 
 
 @dataclasses.dataclass
@@ -146,15 +148,18 @@ class TraceWriter:
 
     def _run(self) -> None:
         while True:
-            record = self._queue.get()
-            if record is None:
-                self._queue.task_done()
-                return
-            if self.failed is not None:
-                self._queue.task_done()
-                continue
+            # group commit: whatever queued up while the last group was written goes
+            # to the file together, with one pair of flushes
+            batch = [self._queue.get()]
+            while batch[-1] is not None and len(batch) < _GROUP_MAX:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            records = [r for r in batch if r is not None]
             try:
-                self._write(record)
+                if records and self.failed is None:
+                    self._write(records)
             except Exception as exc:  # noqa: BLE001 - disk full, I/O errors: stop recording
                 self._io_error = True
                 self.failed = f"{type(exc).__name__}: {exc}"
@@ -164,7 +169,10 @@ class TraceWriter:
                     self.failed,
                 )
             finally:
-                self._queue.task_done()
+                for _ in batch:
+                    self._queue.task_done()
+            if batch[-1] is None:
+                return
 
     def _append(self, name: str, rows: np.ndarray, counter: int | None) -> int:
         """Append rows to a 1-D dataset through h5py's low-level API (a quarter
@@ -184,39 +192,47 @@ class TraceWriter:
         self._bytes += rows.nbytes
         return start
 
-    def _write(self, record: StepRecord) -> None:
+    def _write(self, records: Sequence[StepRecord]) -> None:
+        """Append records in order and commit them together."""
         if self.max_bytes is not None:
-            size = sum(a.data.nbytes for a in record.arrays)
-            if self._bytes + size > self.max_bytes:
-                self.failed = f"max_bytes={self.max_bytes} reached"
-                log.warning(
-                    "seqscope: trace %s reached max_bytes=%d; recording stopped, training goes on",
-                    self.path,
-                    self.max_bytes,
-                )
+            size = 0
+            for n, record in enumerate(records):
+                size += sum(a.data.nbytes for a in record.arrays)
+                if self._bytes + size > self.max_bytes:
+                    self.failed = f"max_bytes={self.max_bytes} reached"
+                    log.warning(
+                        "seqscope: trace %s reached max_bytes=%d; recording stopped, training goes on",
+                        self.path,
+                        self.max_bytes,
+                    )
+                    records = records[:n]
+                    break
+            if not records:
                 return
-        if record.new_layers:
-            rows = np.array(record.new_layers, dtype=schema.LAYER_DTYPE)
-            self._append("layers", rows, schema.COMMIT_LAYERS)
-        if record.new_scalar_names:
-            encoded = np.array([n.encode() for n in record.new_scalar_names], schema.SCALAR_NAME_DTYPE)
-            self._append("scalar_names", encoded, schema.COMMIT_SCALAR_NAMES)
-        index_rows = self._write_arrays(record.arrays)
+        new_layers = [row for r in records for row in r.new_layers]
+        if new_layers:
+            self._append("layers", np.array(new_layers, dtype=schema.LAYER_DTYPE), schema.COMMIT_LAYERS)
+        new_names = [n.encode() for r in records for n in r.new_scalar_names]
+        if new_names:
+            self._append("scalar_names", np.array(new_names, schema.SCALAR_NAME_DTYPE), schema.COMMIT_SCALAR_NAMES)
+        index_rows = self._write_arrays([a for r in records for a in r.arrays])
         if len(index_rows):
             self._append("index", index_rows, schema.COMMIT_INDEX)
-        scalars = list(record.scalars)
-        for step, name_id, compute in record.deferred_scalars:
-            try:
-                value = float(compute())
-            except Exception:  # noqa: BLE001 - a failed statistic is recorded as NaN
-                value = float("nan")
-            scalars.append((step, name_id, value))
+        scalars = [row for r in records for row in r.scalars]
+        for record in records:
+            for step, name_id, compute in record.deferred_scalars:
+                try:
+                    value = float(compute())
+                except Exception:  # noqa: BLE001 - a failed statistic is recorded as NaN
+                    value = float("nan")
+                scalars.append((step, name_id, value))
         if scalars:
             self._append("scalars", np.array(scalars, schema.SCALAR_DTYPE), schema.COMMIT_SCALARS)
-        if record.step_row is not None:
-            self._append("steps", np.array([record.step_row], schema.STEP_DTYPE), schema.COMMIT_STEPS)
+        step_rows = [r.step_row for r in records if r.step_row is not None]
+        if step_rows:
+            self._append("steps", np.array(step_rows, schema.STEP_DTYPE), schema.COMMIT_STEPS)
         # Data first, then the counters that make it visible: a kill between the
-        # two flushes loses this record, never corrupts an earlier one.
+        # two flushes loses these records, never corrupts an earlier one.
         self._file.flush()
         self._commit.id.write(h5s.create_simple((schema.COMMIT_SIZE,)), self._commit.id.get_space(),
                               np.asarray(self._counts, dtype=np.int64))
