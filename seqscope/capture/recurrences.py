@@ -85,11 +85,10 @@ def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.T
 
 def _pre_activation(x: torch.Tensor, h_prev: torch.Tensor, w: LayerWeights) -> torch.Tensor:
     """W_ih x_t + b_ih + W_hh h_{t-1} + b_hh for all timesteps: two products."""
-    a = _linear(x, w.w_ih, w.b_ih)
+    bias = w.b_ih if w.b_hh is None else (w.b_hh if w.b_ih is None else w.b_ih + w.b_hh)
+    a = _linear(x, w.w_ih, bias)  # both biases in the first product: no extra pass
     a2 = a.view(-1, a.shape[-1])
     hp = h_prev.reshape(-1, h_prev.shape[-1])
-    if w.b_hh is not None:
-        a2.add_(w.b_hh)
     a2.addmm_(hp, w.w_hh.t())
     return a
 
@@ -116,8 +115,13 @@ def forward_details(
     if h_prev is None:
         h_prev = previous(h, h0)
     # zero the backward factors on padding (nothing to do without padding)
-    vmask: torch.Tensor | float = 1.0 if valid is None else valid.unsqueeze(-1).to(h.dtype)
-    vmask3: torch.Tensor | float = vmask if isinstance(vmask, float) else vmask.unsqueeze(2)
+    vmask = None if valid is None else valid.unsqueeze(-1).to(h.dtype)
+
+    def masked(t: torch.Tensor, gate_axis: bool = False) -> torch.Tensor:
+        """Zero on padding; ``t`` itself (no extra pass over it) without padding."""
+        if vmask is None:
+            return t
+        return t * (vmask.unsqueeze(2) if gate_axis else vmask)
     if w.kind == schema.KIND_LSTM:
         assert c0 is not None
         a = _pre_activation(x, h_prev, w)
@@ -137,13 +141,13 @@ def forward_details(
         tc = torch.tanh(cell)
         factors = {
             # dc_t += dm_t * A_t
-            "A": o * (1 - tc * tc) * vmask,
+            "A": masked(o * (1 - tc * tc)),
             # da_t[i,f,g] = dc_t * P3_t
-            "P3": torch.stack([g * i * (1 - i), c_prev * f * (1 - f), i * (1 - g * g)], dim=2) * vmask3,
+            "P3": masked(torch.stack([g * i * (1 - i), c_prev * f * (1 - f), i * (1 - g * g)], dim=2), True),
             # da_t[o] = dm_t * Bo_t
-            "Bo": tc * o * (1 - o) * vmask,
+            "Bo": masked(tc * o * (1 - o)),
             # dc_{t} += f_{t+1} dc_{t+1}
-            "F": f * vmask,
+            "F": masked(f),
         }
         return ForwardDetails(w.kind, gates, cell, factors)
     if w.kind == schema.KIND_GRU:
@@ -159,17 +163,15 @@ def forward_details(
         fn = (1 - z) * (1 - n * n)
         factors = {
             # W_hh^T [dr | dz | r dn] = W_hh^T (dh * F3)
-            "F3": torch.stack(
-                [fn * gh[:, :, 2] * r * (1 - r), (h_prev - n) * z * (1 - z), r * fn], dim=2
-            )
-            * vmask3,
-            "Z": z * vmask,
+            "F3": masked(torch.stack([fn * gh[:, :, 2] * r * (1 - r), (h_prev - n) * z * (1 - z), r * fn], dim=2),
+                         True),
+            "Z": masked(z),
         }
         return ForwardDetails(w.kind, gates, None, factors)
     if w.kind == schema.KIND_RNN_TANH:
-        return ForwardDetails(w.kind, None, None, {"D": (1 - h * h) * vmask})
+        return ForwardDetails(w.kind, None, None, {"D": masked(1 - h * h)})
     if w.kind == schema.KIND_RNN_RELU:
-        return ForwardDetails(w.kind, None, None, {"D": (h > 0).to(h.dtype) * vmask})
+        return ForwardDetails(w.kind, None, None, {"D": masked((h > 0).to(h.dtype))})
     raise ValueError(f"unknown recurrent kind {w.kind!r}")
 
 
