@@ -6,6 +6,7 @@ call a figure builder from ``figures``.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from typing import Any
 
@@ -41,6 +42,7 @@ def create_app(source: TraceSource | str) -> Dash:
     """A Dash app for one trace (a TraceSource, or a path that is opened now)."""
     src = source if isinstance(source, TraceSource) else TraceSource(source)
     app = Dash(__name__, title=f"seqscope — {src.path}")
+    revisions = itertools.count(1)
     # the slider's value is an index into the recorded steps; its marks and the
     # step label show step numbers, so Dash's numeric input box would mislead
     app.index_string = app.index_string.replace(
@@ -96,7 +98,7 @@ def create_app(source: TraceSource | str) -> Dash:
             ),
             _section("States", html.Div([_graph("hidden"), _graph("cell")],
                                         style={"display": "grid", "gridTemplateColumns": "1fr 1fr"})),
-            _section("Gates", html.Div(id="gates", style={"display": "grid", "gridTemplateColumns": "1fr 1fr"}),
+            _section("Gates", dcc.Graph(id="gates", config={"displaylogo": False}),
                      _graph("saturation")),
         ],
         style={"fontFamily": "sans-serif", "margin": "12px 20px"},
@@ -125,9 +127,14 @@ def create_app(source: TraceSource | str) -> Dash:
         found = src.findings() or []
         overview = figures.overview_figure(src.series("loss"), src.series("grad_norm"), found, current)
         s, norms, mask = src.grad_matrix(layer)
-        if not len(s):
-            return overview, figures.empty_figure("no recorded steps yet")
-        return overview, figures.gradient_flow_figure(s, norms, mask, layer, current)
+        flow = figures.gradient_flow_figure(s, norms, mask, layer, current) if len(s) else \
+            figures.empty_figure("no recorded steps yet")
+        # a new data revision for new figures; the slider's marker patches keep it, which
+        # tells Plotly.react that no data array changed
+        revision = next(revisions)
+        for fig in (overview, flow):
+            fig.update_layout(datarevision=revision)
+        return figures.to_dict(overview), figures.to_dict(flow)
 
     @app.callback(
         Output("findings", "children"), Output("findings-version", "data"),
@@ -178,7 +185,7 @@ def create_app(source: TraceSource | str) -> Dash:
 
     @app.callback(
         Output("step-label", "children"), Output("propagation", "figure"), Output("hidden", "figure"),
-        Output("cell", "figure"), Output("gates", "children"), Output("saturation", "figure"),
+        Output("cell", "figure"), Output("gates", "figure"), Output("saturation", "figure"),
         Output("gradflow", "figure", allow_duplicate=True), Output("overview", "figure", allow_duplicate=True),
         Output("status", "children"),
         Input("slider", "value"), Input("layer", "value"), Input("sequence", "value"),
@@ -187,8 +194,8 @@ def create_app(source: TraceSource | str) -> Dash:
     def step_views(index: Any, layer: Any, sequence: Any) -> Any:
         steps = src.steps
         if not len(steps):
-            empty = figures.empty_figure("no recorded steps yet")
-            return "no steps", empty, empty, empty, [], empty, no_update, no_update, ""
+            empty = figures.to_dict(figures.empty_figure("no recorded steps yet"))
+            return "no steps", empty, empty, empty, empty, empty, no_update, no_update, ""
         layer = src.check_layer(layer)
         index = int(index) if isinstance(index, (int, float)) else 0
         index = min(max(index, 0), len(steps) - 1)
@@ -206,8 +213,8 @@ def create_app(source: TraceSource | str) -> Dash:
         try:
             data = src.step_data(layer, step)
         except Exception as exc:  # noqa: BLE001 - shown in the page, not a traceback
-            empty = figures.empty_figure(str(exc))
-            return f"step {step}", empty, empty, empty, [], empty, marker, marker2, str(exc)
+            empty = figures.to_dict(figures.empty_figure(str(exc)))
+            return f"step {step}", empty, empty, empty, empty, empty, marker, marker2, str(exc)
         hidden = data["hidden"]
         k = int(sequence) if isinstance(sequence, (int, float)) and 0 <= int(sequence) < hidden.shape[0] else 0
         label = f"step {step}  ({index + 1} of {len(steps)})"
@@ -223,17 +230,10 @@ def create_app(source: TraceSource | str) -> Dash:
         prop = data.get("propagation")
         prop_fig = figures.propagation_figure(prop, k, layer, step) if prop is not None else \
             figures.empty_figure("no gradients at this step (no backward pass)")
-        gate_graphs: list[Any] = []
-        for name, g in data["gates"].items():
-            z = np.ma.filled(g[k].astype(np.float64), np.nan).T
-            fig = figures.heatmap(z, mask=np.ma.getmaskarray(g[k]).T, title=f"{name} gate, sequence {k}",
-                                  x_title="timestep", y_title="unit", colorscale="Viridis", height=280)
-            gate_graphs.append(dcc.Graph(figure=fig, id={"type": "gate", "name": name},
-                                         config={"displaylogo": False}))
-        if not gate_graphs:
-            gate_graphs = [html.P("This layer has no gates (plain RNN).")]
+        gates_fig = figures.gates_figure(data["gates"], k)
         sat_fig = figures.saturation_figure(data["gates"]) if data["gates"] else figures.empty_figure("no gates")
-        return label, prop_fig, hidden_fig, cell_fig, gate_graphs, sat_fig, marker, marker2, ""
+        views = [figures.to_dict(f) for f in (prop_fig, hidden_fig, cell_fig, gates_fig, sat_fig)]
+        return (label, *views, marker, marker2, "")
 
     @app.callback(
         Output("replay", "disabled"), Output("play", "children"),

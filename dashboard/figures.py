@@ -9,22 +9,43 @@ are masked (left blank) and said so.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import plotly.graph_objects as go
+import plotly.io as pio
 
 NONFINITE_COLOUR = "#ff00ff"
 MAX_CELLS = 250_000  # a heatmap with more cells than this is reduced on the server
+_TANH_GATES = frozenset({"cell", "new"})
 SEVERITY_COLOUR = {"error": "#d62728", "warning": "#ff7f0e", "info": "#1f77b4"}
 
 
+def _base_layout(title: str, height: int = 320) -> dict[str, Any]:
+    return {"title": {"text": title, "font": {"size": 14}}, "height": height,
+            "margin": {"l": 60, "r": 20, "t": 40, "b": 40}}
+
+
 def _layout(fig: go.Figure, title: str, height: int = 320) -> go.Figure:
-    fig.update_layout(title={"text": title, "font": {"size": 14}}, height=height,
-                      margin={"l": 60, "r": 20, "t": 40, "b": 40}, template="plotly_white")
+    fig.update_layout(**_base_layout(title, height))
     return fig
+
+
+@functools.lru_cache(maxsize=1)
+def _template() -> dict[str, Any]:
+    return pio.templates["plotly_white"].to_plotly_json()  # type: ignore[no-any-return]
+
+
+def to_dict(fig: go.Figure) -> dict[str, Any]:
+    """The figure as Dash sends it, in the dashboard's template. Setting the
+    template on a go.Figure validates and copies all of it (9 ms per figure, most
+    of a slider callback's time); here it is converted once and shared."""
+    out: dict[str, Any] = fig.to_plotly_json()
+    out["layout"]["template"] = _template()
+    return out
 
 
 def count_nonfinite(values: np.ndarray, mask: np.ndarray | None = None) -> tuple[int, int]:
@@ -82,6 +103,30 @@ def heatmap(
 ) -> go.Figure:
     """A heatmap of ``z`` [y, x]; ``mask`` marks padding (drawn blank, not counted).
     NaN and Inf are drawn in NONFINITE_COLOUR and counted in the title."""
+    traces, notes = _heatmap_traces(z, x=x, y=y, x_title=x_title, y_title=y_title, mask=mask, log=log,
+                                    colorscale=colorscale, zmid=zmid, colorbar_title=colorbar_title)
+    full = title + ("  —  " + ", ".join(notes) if notes else "")
+    return go.Figure(data=traces, layout={**_base_layout(full, height), "xaxis": {"title": {"text": x_title}},
+                                          "yaxis": {"title": {"text": y_title}}})
+
+
+def _heatmap_traces(
+    z: np.ndarray,
+    *,
+    x: Sequence[Any] | np.ndarray | None = None,
+    y: Sequence[Any] | np.ndarray | None = None,
+    x_title: str = "",
+    y_title: str = "",
+    mask: np.ndarray | None = None,
+    log: bool = False,
+    colorscale: str = "RdBu_r",
+    zmid: float | None = None,
+    colorbar_title: str = "",
+    axes: tuple[str, str] = ("x", "y"),
+    coloraxis: str | None = None,
+) -> tuple[list[go.Heatmap], list[str]]:
+    """The traces of one heatmap (the values, and an overlay for NaN/Inf) and
+    the notes its title needs."""
     z = np.asarray(z, dtype=np.float64)
     mask = np.zeros(z.shape, bool) if mask is None else np.asarray(mask, bool)
     n_nan, n_inf = count_nonfinite(z, mask)
@@ -93,17 +138,17 @@ def heatmap(
     values = _log10(shown) if log else np.where(np.isfinite(shown), shown, np.nan)
     xs = None if x is None else np.asarray(x)[::fc]
     ys = None if y is None else np.asarray(y)[::fr]
-    fig = go.Figure()
-    fig.add_trace(go.Heatmap(
-        z=values.astype(np.float32), x=xs, y=ys, colorscale=colorscale, zmid=zmid,
-        colorbar={"title": {"text": colorbar_title}}, hoverongaps=False,
+    colour: dict[str, Any] = {"coloraxis": coloraxis} if coloraxis else {
+        "colorscale": colorscale, "zmid": zmid, "colorbar": {"title": {"text": colorbar_title}}}
+    traces = [go.Heatmap(
+        z=values.astype(np.float32), x=xs, y=ys, hoverongaps=False, xaxis=axes[0], yaxis=axes[1], **colour,
         hovertemplate=f"{x_title} %{{x}}<br>{y_title} %{{y}}<br>"
         + ("log10 value %{z:.3g}" if log else "value %{z:.4g}") + "<extra></extra>",
-    ))
+    )]
     if n_nan or n_inf:
-        fig.add_trace(go.Heatmap(
+        traces.append(go.Heatmap(
             z=nonfinite.astype(np.float32), x=xs, y=ys, showscale=False, hoverongaps=False,
-            colorscale=[[0, NONFINITE_COLOUR], [1, NONFINITE_COLOUR]], name="NaN/Inf",
+            colorscale=[[0, NONFINITE_COLOUR], [1, NONFINITE_COLOUR]], name="NaN/Inf", xaxis=axes[0], yaxis=axes[1],
             hovertemplate="NaN or Inf<extra></extra>",
         ))
     notes = []
@@ -113,10 +158,70 @@ def heatmap(
         notes.append("padding masked")
     if fr > 1 or fc > 1:
         notes.append(f"shown at 1/{fr}x1/{fc} resolution")
-    full = title + ("  —  " + ", ".join(notes) if notes else "")
-    fig.update_xaxes(title_text=x_title)
-    fig.update_yaxes(title_text=y_title)
-    return _layout(fig, full, height)
+    return traces, notes
+
+
+def gates_figure(gates: dict[str, np.ma.MaskedArray], sequence: int, row_height: int = 280) -> go.Figure:
+    """All gates of one sequence in one figure, two per row, each [unit, time]
+    with its own colour bar. One figure (not one per gate) so that the browser
+    updates it in place when the step changes."""
+    names = list(gates)
+    if not names:
+        return empty_figure("This layer has no gates (plain RNN).")
+    cols = 2 if len(names) > 1 else 1
+    rows = math.ceil(len(names) / cols)
+    gap_x, gap_y = 0.08, 0.16 / rows
+    width, height = (1 - gap_x * (cols - 1)) / cols, (1 - gap_y * (rows - 1)) / rows
+    # fixed colour ranges, shared: gates within [0, 1] (sigmoid) on [0, 1], tanh gates on [-1, 1], so
+    # that colours mean the same at every step of a replay (and two colour bars are
+    # drawn, not one per gate); a user-written gate outside both gets its own
+    axis_of: dict[str, str] = {}
+    axes: dict[str, dict[str, Any]] = {}
+    for name in names:
+        values = np.ma.compressed(gates[name][sequence])
+        finite = values[np.isfinite(values)] if values.size else values
+        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+        if lo >= 0 and hi <= 1 and name not in _TANH_GATES:
+            axis_of[name] = "coloraxis"
+            axes["coloraxis"] = {"colorscale": "Viridis", "cmin": 0, "cmax": 1}
+        elif lo >= -1 and hi <= 1:
+            axis_of[name] = "coloraxis2"
+            axes["coloraxis2"] = {"colorscale": "RdBu_r", "cmin": -1, "cmax": 1}
+        else:
+            axis_of[name] = f"coloraxis{3 + len([a for a in axes if a not in ('coloraxis', 'coloraxis2')])}"
+            axes[axis_of[name]] = {"colorscale": "Viridis"}
+    for i, key in enumerate(axes):
+        span = 1 / len(axes)
+        axes[key]["colorbar"] = {"x": 1.01, "xanchor": "left", "y": 1 - (i + 0.5) * span, "len": span * 0.9,
+                                 "thickness": 12, "title": {"text": ", ".join(n for n in names if axis_of[n] == key)}}
+    # built as one layout and one trace list: plotly validates the figure once
+    # (adding parts one by one cost ~60 ms for four gates)
+    traces: list[go.Heatmap] = []
+    annotations: list[dict[str, Any]] = []
+    layout: dict[str, Any] = {"title": {"text": "", "font": {"size": 14}}, "height": row_height * rows,
+                              "margin": {"l": 60, "r": 20, "t": 30, "b": 40}}
+    for i, name in enumerate(names):
+        r, c = divmod(i, cols)
+        x0, y1 = c * (width + gap_x), 1 - r * (height + gap_y)
+        x_dom = [max(x0, 0.0), min(x0 + width, 1.0)]
+        y_dom = [max(y1 - height, 0.0), min(y1, 1.0)]
+        suffix = "" if i == 0 else str(i + 1)
+        g = gates[name][sequence]  # [time, unit]
+        z = np.ma.filled(g.astype(np.float64), np.nan).T
+        parts, notes = _heatmap_traces(z, mask=np.ma.getmaskarray(g).T, x_title="timestep", y_title="unit",
+                                       axes=("x" + suffix, "y" + suffix), coloraxis="coloraxis")
+        traces += parts
+        layout["xaxis" + suffix] = {"domain": x_dom, "anchor": "y" + suffix, "title": {"text": "timestep"}}
+        layout["yaxis" + suffix] = {"domain": y_dom, "anchor": "x" + suffix, "title": {"text": "unit"}}
+        parts[0].coloraxis = axis_of[name]
+        annotations.append({
+            "text": f"{name} gate, sequence {sequence}" + ("  —  " + ", ".join(notes) if notes else ""),
+            "x": sum(x_dom) / 2, "y": y_dom[1], "xref": "paper", "yref": "paper", "xanchor": "center",
+            "yanchor": "bottom", "showarrow": False, "font": {"size": 13}})
+    layout["annotations"] = annotations
+    layout.update(axes)
+    layout["margin"]["r"] = 90
+    return go.Figure(data=traces, layout=layout)
 
 
 def overview_figure(
@@ -165,31 +270,39 @@ def gradient_flow_figure(steps: np.ndarray, norms: np.ndarray, mask: np.ndarray,
 
 def propagation_figure(profile: np.ma.MaskedArray, selected: int | None, layer: str, step: int) -> go.Figure:
     """The propagation profile of one step: one line per stored sequence, log y."""
-    fig = go.Figure()
     data = np.ma.filled(profile.astype(np.float64), np.nan)
+    traces: list[dict[str, Any]] = []
     for k in range(data.shape[0]):
         y = data[k]
         highlight = selected is None or k == selected
-        fig.add_trace(go.Scatter(
-            x=np.arange(len(y)), y=np.where(y > 0, y, np.nan), mode="lines", name=f"sequence {k}",
-            line={"width": 2.5 if highlight else 1}, opacity=1.0 if highlight else 0.35,
-        ))
+        traces.append({"type": "scatter", "x": np.arange(len(y)), "y": np.where(y > 0, y, np.nan), "mode": "lines",
+                       "name": f"sequence {k}", "line": {"width": 2.5 if highlight else 1},
+                       "opacity": 1.0 if highlight else 0.35})
     bad = ~np.isfinite(data) & ~np.ma.getmaskarray(profile)
     if bad.any():
         t = np.nonzero(bad)[1]
-        fig.add_trace(go.Scatter(x=t, y=np.ones(len(t)), mode="markers", name=f"NaN/Inf ({int(bad.sum())})",
-                                 marker={"color": NONFINITE_COLOUR, "symbol": "x", "size": 9}))
-    fig.add_hline(y=2.0**-23, line_dash="dot", line_color="#999", annotation_text="float32 resolution",
-                  annotation_font_size=10)
-    fig.update_yaxes(type="log", title_text="||(dh_T/dh_t)^T v||", exponentformat="power")
-    fig.update_xaxes(title_text="timestep")
-    fig.update_layout(showlegend=False)
-    return _layout(fig, f"Propagation profile, {layer}, step {step} (1 at the last timestep)")
+        traces.append({"type": "scatter", "x": t, "y": np.ones(len(t)), "mode": "markers",
+                       "name": f"NaN/Inf ({int(bad.sum())})",
+                       "marker": {"color": NONFINITE_COLOUR, "symbol": "x", "size": 9}})
+    resolution = 2.0**-23
+    layout = {
+        **_base_layout(f"Propagation profile, {layer}, step {step} (1 at the last timestep)"),
+        "showlegend": False,
+        "yaxis": {"type": "log", "title": {"text": "||(dh_T/dh_t)^T v||"}, "exponentformat": "power"},
+        "xaxis": {"title": {"text": "timestep"}},
+        # one figure built at once (plotly validates it once): the float32 resolution line
+        "shapes": [{"type": "line", "xref": "x domain", "x0": 0, "x1": 1, "yref": "y", "y0": resolution,
+                    "y1": resolution, "line": {"dash": "dot", "color": "#999"}}],
+        "annotations": [{"text": "float32 resolution", "xref": "x domain", "x": 1, "xanchor": "right",
+                         "yref": "y", "y": math.log10(resolution), "yanchor": "bottom", "showarrow": False,
+                         "font": {"size": 10}}],
+    }
+    return go.Figure(data=traces, layout=layout)
 
 
 def saturation_figure(gates: dict[str, np.ma.MaskedArray], margin: float = 0.02) -> go.Figure:
     """Fraction of saturated gate values over time, one line per gate."""
-    fig = go.Figure()
+    traces: list[dict[str, Any]] = []
     for name, g in gates.items():
         data = np.ma.filled(g.astype(np.float64), np.nan)  # [sequence, time, unit]
         valid = ~np.ma.getmaskarray(g)
@@ -199,10 +312,10 @@ def saturation_figure(gates: dict[str, np.ma.MaskedArray], margin: float = 0.02)
             sat = (data < margin) | (data > 1 - margin)
         frac = np.where(valid.any(axis=(0, 2)),
                         (sat & valid).sum(axis=(0, 2)) / np.maximum(valid.sum(axis=(0, 2)), 1), np.nan)
-        fig.add_trace(go.Scatter(x=np.arange(len(frac)), y=frac, mode="lines", name=name))
-    fig.update_yaxes(range=[0, 1], title_text="saturated fraction")
-    fig.update_xaxes(title_text="timestep")
-    return _layout(fig, f"Gate saturation (within {margin} of the bounds)")
+        traces.append({"type": "scatter", "x": np.arange(len(frac)), "y": frac, "mode": "lines", "name": name})
+    return go.Figure(data=traces, layout={**_base_layout(f"Gate saturation (within {margin} of the bounds)"),
+                                          "yaxis": {"range": [0, 1], "title": {"text": "saturated fraction"}},
+                                          "xaxis": {"title": {"text": "timestep"}}})
 
 
 def empty_figure(message: str) -> go.Figure:

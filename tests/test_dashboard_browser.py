@@ -105,7 +105,9 @@ def test_page_shows_all_views(page):
     assert "step 0" in _title(page, "propagation")
     for graph in ("overview", "hidden", "cell", "saturation"):
         assert page.locator(f"#{graph} .main-svg").count() > 0, graph
-    assert page.locator("#gates .js-plotly-plot").count() == 4  # input, forget, cell, output
+    titles = page.locator("#gates .annotation-text").all_text_contents()  # one figure, a heatmap per gate
+    assert [t.split(" gate")[0] for t in titles] == ["input", "forget", "cell", "output"]
+    assert page.locator("#gates .heatmaplayer image").count() == 4
     if SCREENSHOTS:
         Path(SCREENSHOTS).mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(Path(SCREENSHOTS) / "dashboard.png"), full_page=True)

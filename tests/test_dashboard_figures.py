@@ -71,3 +71,47 @@ def test_app_builds_and_serves_index(trace_path):
     assert page.status_code == 200 and b"seqscope" in page.data
     layout = client.get("/_dash-layout").get_json()
     assert "lstm.l1" in str(layout)
+
+
+def test_gates_figure_one_heatmap_per_gate_with_fixed_ranges_and_counts():
+    rng = np.random.default_rng(0)
+    gates = {name: np.ma.masked_array(rng.uniform(0, 1, (2, 7, 5))) for name in ("input", "forget", "output")}
+    gates["cell"] = np.ma.masked_array(rng.uniform(-1, 1, (2, 7, 5)))
+    gates["forget"][1, 3, 2] = np.nan
+    gates["input"][1, 5:] = np.ma.masked  # padding of sequence 1
+    fig = figures.gates_figure(gates, 1)
+    titles = [a.text for a in fig.layout.annotations]
+    assert [t.split(" gate")[0] for t in titles] == ["input", "forget", "output", "cell"]
+    assert "NaN 1, Inf 0" in titles[1] and "padding masked" in titles[0] and "NaN" not in titles[0]
+    values = [t for t in fig.data if t.name != "NaN/Inf"]
+    assert [t.coloraxis for t in values] == ["coloraxis", "coloraxis", "coloraxis", "coloraxis2"]
+    assert (fig.layout.coloraxis.cmin, fig.layout.coloraxis.cmax) == (0, 1)
+    assert (fig.layout.coloraxis2.cmin, fig.layout.coloraxis2.cmax) == (-1, 1)
+    # each gate's heatmap is [unit, time] of the chosen sequence, on its own axes
+    np.testing.assert_allclose(np.asarray(values[2].z, float), gates["output"][1].T, rtol=1e-6)
+    assert len({(t.xaxis, t.yaxis) for t in values}) == 4
+    assert figures.gates_figure({}, 0).layout.annotations[0].text.startswith("This layer has no gates")
+
+
+def test_a_failed_read_is_a_message_in_the_page_not_a_traceback(trace_path, monkeypatch):
+    src = TraceSource(str(trace_path))
+    app = create_app(src)
+    client = app.server.test_client()
+
+    def broken(layer, step):
+        raise OSError("Input/output error while reading the trace")
+
+    monkeypatch.setattr(src, "step_data", broken)
+    deps = client.get("/_dash-dependencies").get_json()
+    views = next(d for d in deps if "step-label.children" in d["output"])
+    outputs = [{"id": o.split(".")[0], "property": o.split(".")[1]} for o in views["output"].strip(".").split("...")]
+    body = {"output": views["output"], "outputs": outputs, "changedPropIds": ["slider.value"], "state": [],
+            "inputs": [{"id": "slider", "property": "value", "value": 2},
+                       {"id": "layer", "property": "value", "value": "lstm.l0"},
+                       {"id": "sequence", "property": "value", "value": 0}]}
+    reply = client.post("/_dash-update-component", json=body)
+    assert reply.status_code == 200
+    response = reply.get_json()["response"]
+    assert response["status"]["children"] == "Input/output error while reading the trace"
+    assert response["step-label"]["children"].startswith("step 2")
+    assert "Traceback" not in reply.get_data(as_text=True)

@@ -450,9 +450,9 @@ def _saturation(trace: Trace, info: LayerInfo, steps: list[int]) -> list[Finding
         fractions = []
         for name, g in gates.items():
             vals = g.compressed()
+            vals = vals[np.isfinite(vals)]  # NaN/Inf are the nonfinite rule's, not saturation
             if not len(vals):
                 continue
-            vals = vals[np.isfinite(vals)]
             if name in ("cell", "new"):
                 fractions.append(float(np.mean(np.abs(vals) > 1 - SATURATION_MARGIN)))
             else:
@@ -461,6 +461,7 @@ def _saturation(trace: Trace, info: LayerInfo, steps: list[int]) -> list[Finding
             sat.append(float(np.mean(fractions)))
         if "forget" in gates:
             f = gates["forget"].compressed()
+            f = f[np.isfinite(f)]
             if len(f):
                 closed.append(float(np.mean(f < FORGET_CLOSED)))
     findings = []
