@@ -306,7 +306,6 @@ def part3(quick: bool, device: torch.device) -> list[str]:
 def make_big_trace(path: str, target_bytes: int) -> int:
     """A synthetic trace of about ``target_bytes``: 2 LSTM layers, H=256,
     8 sequences x 200 timesteps per step, written through the real writer."""
-    import numpy as np
 
     from seqscope.trace import schema
     from seqscope.trace.writer import ArrayRecord, StepRecord, TraceWriter
@@ -363,30 +362,34 @@ def part4(quick: bool) -> list[str]:
     s, norms, mask = src.grad_matrix("rnn.l0")
     pio.to_json(figures.gradient_flow_figure(s, norms, mask, "rnn.l0"))
     startup = time.perf_counter() - t0
-    # slider callback: read one step and build + serialise its figures
+    # slider callback: the app's own step callback through its HTTP handler (read the
+    # step, build the 8 figures, serialise the response), as the browser calls it
     import random
 
+    deps = client.get("/_dash-dependencies").get_json()
+    views = next(d for d in deps if "step-label.children" in d["output"])
+    outputs = [{"id": o.split(".")[0], "property": o.split(".")[1]} for o in views["output"].strip(".").split("...")]
     rnd = random.Random(0)
     lat = []
     for _ in range(10 if quick else 60):
-        step = int(src.steps[rnd.randrange(len(src.steps))])
+        index = rnd.randrange(len(src.steps))
+        body = {"output": views["output"], "outputs": outputs, "changedPropIds": ["slider.value"], "state": [],
+                "inputs": [{"id": "slider", "property": "value", "value": index},
+                           {"id": "layer", "property": "value", "value": "rnn.l0"},
+                           {"id": "sequence", "property": "value", "value": 0}]}
         t1 = time.perf_counter()
-        data = src.step_data("rnn.l0", step)
-        figs = [figures.propagation_figure(data["propagation"], 0, "rnn.l0", step)]
-        for arr in (data["hidden"], data["cell"], *data["gates"].values()):
-            z = np.ma.filled(arr[0].astype(np.float64), np.nan).T
-            figs.append(figures.heatmap(z, mask=np.ma.getmaskarray(arr[0]).T, title="x"))
-        figs.append(figures.saturation_figure(data["gates"]))
-        for f in figs:
-            pio.to_json(f)
+        reply = client.post("/_dash-update-component", json=body)
         lat.append(time.perf_counter() - t1)
+        if reply.status_code != 200:
+            raise RuntimeError(f"step callback failed: {reply.status_code}")
     lat.sort()
     p95 = lat[int(0.95 * (len(lat) - 1))]
     rows = [f"Trace: {size / 2**30:.2f} GiB, {steps} recorded steps, 2 LSTM layers, 8 sequences x 200 timesteps x 256 units.",
             "", "| measure | value | target |", "|---|---|---|",
             f"| open trace + build app + serve page + first gradient-flow view | {startup:.2f} s | < 2 s |",
-            f"| slider callback work (read step, build and serialise 8 figures), median | {lat[len(lat) // 2] * 1e3:.0f} ms | |",
-            f"| slider callback work, 95th percentile | {p95 * 1e3:.0f} ms | < 300 ms |"]
+            f"| slider callback (the app's step callback through its request handler: read the step, build and "
+            f"serialise 8 figures), median | {lat[len(lat) // 2] * 1e3:.0f} ms | |",
+            f"| slider callback, 95th percentile | {p95 * 1e3:.0f} ms | < 300 ms |"]
     browser = browser_latency(app, len(src.steps), 8 if quick else 40)
     if isinstance(browser, str):
         rows.append(f"| slider in a real browser | not measured: {browser} | < 300 ms |")
