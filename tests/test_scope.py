@@ -254,3 +254,22 @@ def test_evaluation_passes_are_not_steps(tmp_path):
         assert trace.hidden("lstm.l0", 1, phase="eval").shape == (2, 4, 3)
         assert not trace.has("lstm.l0", 1, "grad_hidden", phase="eval")
         assert trace.has("lstm.l0", 1, "grad_hidden")
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 1e21])
+def test_sigma_max_matches_a_float64_svd_even_for_exploding_weights(scale):
+    """sigma_max(W_hh) uses a float32 Gram product for float32 weights; weights large
+    enough to overflow it (an exploding run) fall back to float64."""
+    import warnings
+
+    from seqscope.capture.scope import _sigma_max
+
+    rng = np.random.default_rng(1)
+    w = (rng.uniform(-1, 1, (256, 64)) * scale).astype(np.float32)
+    w[:, 3] *= 30  # a dominant direction
+    want = np.linalg.svd(w.astype(np.float64), compute_uv=False)[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = _sigma_max(w)
+    assert got == pytest.approx(want, rel=1e-6)
+    assert np.isnan(_sigma_max(np.where(np.eye(4, 3) > 0, np.nan, 1.0).astype(np.float32)))

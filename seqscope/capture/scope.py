@@ -557,7 +557,14 @@ def _sigma_max(matrix: np.ndarray) -> float:
         return float("nan")  # a user-written cell without a recurrent weight matrix
     with _blas_controller().limit(limits=1, user_api="blas"):
         w = matrix if matrix.dtype == np.float64 else matrix.astype(np.float32)
-        gram = w.T @ w if w.shape[0] >= w.shape[1] else w @ w.T
+        with np.errstate(over="ignore", invalid="ignore"):
+            gram = w.T @ w if w.shape[0] >= w.shape[1] else w @ w.T
+        if not np.isfinite(gram).all():  # float32 overflow (exploding weights): float64 throughout
+            w = matrix.astype(np.float64)
+            with np.errstate(over="ignore", invalid="ignore"):
+                gram = w.T @ w if w.shape[0] >= w.shape[1] else w @ w.T
+            if not np.isfinite(gram).all():
+                return float("inf") if np.isfinite(matrix).all() else float("nan")
         return float(np.sqrt(max(np.linalg.eigvalsh(gram.astype(np.float64))[-1], 0.0)))
 
 
