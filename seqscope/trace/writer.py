@@ -9,11 +9,13 @@ killed at any moment leaves a file whose committed part is complete.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import json
 import logging
 import os
 import queue
+import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -30,6 +32,28 @@ log = logging.getLogger("seqscope")
 
 _LIBVER = ("v110", "v114")  # SWMR-capable, and readable by HDF5 >= 1.10
 _GROUP_MAX = 16  # records committed together at most
+
+
+def _keep_open(handles: list[Any]) -> None:
+    """After a failed write (a full disk), HDF5 can neither flush nor close the
+    file, and freeing its handles afterwards -- by close(), by garbage
+    collection, or at interpreter exit -- crashed the process with a segfault in
+    H5D_close (seen with the HDF5 1.14 that h5py wheels bundle, on a real full
+    tmpfs). The handles are therefore kept until the process ends: one open file
+    descriptor and the HDF5 cache of one file. The committed part of the trace
+    on disk is complete and readable."""
+    for handle in handles:
+        ctypes.pythonapi.Py_IncRef(ctypes.py_object(handle))
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one line. HDF5's messages span lines and bury the cause
+    ("errno = 28, error message = 'No space left on device'") in the middle."""
+    text = " ".join(str(exc).split())
+    cause = re.search(r"error message = '([^']*)'", text)
+    if cause and cause.group(1) not in text[: text.find("(")]:
+        return f"{cause.group(1)} ({type(exc).__name__}: {text})"
+    return f"{type(exc).__name__}: {text}"
 
 
 @dataclasses.dataclass
@@ -134,12 +158,15 @@ class TraceWriter:
                 self._file["commit"][...] = np.asarray(self._counts, dtype=np.int64)
                 self._file.flush()
         except Exception as exc:  # noqa: BLE001 - a failing close must not raise into training
-            log.warning("seqscope: could not mark %s as closed: %s", self.path, exc)
+            log.warning("seqscope: could not mark %s as closed: %s", self.path, one_line(exc))
         finally:
-            try:
-                self._file.close()
-            except Exception as exc:  # noqa: BLE001
-                log.warning("seqscope: closing %s failed: %s", self.path, exc)
+            if self._io_error:
+                _keep_open([self._file, self._file.id, self._commit, self._commit.id, *self._dsets.values()])
+            else:
+                try:
+                    self._file.close()
+                except Exception as exc:  # noqa: BLE001
+                    log.warning("seqscope: closing %s failed: %s", self.path, one_line(exc))
 
     # ---- writer thread -------------------------------------------------------------
     def drain(self) -> None:
@@ -162,7 +189,7 @@ class TraceWriter:
                     self._write(records)
             except Exception as exc:  # noqa: BLE001 - disk full, I/O errors: stop recording
                 self._io_error = True
-                self.failed = f"{type(exc).__name__}: {exc}"
+                self.failed = one_line(exc)
                 log.warning(
                     "seqscope: writing %s failed (%s); recording stopped, training goes on",
                     self.path,
