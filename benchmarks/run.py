@@ -232,6 +232,30 @@ def part2(quick: bool, reps: int, device: torch.device) -> list[str]:
     rows += ["", f"Hooks installed but idle, measured directly (a 1-unit LSTM, so the hooks' own time is "
              f"not lost in the noise of a real step): **{idle_us:.0f} us per training step** "
              f"({100 * idle_us * 1e-6 / (base / steps):.2f}% of the plain LM step above)."]
+    # the loop comparison above resolves a few percent at best on a noisy machine; the
+    # same figure from its parts: one recorded LM step against one plain step, interleaved
+    torch.manual_seed(0)
+    plain_m, rec_m = LM().to(device), LM().to(device)
+    rec_m.load_state_dict(plain_m.state_dict())
+    window = data[0]
+    scope = seqscope.watch(rec_m, os.path.join(tmp, "lm-step.h5"), every=1)
+
+    def one_step(m: nn.Module) -> Callable[[], None]:
+        def fn() -> None:
+            logits = m(window[:, :-1])
+            nn.functional.cross_entropy(logits.reshape(-1, vocab), window[:, 1:].reshape(-1)).backward()
+        return fn
+
+    single = interleaved({"plain": one_step(plain_m), "rec": one_step(rec_m)}, max(5, 2 * reps), device, block=3,
+                         after={"rec": scope.writer.drain})
+    scope.close()
+    extra = single["rec"] / single["plain"] - 1
+    idle_frac = idle_us * 1e-6 / single["plain"]
+    rows += ["", f"From the parts: a recorded LM step costs {single['rec'] / single['plain']:.2f}x a plain one "
+             f"(forward + backward, writer drained; {single['plain'] * 1e3:.1f} ms plain), so the expected loop "
+             f"overhead is **{100 * (extra / 50 + idle_frac):.1f}% at every=50** and "
+             f"**{100 * (extra / 10 + idle_frac):.1f}% at every=10** (the optimizer step, not recorded, "
+             "would only lower these)."]
     print("\n".join(rows), flush=True)
     return rows
 
