@@ -170,7 +170,7 @@ def gates_figure(gates: dict[str, np.ma.MaskedArray], sequence: int, row_height:
         return empty_figure("This layer has no gates (plain RNN).")
     cols = 2 if len(names) > 1 else 1
     rows = math.ceil(len(names) / cols)
-    gap_x, gap_y = 0.08, 0.16 / rows
+    gap_x, gap_y = 0.08, 0.24 / rows
     width, height = (1 - gap_x * (cols - 1)) / cols, (1 - gap_y * (rows - 1)) / rows
     # fixed colour ranges, shared: gates within [0, 1] (sigmoid) on [0, 1], tanh gates on [-1, 1], so
     # that colours mean the same at every step of a replay (and two colour bars are
@@ -211,7 +211,8 @@ def gates_figure(gates: dict[str, np.ma.MaskedArray], sequence: int, row_height:
         parts, notes = _heatmap_traces(z, mask=np.ma.getmaskarray(g).T, x_title="timestep", y_title="unit",
                                        axes=("x" + suffix, "y" + suffix), coloraxis="coloraxis")
         traces += parts
-        layout["xaxis" + suffix] = {"domain": x_dom, "anchor": "y" + suffix, "title": {"text": "timestep"}}
+        layout["xaxis" + suffix] = {"domain": x_dom, "anchor": "y" + suffix,
+                                    "title": {"text": "timestep" if r == rows - 1 else ""}}
         layout["yaxis" + suffix] = {"domain": y_dom, "anchor": "x" + suffix, "title": {"text": "unit"}}
         parts[0].coloraxis = axis_of[name]
         annotations.append({
