@@ -162,9 +162,9 @@ def _heatmap_traces(
 
 
 def gates_figure(gates: dict[str, np.ma.MaskedArray], sequence: int, row_height: int = 280) -> go.Figure:
-    """All gates of one sequence in one figure, two per row, each [unit, time]
-    with its own colour bar. One figure (not one per gate) so that the browser
-    updates it in place when the step changes."""
+    """All gates of one sequence in one figure, two per row, each [unit, time].
+    One figure (not one per gate) so that the browser updates it in place when
+    the step changes."""
     names = list(gates)
     if not names:
         return empty_figure("This layer has no gates (plain RNN).")
@@ -177,6 +177,7 @@ def gates_figure(gates: dict[str, np.ma.MaskedArray], sequence: int, row_height:
     # drawn, not one per gate); a user-written gate outside both gets its own
     axis_of: dict[str, str] = {}
     axes: dict[str, dict[str, Any]] = {}
+    own = 0  # gates with a colour axis of their own
     for name in names:
         values = np.ma.compressed(gates[name][sequence])
         finite = values[np.isfinite(values)] if values.size else values
@@ -188,7 +189,8 @@ def gates_figure(gates: dict[str, np.ma.MaskedArray], sequence: int, row_height:
             axis_of[name] = "coloraxis2"
             axes["coloraxis2"] = {"colorscale": "RdBu_r", "cmin": -1, "cmax": 1}
         else:
-            axis_of[name] = f"coloraxis{3 + len([a for a in axes if a not in ('coloraxis', 'coloraxis2')])}"
+            own += 1
+            axis_of[name] = f"coloraxis{2 + own}"
             axes[axis_of[name]] = {"colorscale": "Viridis"}
     for i, key in enumerate(axes):
         span = 1 / len(axes)
@@ -199,7 +201,7 @@ def gates_figure(gates: dict[str, np.ma.MaskedArray], sequence: int, row_height:
     traces: list[go.Heatmap] = []
     annotations: list[dict[str, Any]] = []
     layout: dict[str, Any] = {"title": {"text": "", "font": {"size": 14}}, "height": row_height * rows,
-                              "margin": {"l": 60, "r": 20, "t": 30, "b": 40}}
+                              "margin": {"l": 60, "r": 90, "t": 30, "b": 40}}
     for i, name in enumerate(names):
         r, c = divmod(i, cols)
         x0, y1 = c * (width + gap_x), 1 - r * (height + gap_y)
@@ -209,19 +211,17 @@ def gates_figure(gates: dict[str, np.ma.MaskedArray], sequence: int, row_height:
         g = gates[name][sequence]  # [time, unit]
         z = np.ma.filled(g.astype(np.float64), np.nan).T
         parts, notes = _heatmap_traces(z, mask=np.ma.getmaskarray(g).T, x_title="timestep", y_title="unit",
-                                       axes=("x" + suffix, "y" + suffix), coloraxis="coloraxis")
+                                       axes=("x" + suffix, "y" + suffix), coloraxis=axis_of[name])
         traces += parts
         layout["xaxis" + suffix] = {"domain": x_dom, "anchor": "y" + suffix,
                                     "title": {"text": "timestep" if r == rows - 1 else ""}}
         layout["yaxis" + suffix] = {"domain": y_dom, "anchor": "x" + suffix, "title": {"text": "unit"}}
-        parts[0].coloraxis = axis_of[name]
         annotations.append({
             "text": f"{name} gate, sequence {sequence}" + ("  —  " + ", ".join(notes) if notes else ""),
             "x": sum(x_dom) / 2, "y": y_dom[1], "xref": "paper", "yref": "paper", "xanchor": "center",
             "yanchor": "bottom", "showarrow": False, "font": {"size": 13}})
     layout["annotations"] = annotations
     layout.update(axes)
-    layout["margin"]["r"] = 90
     return go.Figure(data=traces, layout=layout)
 
 

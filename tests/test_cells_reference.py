@@ -10,6 +10,7 @@ from torch import nn
 
 import seqscope
 from tests import reference as ref
+from tests.examples_runner import run_example
 
 T, B, IN, HID = 7, 4, 3, 5
 
@@ -264,14 +265,7 @@ def test_lbfgs_and_evaluation_calls_are_not_recorded_twice(tmp_path):
 
 
 def test_sine_example_records_both_cells(tmp_path):
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location(
-        "sine_cells", Path(__file__).resolve().parent.parent / "examples" / "sine_cells.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    path = module.main(["--steps", "3", "--every", "1", "--out", str(tmp_path / "sine.h5")])
+    path = run_example("sine_cells", tmp_path, "--steps", "3", "--every", "1")
     with seqscope.open(path) as trace:
         assert trace.layers == ["cell1", "cell2"]
         assert list(trace.steps) == [0, 1, 2]

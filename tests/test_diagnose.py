@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,18 +16,7 @@ from seqscope.cli import main as cli_main
 from seqscope.diagnose import diagnose
 from seqscope.diagnose.rules import FLOAT32_RESOLUTION, horizon, loss_plateaued
 from seqscope.trace.reader import Series
-
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-
-
-def run_example(name: str, tmp_path: Path, *args: str) -> Path:
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    out = tmp_path / f"{name}.h5"
-    module.main(["--out", str(out), *args])
-    return out
+from tests.examples_runner import run_example
 
 
 def kinds(findings, severity=None):

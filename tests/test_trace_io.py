@@ -14,6 +14,7 @@ from torch import nn
 import seqscope
 from seqscope.cli import main as cli_main
 from seqscope.errors import NotATraceError, NotInTraceError, TraceNotFoundError, TraceVersionError
+from tests.examples_runner import run_example
 
 
 @pytest.fixture(scope="module")
@@ -112,14 +113,7 @@ def test_demo_and_example_write_traces(tmp_path, capsys):
     with seqscope.open(out) as trace:
         assert list(trace.steps) == [0, 5, 10]
         assert trace.layers == ["rnn.l0", "rnn.l1"]
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location(
-        "train_lstm", Path(__file__).resolve().parent.parent / "examples" / "train_lstm.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    path = module.main(["--steps", "6", "--every", "2", "--out", str(tmp_path / "ex.h5")])
+    path = run_example("train_lstm", tmp_path, "--steps", "6", "--every", "2")
     with seqscope.open(path) as trace:
         assert list(trace.steps) == [0, 2, 4]
         assert set(trace.gates("rnn.l1", 4)) == {"input", "forget", "cell", "output"}

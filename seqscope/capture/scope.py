@@ -486,39 +486,35 @@ class Scope:
 
     def _build_record(self, step: StepState) -> StepRecord:
         items: list[tuple[int, str, torch.Tensor]] = []  # (layer id, field, [sequence, time, ...] tensor)
+        checked: list[list[torch.Tensor]] = []  # per capture: its arrays in the model's own dtype
         n_time = n_seq = 0
         for cap in step.captures:
             dtype = cap.hidden.dtype
-
-            def add(field: str, t: torch.Tensor | None, cap: LayerCapture = cap, dtype: torch.dtype = dtype) -> None:
-                if t is None:
-                    return
+            fields = ((schema.FIELD_HIDDEN, cap.hidden), (schema.FIELD_CELL, cap.cell), (schema.FIELD_GATES, cap.gates),
+                      (schema.FIELD_GRAD_HIDDEN, cap.grad_hidden), (schema.FIELD_GRAD_CELL, cap.grad_cell),
+                      (schema.FIELD_PROPAGATION, cap.propagation))
+            present = [(field, t) for field, t in fields if t is not None]
+            for field, t in present:
                 if field in schema.BULK_FIELDS:
                     t = t.to(self._storage_dtype(cap, field, dtype))
                 else:
                     t = t.double()
                 items.append((cap.layer_id, field, t.transpose(0, 1).contiguous()))  # time-major -> [sequence, time]
-
-            add(schema.FIELD_HIDDEN, cap.hidden)
-            add(schema.FIELD_CELL, cap.cell)
-            add(schema.FIELD_GATES, cap.gates)
-            add(schema.FIELD_GRAD_HIDDEN, cap.grad_hidden)
-            add(schema.FIELD_GRAD_CELL, cap.grad_cell)
-            add(schema.FIELD_PROPAGATION, cap.propagation)
+            checked.append([t for _, t in present])
             n_time = max(n_time, cap.hidden.shape[0])
             n_seq = max(n_seq, cap.hidden.shape[1])
+        training = step.phase != schema.PHASE_EVAL
         # NaN/Inf in the model's own values (before any float16 storage): one sum per
-        # array, exact counts only for a layer whose sums are not finite
-        checked = [[t for t in (cap.hidden, cap.cell, cap.gates, cap.grad_hidden, cap.grad_cell, cap.propagation)
-                    if t is not None] for cap in step.captures]
-        probes = [torch.stack([_finite_probe(t) for t in ts]).sum() for ts in checked]
+        # array, queued before the host copy; exact counts only for a layer whose sums
+        # are not finite. Evaluation passes record no scalars.
+        probes = [torch.stack([_finite_probe(t) for t in ts]).sum() for ts in checked] if training else []
         arrays = [ArrayRecord(step.step, lid, field, arr, step.phase) for (lid, field, arr) in _to_host(items)]
         for cap in step.captures:
             for field, ints in ((schema.FIELD_LENGTHS, cap.lengths), (schema.FIELD_SEQUENCE_INDEX, cap.sequence_index)):
                 arrays.append(ArrayRecord(step.step, cap.layer_id, field, ints.numpy().astype(np.int64), step.phase))
         extra: list[tuple[int, str, Any]] = []
         deferred: list[tuple[int, int, Callable[[], float]]] = []
-        if step.phase == schema.PHASE_EVAL:
+        if not training:
             # an evaluation pass adds arrays only: its scalars would collide with the
             # training step of the same number, and logged scalars belong to training
             step_row = (step.step, step.wall_time, step.batch_size, n_time, n_seq, step.phase)
@@ -547,7 +543,7 @@ def _sigma_max(matrix: np.ndarray) -> float:
     largest eigenvalue of its Gram matrix (cheaper than a full SVD). The Gram
     product runs in the matrix's own precision (float32: relative error of the
     result ~1e-7 against a float64 SVD, measured up to 2048x512, including badly
-    scaled matrices), the eigensolver in float64.
+    scaled matrices; float64 where float32 overflows), the eigensolver in float64.
 
     Runs on the writer thread with numpy's BLAS held to one thread: a second
     thread team (torch's OpenMP, or OpenBLAS workers that spin after each call)
@@ -556,16 +552,16 @@ def _sigma_max(matrix: np.ndarray) -> float:
     if matrix.size == 0:
         return float("nan")  # a user-written cell without a recurrent weight matrix
     with _blas_controller().limit(limits=1, user_api="blas"):
-        w = matrix if matrix.dtype == np.float64 else matrix.astype(np.float32)
-        with np.errstate(over="ignore", invalid="ignore"):
-            gram = w.T @ w if w.shape[0] >= w.shape[1] else w @ w.T
-        if not np.isfinite(gram).all():  # float32 overflow (exploding weights): float64 throughout
-            w = matrix.astype(np.float64)
+        # float32 overflows for exploding weights: then float64 throughout
+        precisions: tuple[type[np.floating[Any]], ...] = (
+            (np.float64,) if matrix.dtype == np.float64 else (np.float32, np.float64))
+        for precision in precisions:
+            w = matrix.astype(precision, copy=False)
             with np.errstate(over="ignore", invalid="ignore"):
                 gram = w.T @ w if w.shape[0] >= w.shape[1] else w @ w.T
-            if not np.isfinite(gram).all():
-                return float("inf") if np.isfinite(matrix).all() else float("nan")
-        return float(np.sqrt(max(np.linalg.eigvalsh(gram.astype(np.float64))[-1], 0.0)))
+            if np.isfinite(gram).all():
+                return float(np.sqrt(max(np.linalg.eigvalsh(gram.astype(np.float64))[-1], 0.0)))
+    return float("inf") if np.isfinite(matrix).all() else float("nan")
 
 
 @functools.lru_cache(maxsize=1)
