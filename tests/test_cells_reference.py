@@ -135,7 +135,7 @@ CASES = [(k, s, f) for k in ("lstm", "gru", "rnn_tanh", "rnn_relu") for (s, f) i
 
 @pytest.mark.parametrize("kind,stacked,future", CASES,
                          ids=[f"{k}-{'stacked-future' if s else 'single'}" for k, s, f in CASES])
-def test_cell_loop_matches_reference(kind, stacked, future, tmp_path):
+def test_cell_loop_matches_reference(kind, stacked, future, tmp_path, scan_path):
     torch.manual_seed(0)
     model = Loop(kind, stacked, future)
     g = torch.Generator().manual_seed(1)

@@ -136,7 +136,7 @@ def _tol(cfg: Config):
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=[c.id for c in CONFIGS])
-def test_recorded_numbers_match_unrolled_reference(cfg: Config, tmp_path):
+def test_recorded_numbers_match_unrolled_reference(cfg: Config, tmp_path, scan_path):
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(1)
     module = make_module(cfg)

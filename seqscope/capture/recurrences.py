@@ -42,10 +42,14 @@ is one matrix product and a few in-place elementwise ops.
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import torch
 
+from seqscope.capture import native
 from seqscope.trace import schema
+
+log = logging.getLogger("seqscope")
 
 
 @dataclasses.dataclass
@@ -188,7 +192,25 @@ def backward_scan(
     the propagation seed) that share one pass over time. Returns dL/dh_t and
     (LSTM) dL/dc_t in the same shapes. Padded timesteps must carry zero external
     gradient; their factors are zero, so nothing flows through them.
+
+    On the CPU the compiled scan (capture.native) runs the same recurrence when it
+    is available; this eager one is the fallback and the tests' second path.
     """
+    if native.supports(ext_h):
+        try:
+            return native.backward_scan(details.kind, w.w_hh, w.w_hr, details.factors, ext_h, ext_c)
+        except ValueError as exc:  # a layout the compiled scan does not take: run the eager one
+            log.debug("seqscope: %s", exc)
+    return eager_backward_scan(w, details, ext_h, ext_c)
+
+
+def eager_backward_scan(
+    w: LayerWeights,
+    details: ForwardDetails,
+    ext_h: torch.Tensor,
+    ext_c: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """backward_scan in PyTorch calls: any device and dtype."""
     n_time, reps, n_seq = ext_h.shape[:3]
     rows = reps * n_seq
     # rows = (R, sequence) flattened, so every product in the loop is a 2-D mm

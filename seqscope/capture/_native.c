@@ -1,0 +1,118 @@
+/* Backpropagation-through-time scans of recurrences.py, compiled.
+ *
+ * The same recurrences as recurrences.backward_scan (its docstring has the
+ * equations), in the same order of operations per timestep: the elementwise
+ * work of a timestep is one pass in C instead of four or five PyTorch calls,
+ * and the one matrix product per timestep is the BLAS sgemm that PyTorch itself
+ * links (passed in as a function pointer), so the loop never returns to Python.
+ *
+ * Built twice by native.py: -DSCALAR=float -DNAME(x)=x##_f32 (with sgemm) and
+ * -DSCALAR=double -DNAME(x)=x##_f64 (with dgemm).
+ *
+ * Layout: row-major SCALAR. Sequence tensors are time-major [T, rows, unit]
+ * with rows = R * S ordered (seed, sequence); per-sequence factors are
+ * [T, S, ...] and row r uses sequence r % S. The caller (native.py) checks every
+ * shape, dtype and contiguity before calling; nothing here allocates.
+ */
+#include <stddef.h>
+
+#ifndef SCALAR
+#error "build with -DSCALAR=float or -DSCALAR=double (see native.py)"
+#endif
+
+typedef SCALAR real;
+typedef void (*gemm_f)(const char *transa, const char *transb, const int *m, const int *n, const int *k,
+                       const real *alpha, const real *a, const int *lda, const real *b, const int *ldb,
+                       const real *beta, real *c, const int *ldc);
+
+/* c[rows, n] = beta * c + a[rows, k] @ b[k, n], row-major: column-major BLAS
+ * computes c^T = b^T a^T on the same memory. */
+static void gemm_rm(gemm_f gemm, int rows, int n, int k, const real *a, const real *b, real beta, real *c) {
+    const real one = 1;
+    gemm("N", "N", &n, &rows, &k, &one, b, &n, a, &k, &beta, c, &n);
+}
+
+/* LSTM. dh [T, rows, P] holds the external gradients e_t on entry and dL/dh_t
+ * on return; dc [T, rows, H] likewise (e^c_t, then dL/dc_t). Factors A, F, Bo
+ * [T, S, H], P3 [T, S, 3, H]; w_hh [4H, P]; w_hr [P, H] or NULL (then P == H);
+ * work: dpre [rows, 4H], dm [rows, H] (unused without w_hr). */
+int NAME(seqscope_lstm_scan)(gemm_f gemm, int T, int R, int S, int H, int P, real *dh, real *dc, const real *A,
+                       const real *F, const real *P3, const real *Bo, const real *w_hh, const real *w_hr,
+                       real *dpre, real *dm_work) {
+    const int rows = R * S;
+    for (int t = T - 1; t >= 0; --t) {
+        real *dh_t = dh + (size_t)t * rows * P;
+        real *dc_t = dc + (size_t)t * rows * H;
+        if (w_hr != NULL) gemm_rm(gemm, rows, H, P, dh_t, w_hr, 0, dm_work); /* dm = dh W_hr */
+        for (int r = 0; r < rows; ++r) {
+            const int s = r % S;
+            const size_t off = ((size_t)t * S + s) * H;
+            const real *a = A + off, *f = F + off, *bo = Bo + off;
+            const real *p3 = P3 + ((size_t)t * S + s) * 3 * H;
+            const real *dm = w_hr != NULL ? dm_work + (size_t)r * H : dh_t + (size_t)r * P;
+            real *dcr = dc_t + (size_t)r * H;
+            real *dp = dpre + (size_t)r * 4 * H;
+            for (int u = 0; u < H; ++u) {
+                const real m = dm[u];
+                const real c = dcr[u] + m * a[u]; /* dc_t += dm_t A_t */
+                dcr[u] = c;
+                dp[u] = p3[u] * c; /* da_t[i, f, g] = dc_t P3_t */
+                dp[H + u] = p3[H + u] * c;
+                dp[2 * H + u] = p3[2 * H + u] * c;
+                dp[3 * H + u] = m * bo[u]; /* da_t[o] = dm_t Bo_t */
+            }
+            if (t > 0) { /* dc_{t-1} += f_t dc_t */
+                real *dcq = dcr - (size_t)rows * H;
+                for (int u = 0; u < H; ++u) dcq[u] += f[u] * dcr[u];
+            }
+        }
+        if (t > 0) gemm_rm(gemm, rows, P, 4 * H, dpre, w_hh, 1, dh_t - (size_t)rows * P); /* += W_hh^T da_t */
+    }
+    return 0;
+}
+
+/* GRU. dh [T, rows, H] (e_t in, dL/dh_t out); F3 [T, S, 3, H], Z [T, S, H];
+ * w_hh [3H, H]; work: dpre [rows, 3H]. */
+int NAME(seqscope_gru_scan)(gemm_f gemm, int T, int R, int S, int H, real *dh, const real *F3, const real *Z,
+                      const real *w_hh, real *dpre) {
+    const int rows = R * S;
+    for (int t = T - 1; t > 0; --t) {
+        real *dh_t = dh + (size_t)t * rows * H;
+        real *dh_p = dh_t - (size_t)rows * H;
+        for (int r = 0; r < rows; ++r) {
+            const int s = r % S;
+            const real *f3 = F3 + ((size_t)t * S + s) * 3 * H;
+            const real *z = Z + ((size_t)t * S + s) * H;
+            const real *d = dh_t + (size_t)r * H;
+            real *q = dh_p + (size_t)r * H;
+            real *dp = dpre + (size_t)r * 3 * H;
+            for (int u = 0; u < H; ++u) {
+                const real g = d[u];
+                dp[u] = f3[u] * g;
+                dp[H + u] = f3[H + u] * g;
+                dp[2 * H + u] = f3[2 * H + u] * g;
+                q[u] += g * z[u]; /* dh_{t-1} += z_t dh_t */
+            }
+        }
+        gemm_rm(gemm, rows, H, 3 * H, dpre, w_hh, 1, dh_p); /* += W_hh^T (dh_t F3_t) */
+    }
+    return 0;
+}
+
+/* Plain RNN. dh [T, rows, H] (e_t in, dL/dh_t out); D [T, S, H] = act'(a_t);
+ * w_hh [H, H]; work: da [rows, H]. */
+int NAME(seqscope_rnn_scan)(gemm_f gemm, int T, int R, int S, int H, real *dh, const real *D, const real *w_hh,
+                      real *da) {
+    const int rows = R * S;
+    for (int t = T - 1; t > 0; --t) {
+        real *dh_t = dh + (size_t)t * rows * H;
+        for (int r = 0; r < rows; ++r) {
+            const real *d = D + ((size_t)t * S + r % S) * H;
+            const real *g = dh_t + (size_t)r * H;
+            real *o = da + (size_t)r * H;
+            for (int u = 0; u < H; ++u) o[u] = g[u] * d[u];
+        }
+        gemm_rm(gemm, rows, H, H, da, w_hh, 1, dh_t - (size_t)rows * H);
+    }
+    return 0;
+}

@@ -1,0 +1,222 @@
+"""Compiled BPTT scans (``_native.c``), built on first use; optional.
+
+The eager PyTorch scans in ``recurrences.backward_scan`` are the reference and
+the fallback. On the CPU, at small layer sizes, most of their time is PyTorch's
+per-call overhead (four or five elementwise calls and one product per timestep,
+~20 us a timestep); the compiled loop does the same arithmetic in one pass per
+timestep and calls the BLAS that PyTorch itself links, so it never returns to
+Python (LSTM B16 T50 H64: 1.1 -> 0.44 ms; T100 H256: 16 -> 9 ms).
+
+Used for float32 and float64 tensors on the CPU when a C compiler (``$CC``,
+``cc``, ``gcc`` or ``clang``) and PyTorch's exported ``sgemm_``/``dgemm_`` are
+found. The shared libraries are cached in ``$SEQSCOPE_CACHE_DIR`` (default
+``~/.cache/seqscope``) under a name that hashes the source, the compiler and the
+platform. ``SEQSCOPE_NATIVE=0`` turns them off. Anything missing or failing
+means the eager scan runs: recording never depends on this module.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger("seqscope")
+
+_SOURCE = Path(__file__).with_name("_native.c")
+_TYPES = {torch.float32: ("f32", "float", "sgemm_"), torch.float64: ("f64", "double", "dgemm_")}
+_lock = threading.Lock()
+# dtype -> (scan functions by kind name, address of the matching gemm)
+_loaded: dict[torch.dtype, tuple[dict[str, Any], int]] | None = None
+_reason = "not tried yet"
+
+
+def status() -> str:
+    """One line: whether the compiled scans are in use, and if not, why."""
+    _load()
+    return "compiled scans in use" if _loaded else f"compiled scans off: {_reason}"
+
+
+def enabled() -> bool:
+    return bool(_load())
+
+
+def _load() -> dict[torch.dtype, tuple[dict[str, Any], int]]:
+    """Build (or find in the cache) and load the libraries, once per process."""
+    global _loaded, _reason
+    if _loaded is not None:
+        return _loaded
+    with _lock:
+        if _loaded is None:
+            try:
+                _loaded = _build_and_load()
+                _reason = ""
+            except Exception as exc:  # noqa: BLE001 - any failure means: use the eager scan
+                _loaded = {}
+                _reason = " ".join(str(exc).split()) or type(exc).__name__
+                log.debug("seqscope: %s", _reason)
+    return _loaded
+
+
+def _torch_blas() -> ctypes.CDLL:
+    """PyTorch's CPU library, which exports the BLAS it was built with."""
+    lib_dir = Path(torch.__file__).parent / "lib"
+    for name in ("libtorch_cpu.so", "libtorch_cpu.dylib", "torch_cpu.dll"):
+        if (lib_dir / name).exists():
+            return ctypes.CDLL(str(lib_dir / name))
+    raise RuntimeError(f"no libtorch_cpu in {lib_dir}")
+
+
+def _compiler() -> str:
+    for candidate in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if candidate and shutil.which(candidate):
+            return str(shutil.which(candidate))
+    raise RuntimeError("no C compiler found (set CC, or install gcc)")
+
+
+def _cache_dir() -> Path:
+    configured = os.environ.get("SEQSCOPE_CACHE_DIR")
+    xdg = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    base = Path(configured) if configured else xdg / "seqscope"
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=base, delete=True)
+        probe.close()
+        return base
+    except OSError:
+        return Path(tempfile.mkdtemp(prefix="seqscope-native-"))
+
+
+def _build_and_load() -> dict[torch.dtype, tuple[dict[str, Any], int]]:
+    if os.environ.get("SEQSCOPE_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+        raise RuntimeError("SEQSCOPE_NATIVE=0")
+    blas = _torch_blas()
+    cc = _compiler()
+    source = _SOURCE.read_bytes()
+    key = hashlib.sha256(source + "|".join([cc, sys.platform, platform.machine()]).encode()).hexdigest()[:16]
+    cache = _cache_dir()
+    out: dict[torch.dtype, tuple[dict[str, Any], int]] = {}
+    for dtype, (suffix, scalar, gemm_name) in _TYPES.items():
+        gemm = ctypes.cast(getattr(blas, gemm_name), ctypes.c_void_p).value
+        if not gemm:
+            raise RuntimeError(f"PyTorch's library exports no {gemm_name}")
+        target = cache / f"scan-{key}-{suffix}.so"
+        if not target.exists():
+            fd, tmp = tempfile.mkstemp(dir=cache, suffix=".so")
+            os.close(fd)
+            try:
+                run = subprocess.run(
+                    [cc, "-O3", "-shared", "-fPIC", f"-DSCALAR={scalar}", f"-DNAME(x)=x##_{suffix}",
+                     "-o", tmp, str(_SOURCE)],
+                    capture_output=True, text=True, timeout=120, check=False,
+                )
+                if run.returncode != 0:
+                    first = (run.stderr or run.stdout).strip().splitlines()
+                    raise RuntimeError(f"{Path(cc).name} failed: {first[0] if first else run.returncode}")
+                os.replace(tmp, target)  # atomic: processes building at once each leave a whole file
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        lib = ctypes.CDLL(str(target))
+        p, i = ctypes.c_void_p, ctypes.c_int
+        # every argument typed: an untyped Python int would be passed as a 32-bit int
+        signatures = {"lstm": [p, i, i, i, i, i] + [p] * 10, "gru": [p, i, i, i, i] + [p] * 5,
+                      "rnn": [p, i, i, i, i] + [p] * 4}
+        funcs = {}
+        for name, argtypes in signatures.items():
+            func = getattr(lib, f"seqscope_{name}_scan_{suffix}")
+            func.argtypes, func.restype = argtypes, ctypes.c_int
+            funcs[name] = func
+        out[dtype] = (funcs, gemm)
+    return out
+
+
+class _Check:
+    """Shape, dtype, device and layout checks before raw pointers go to C: a
+    mismatch raises (the caller then runs the eager scan), never reaches C."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+
+    def __call__(self, t: torch.Tensor | None, shape: tuple[int, ...]) -> int:
+        if t is None:
+            return 0
+        if (t.device.type != "cpu" or t.dtype != self.dtype or tuple(t.shape) != shape
+                or not t.is_contiguous() or t.data_ptr() == 0):
+            raise ValueError(f"native scan: expected {self.dtype} {shape} contiguous on the CPU, "
+                             f"got {t.dtype} {tuple(t.shape)} on {t.device}")
+        return int(t.data_ptr())
+
+
+def supports(ext_h: torch.Tensor) -> bool:
+    """Whether the compiled scan can run on these external gradients."""
+    return ext_h.device.type == "cpu" and ext_h.dtype in _TYPES and bool(_load().get(ext_h.dtype))
+
+
+def backward_scan(
+    kind: str,
+    w_hh: torch.Tensor,
+    w_hr: torch.Tensor | None,
+    factors: dict[str, torch.Tensor],
+    ext_h: torch.Tensor,
+    ext_c: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """recurrences.backward_scan, compiled; same arguments and results."""
+    from seqscope.trace import schema
+
+    funcs, gemm = _load()[ext_h.dtype]
+    n_time, reps, n_seq, out_size = ext_h.shape
+    rows = reps * n_seq
+    check = _Check(ext_h.dtype)
+    f = {k: v.contiguous() for k, v in factors.items()}
+    dh = ext_h.reshape(n_time, rows, out_size).clone(memory_format=torch.contiguous_format)
+    w_hh = w_hh.contiguous()
+    if kind == schema.KIND_LSTM:
+        hidden = f["A"].shape[-1]
+        w_hr = None if w_hr is None else w_hr.contiguous()
+        if w_hr is None and hidden != out_size:
+            raise ValueError("native scan: LSTM output size differs from hidden size without W_hr")
+        if ext_c is not None:
+            dc = ext_c.reshape(n_time, rows, hidden).clone(memory_format=torch.contiguous_format)
+        else:
+            dc = ext_h.new_zeros((n_time, rows, hidden))
+        dpre = ext_h.new_empty((rows, 4 * hidden))
+        dm = ext_h.new_empty((rows, hidden)) if w_hr is not None else None
+        per_seq = (n_time, n_seq, hidden)
+        args: list[Any] = [
+            gemm, n_time, reps, n_seq, hidden, out_size,
+            check(dh, (n_time, rows, out_size)), check(dc, (n_time, rows, hidden)),
+            check(f["A"], per_seq), check(f["F"], per_seq), check(f["P3"], (n_time, n_seq, 3, hidden)),
+            check(f["Bo"], per_seq), check(w_hh, (4 * hidden, out_size)),
+            check(w_hr, (out_size, hidden)), check(dpre, (rows, 4 * hidden)),
+            check(dm, (rows, hidden)),
+        ]
+        funcs["lstm"](*args)
+        return dh.view(ext_h.shape), dc.view(n_time, reps, n_seq, hidden)
+    if kind == schema.KIND_GRU:
+        per_seq = (n_time, n_seq, out_size)
+        dpre = ext_h.new_empty((rows, 3 * out_size))
+        funcs["gru"](
+            gemm, n_time, reps, n_seq, out_size, check(dh, (n_time, rows, out_size)),
+            check(f["F3"], (n_time, n_seq, 3, out_size)), check(f["Z"], per_seq),
+            check(w_hh, (3 * out_size, out_size)), check(dpre, (rows, 3 * out_size)))
+        return dh.view(ext_h.shape), None
+    if kind in (schema.KIND_RNN_TANH, schema.KIND_RNN_RELU):
+        da = ext_h.new_empty((rows, out_size))
+        funcs["rnn"](
+            gemm, n_time, reps, n_seq, out_size, check(dh, (n_time, rows, out_size)),
+            check(f["D"], (n_time, n_seq, out_size)), check(w_hh, (out_size, out_size)),
+            check(da, (rows, out_size)))
+        return dh.view(ext_h.shape), None
+    raise ValueError(f"native scan: unknown kind {kind!r}")

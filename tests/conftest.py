@@ -1,0 +1,40 @@
+"""Shared fixtures."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from seqscope.capture import native
+
+
+@pytest.fixture(params=["compiled", "eager"])
+def scan_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """Runs a test once with the compiled BPTT scan (capture.native) and once
+    with the eager PyTorch one, and checks afterwards that the path asked for
+    is the one that ran. Without a C compiler the compiled run skips locally,
+    and fails where SEQSCOPE_REQUIRE_NATIVE=1 (CI)."""
+    calls = []
+    compiled = native.backward_scan
+
+    def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return compiled(*args, **kwargs)
+
+    if request.param == "compiled":
+        if not native.enabled():
+            message = native.status()
+            if os.environ.get("SEQSCOPE_REQUIRE_NATIVE") == "1":
+                pytest.fail(message)
+            pytest.skip(message)
+        monkeypatch.setattr(native, "backward_scan", counting)
+    else:
+        monkeypatch.setattr(native, "supports", lambda ext_h: False)
+        monkeypatch.setattr(native, "backward_scan", counting)
+    yield request.param
+    if request.param == "compiled":
+        assert calls, "the compiled scan never ran"
+    else:
+        assert not calls, "the compiled scan ran although the eager one was asked for"

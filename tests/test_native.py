@@ -1,0 +1,90 @@
+"""The compiled BPTT scans (capture.native): what happens around them. Their
+numbers are checked against the unrolled autograd reference by every test that
+takes the scan_path fixture (test_fused_reference, test_cells_reference), once
+per path."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from seqscope.capture import native
+from seqscope.capture import recurrences as rec
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# records one step of a small LSTM and prints the scan status and the first gradient norm
+RECORD = textwrap.dedent("""
+    import sys, torch, seqscope
+    from seqscope.capture import native
+    torch.manual_seed(0)
+    m = torch.nn.LSTM(3, 5)
+    with seqscope.watch(m, sys.argv[1], every=1) as scope:
+        out, _ = m(torch.randn(7, 2, 3))
+        out.pow(2).sum().backward()
+    with seqscope.open(sys.argv[1]) as trace:
+        print(native.status())
+        print(float(trace.grad_norms("lstm.l0", 0)["hidden"][0, 0]))
+""")
+
+
+def _record(tmp_path: Path, name: str, **env: str) -> list[str]:
+    full = {**os.environ, "SEQSCOPE_CACHE_DIR": str(tmp_path / f"cache-{name}"), **env}
+    run = subprocess.run([sys.executable, "-c", RECORD, str(tmp_path / f"{name}.h5")], env=full, cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    return run.stdout.strip().splitlines()
+
+
+def test_without_a_compiler_or_when_turned_off_the_eager_scan_records_the_same(tmp_path):
+    if not native.enabled():
+        pytest.skip(native.status())
+    compiled = _record(tmp_path, "compiled")
+    broken = _record(tmp_path, "broken", CC="false", PATH="/nonexistent")
+    failing = _record(tmp_path, "failing", CC="/bin/false")
+    off = _record(tmp_path, "off", SEQSCOPE_NATIVE="0")
+    assert compiled[0] == "compiled scans in use"
+    assert broken[0].startswith("compiled scans off: no C compiler")
+    assert failing[0].startswith("compiled scans off: false failed")
+    assert float(failing[1]) == pytest.approx(float(compiled[1]), rel=1e-5)
+    assert off[0] == "compiled scans off: SEQSCOPE_NATIVE=0"
+    assert float(broken[1]) == pytest.approx(float(compiled[1]), rel=1e-5)
+    assert float(off[1]) == pytest.approx(float(compiled[1]), rel=1e-5)
+
+
+def test_processes_building_at_once_share_the_cache(tmp_path):
+    if not native.enabled():
+        pytest.skip(native.status())
+    env = {**os.environ, "SEQSCOPE_CACHE_DIR": str(tmp_path / "cache")}
+    code = "from seqscope.capture import native; print(native.status())"
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    outs = [p.communicate(timeout=300)[0].strip() for p in procs]
+    assert outs == ["compiled scans in use"] * 3
+    assert sorted(p.suffix for p in (tmp_path / "cache").iterdir()) == [".so", ".so"]  # no temporary files left
+
+
+def test_a_layout_the_compiled_scan_does_not_take_runs_the_eager_one():
+    if not native.enabled():
+        pytest.skip(native.status())
+    torch.manual_seed(0)
+    t, s, h = 6, 3, 4
+    w = rec.LayerWeights("gru", torch.randn(3 * h, 2), torch.randn(3 * h, h), None, None)
+    details = rec.forward_details(w, torch.randn(t, s, 2), torch.rand(t, s, h), torch.zeros(s, h), None, None)
+    ext = torch.randn(t, 2, s, h)
+    want = rec.eager_backward_scan(w, details, ext, None)[0]
+    # a factor of the wrong shape: refused before any pointer reaches C
+    bad = rec.ForwardDetails("gru", details.gates, None, {**details.factors, "Z": details.factors["Z"][:, :2]})
+    with pytest.raises(ValueError, match="native scan"):
+        native.backward_scan("gru", w.w_hh, None, bad.factors, ext, None)
+    # a non-contiguous weight is copied, not refused
+    w_t = rec.LayerWeights("gru", w.w_ih, w.w_hh.t().contiguous().t(), None, None)
+    torch.testing.assert_close(rec.backward_scan(w_t, details, ext, None)[0], want, rtol=1e-5, atol=1e-6)
+    # float16 is not compiled: the eager scan runs
+    assert not native.supports(ext.half())
