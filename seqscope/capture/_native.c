@@ -26,10 +26,15 @@ typedef void (*gemm_f)(const char *transa, const char *transb, const int *m, con
                        const real *beta, real *c, const int *ldc);
 
 /* c[rows, n] = beta * c + a[rows, k] @ b[k, n], row-major: column-major BLAS
- * computes c^T = b^T a^T on the same memory. */
+ * computes c^T = b^T a^T on the same memory. The sizes are passed in 64-bit
+ * slots: a BLAS with 32-bit integers reads their low half, one with 64-bit
+ * integers (ILP64) the whole, and both read the right value (little-endian;
+ * native.py checks the results against the eager scan before first use). */
 static void gemm_rm(gemm_f gemm, int rows, int n, int k, const real *a, const real *b, real beta, real *c) {
     const real one = 1;
-    gemm("N", "N", &n, &rows, &k, &one, b, &n, a, &k, &beta, c, &n);
+    const long long m64 = n, n64 = rows, k64 = k;
+    gemm("N", "N", (const int *)&m64, (const int *)&n64, (const int *)&k64, &one, b, (const int *)&m64, a,
+         (const int *)&k64, &beta, c, (const int *)&m64);
 }
 
 /* LSTM. dh [T, rows, P] holds the external gradients e_t on entry and dL/dh_t

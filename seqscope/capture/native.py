@@ -139,7 +139,40 @@ def _build_and_load() -> dict[torch.dtype, tuple[dict[str, Any], int]]:
             func.argtypes, func.restype = argtypes, ctypes.c_int
             funcs[name] = func
         out[dtype] = (funcs, gemm)
+    if sys.byteorder != "little":
+        raise RuntimeError("compiled scans are built for little-endian machines only")
+    _self_test(out)
     return out
+
+
+def _self_test(loaded: dict[torch.dtype, tuple[dict[str, Any], int]]) -> None:
+    """Each compiled scan against the eager one on a small problem with
+    padding, before any real use: a BLAS that takes other arguments than the
+    ones passed, or a miscompiled library, turns the compiled scans off."""
+    from seqscope.capture import recurrences as rec
+
+    gen = torch.Generator().manual_seed(0)
+    n_time, n_seq, n_in, hidden, proj = 5, 3, 2, 4, 3
+    valid = torch.arange(n_time).unsqueeze(1) < torch.tensor([5, 3, 1]).unsqueeze(0)
+    for dtype in loaded:
+        for kind, gates, out_size in (("lstm", 4, hidden), ("lstm", 4, proj), ("gru", 3, hidden),
+                                      ("rnn_tanh", 1, hidden)):
+            def rand(*shape: int, dtype: torch.dtype = dtype) -> torch.Tensor:
+                return torch.randn(*shape, generator=gen, dtype=dtype)
+
+            w = rec.LayerWeights(kind, rand(gates * hidden, n_in), rand(gates * hidden, out_size), rand(gates * hidden),
+                                 None, rand(out_size, hidden) if out_size != hidden else None)
+            h = torch.tanh(rand(n_time, n_seq, out_size))
+            details = rec.forward_details(w, rand(n_time, n_seq, n_in), h, rand(n_seq, out_size),
+                                          rand(n_seq, hidden) if kind == "lstm" else None, valid)
+            mask = valid.to(dtype)[:, None, :, None]
+            ext_h = rand(n_time, 2, n_seq, out_size) * mask
+            ext_c = rand(n_time, 2, n_seq, hidden) * mask if kind == "lstm" else None
+            want = rec.eager_backward_scan(w, details, ext_h, ext_c)
+            got = backward_scan(kind, w.w_hh, w.w_hr, details.factors, ext_h, ext_c, loaded)
+            for a, b in zip(got, want):
+                if a is not None and b is not None and not torch.allclose(a, b, rtol=1e-4, atol=1e-5):
+                    raise RuntimeError(f"compiled {kind} scan ({dtype}) disagrees with the eager one")
 
 
 class _Check:
@@ -171,11 +204,12 @@ def backward_scan(
     factors: dict[str, torch.Tensor],
     ext_h: torch.Tensor,
     ext_c: torch.Tensor | None,
+    loaded: dict[torch.dtype, tuple[dict[str, Any], int]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """recurrences.backward_scan, compiled; same arguments and results."""
     from seqscope.trace import schema
 
-    funcs, gemm = _load()[ext_h.dtype]
+    funcs, gemm = (loaded if loaded is not None else _load())[ext_h.dtype]
     n_time, reps, n_seq, out_size = ext_h.shape
     rows = reps * n_seq
     check = _Check(ext_h.dtype)

@@ -17,6 +17,7 @@ import functools
 import logging
 import math
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -28,6 +29,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from seqscope import schedules
+from seqscope.capture import native
 from seqscope.capture.cells import CELL_TYPES, CellRecorder, CustomCellRecorder, GatesFn
 from seqscope.capture.fused import (
     FUSED_TYPES,
@@ -139,6 +141,9 @@ class Scope:
             "model": type(model).__name__,
         }
         self.writer = TraceWriter(self.path, config, max_bytes=max_bytes)
+        # build (or load from the cache) the compiled scans now, off the training
+        # thread, so that the first recorded step does not wait for the compiler
+        threading.Thread(target=native.enabled, name="seqscope-native", daemon=True).start()
         try:
             self._install()
         except BaseException:
