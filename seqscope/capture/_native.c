@@ -121,3 +121,49 @@ int NAME(seqscope_rnn_scan)(gemm_f gemm, int T, int R, int S, int H, real *dh, c
     }
     return 0;
 }
+
+/* LSTM cell states from the activated gates [T, S, 4, H] (rows i, f, g, o):
+ * c_t = f_t c_{t-1} + i_t g_t, from c0 [S, H]; cell [T, S, H] out. */
+int NAME(seqscope_lstm_cells)(int T, int S, int H, const real *gates, const real *c0, real *cell) {
+    for (int t = 0; t < T; ++t) {
+        for (int s = 0; s < S; ++s) {
+            const real *g4 = gates + ((size_t)t * S + s) * 4 * H;
+            const real *prev = t > 0 ? cell + ((size_t)(t - 1) * S + s) * H : c0 + (size_t)s * H;
+            real *c = cell + ((size_t)t * S + s) * H;
+            for (int u = 0; u < H; ++u) c[u] = g4[H + u] * prev[u] + g4[u] * g4[2 * H + u];
+        }
+    }
+    return 0;
+}
+
+/* The LSTM scan's factors (recurrences.forward_details): from the gates
+ * [T, S, 4, H], tanh(c_t) and c_{t-1} [T, S, H] (c_prev NULL: the cell states
+ * shifted by one, c0 first). valid [T, S] (NULL: no padding) zeroes every factor
+ * on padding. Out: A, F, Bo [T, S, H], P3 [T, S, 3, H]. */
+int NAME(seqscope_lstm_factors)(int T, int S, int H, const real *gates, const real *tc, const real *cell,
+                                const real *c0, const real *c_prev, const unsigned char *valid, real *A, real *F,
+                                real *P3, real *Bo) {
+    for (int t = 0; t < T; ++t) {
+        for (int s = 0; s < S; ++s) {
+            const size_t ts = (size_t)t * S + s, off = ts * H;
+            real *a = A + off, *f = F + off, *bo = Bo + off, *p3 = P3 + ts * 3 * H;
+            if (valid != NULL && !valid[ts]) {
+                for (int u = 0; u < H; ++u) a[u] = f[u] = bo[u] = p3[u] = p3[H + u] = p3[2 * H + u] = 0;
+                continue;
+            }
+            const real *g4 = gates + ts * 4 * H, *th = tc + off;
+            const real *cp = c_prev != NULL ? c_prev + off
+                             : (t > 0 ? cell + ((size_t)(t - 1) * S + s) * H : c0 + (size_t)s * H);
+            for (int u = 0; u < H; ++u) {
+                const real i = g4[u], fg = g4[H + u], g = g4[2 * H + u], o = g4[3 * H + u], c = th[u];
+                a[u] = o * (1 - c * c);             /* dc_t += dm_t A_t */
+                p3[u] = g * i * (1 - i);            /* da_t[i] = dc_t P3_t[0] */
+                p3[H + u] = cp[u] * fg * (1 - fg);  /* da_t[f] */
+                p3[2 * H + u] = i * (1 - g * g);    /* da_t[g] */
+                bo[u] = c * o * (1 - o);            /* da_t[o] = dm_t Bo_t */
+                f[u] = fg;                          /* dc_{t-1} += f_t dc_t */
+            }
+        }
+    }
+    return 0;
+}

@@ -131,11 +131,12 @@ def _build_and_load() -> dict[torch.dtype, tuple[dict[str, Any], int]]:
         lib = ctypes.CDLL(str(target))
         p, i = ctypes.c_void_p, ctypes.c_int
         # every argument typed: an untyped Python int would be passed as a 32-bit int
-        signatures = {"lstm": [p, i, i, i, i, i] + [p] * 10, "gru": [p, i, i, i, i] + [p] * 5,
-                      "rnn": [p, i, i, i, i] + [p] * 4}
+        signatures = {"lstm_scan": [p, i, i, i, i, i] + [p] * 10, "gru_scan": [p, i, i, i, i] + [p] * 5,
+                      "rnn_scan": [p, i, i, i, i] + [p] * 4, "lstm_cells": [i, i, i, p, p, p],
+                      "lstm_factors": [i, i, i] + [p] * 10}
         funcs = {}
         for name, argtypes in signatures.items():
-            func = getattr(lib, f"seqscope_{name}_scan_{suffix}")
+            func = getattr(lib, f"seqscope_{name}_{suffix}")
             func.argtypes, func.restype = argtypes, ctypes.c_int
             funcs[name] = func
         out[dtype] = (funcs, gemm)
@@ -163,16 +164,21 @@ def _self_test(loaded: dict[torch.dtype, tuple[dict[str, Any], int]]) -> None:
             w = rec.LayerWeights(kind, rand(gates * hidden, n_in), rand(gates * hidden, out_size), rand(gates * hidden),
                                  None, rand(out_size, hidden) if out_size != hidden else None)
             h = torch.tanh(rand(n_time, n_seq, out_size))
+            c0 = rand(n_seq, hidden)
             details = rec.forward_details(w, rand(n_time, n_seq, n_in), h, rand(n_seq, out_size),
-                                          rand(n_seq, hidden) if kind == "lstm" else None, valid)
+                                          c0 if kind == "lstm" else None, valid, compiled=False)
             mask = valid.to(dtype)[:, None, :, None]
             ext_h = rand(n_time, 2, n_seq, out_size) * mask
             ext_c = rand(n_time, 2, n_seq, hidden) * mask if kind == "lstm" else None
-            want = rec.eager_backward_scan(w, details, ext_h, ext_c)
-            got = backward_scan(kind, w.w_hh, w.w_hr, details.factors, ext_h, ext_c, loaded)
-            for a, b in zip(got, want):
+            pairs = list(zip(backward_scan(kind, w.w_hh, w.w_hr, details.factors, ext_h, ext_c, loaded),
+                             rec.eager_backward_scan(w, details, ext_h, ext_c)))
+            if kind == "lstm":
+                assert details.gates is not None and details.cell is not None
+                cell, factors = lstm_factors(details.gates, c0, None, None, valid, loaded)
+                pairs += [(cell, details.cell)] + [(factors[k], details.factors[k]) for k in sorted(factors)]
+            for a, b in pairs:
                 if a is not None and b is not None and not torch.allclose(a, b, rtol=1e-4, atol=1e-5):
-                    raise RuntimeError(f"compiled {kind} scan ({dtype}) disagrees with the eager one")
+                    raise RuntimeError(f"compiled {kind} recurrence ({dtype}) disagrees with the eager one")
 
 
 class _Check:
@@ -236,21 +242,61 @@ def backward_scan(
             check(w_hr, (out_size, hidden)), check(dpre, (rows, 4 * hidden)),
             check(dm, (rows, hidden)),
         ]
-        funcs["lstm"](*args)
+        funcs["lstm_scan"](*args)
         return dh.view(ext_h.shape), dc.view(n_time, reps, n_seq, hidden)
     if kind == schema.KIND_GRU:
         per_seq = (n_time, n_seq, out_size)
         dpre = ext_h.new_empty((rows, 3 * out_size))
-        funcs["gru"](
+        funcs["gru_scan"](
             gemm, n_time, reps, n_seq, out_size, check(dh, (n_time, rows, out_size)),
             check(f["F3"], (n_time, n_seq, 3, out_size)), check(f["Z"], per_seq),
             check(w_hh, (3 * out_size, out_size)), check(dpre, (rows, 3 * out_size)))
         return dh.view(ext_h.shape), None
     if kind in (schema.KIND_RNN_TANH, schema.KIND_RNN_RELU):
         da = ext_h.new_empty((rows, out_size))
-        funcs["rnn"](
+        funcs["rnn_scan"](
             gemm, n_time, reps, n_seq, out_size, check(dh, (n_time, rows, out_size)),
             check(f["D"], (n_time, n_seq, out_size)), check(w_hh, (out_size, out_size)),
             check(da, (rows, out_size)))
         return dh.view(ext_h.shape), None
     raise ValueError(f"native scan: unknown kind {kind!r}")
+
+
+def lstm_factors(
+    gates: torch.Tensor,
+    c0: torch.Tensor,
+    cell: torch.Tensor | None,
+    c_prev: torch.Tensor | None,
+    valid: torch.Tensor | None,
+    loaded: dict[torch.dtype, tuple[dict[str, Any], int]] | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The LSTM part of recurrences.forward_details after the activations: cell
+    states (unless given) and the scan's factors, in two compiled passes and one
+    PyTorch tanh. Same arguments as there; returns (cell, factors)."""
+    funcs, _ = (loaded if loaded is not None else _load())[gates.dtype]
+    n_time, n_seq, four, hidden = gates.shape
+    if four != 4:
+        raise ValueError(f"native scan: LSTM gates of shape {tuple(gates.shape)}")
+    check = _Check(gates.dtype)
+    per_seq = (n_time, n_seq, hidden)
+    if cell is None:
+        cell = gates.new_empty(per_seq)
+        funcs["lstm_cells"](n_time, n_seq, hidden, check(gates, (n_time, n_seq, 4, hidden)),
+                            check(c0, (n_seq, hidden)), check(cell, per_seq))
+    else:
+        cell = cell.contiguous()
+    tc = torch.tanh(cell)
+    factors = {"A": gates.new_empty(per_seq), "F": gates.new_empty(per_seq), "Bo": gates.new_empty(per_seq),
+               "P3": gates.new_empty((n_time, n_seq, 3, hidden))}
+    mask = 0
+    if valid is not None:
+        valid = valid.to(torch.uint8).contiguous()
+        if valid.device.type != "cpu" or tuple(valid.shape) != (n_time, n_seq):
+            raise ValueError(f"native scan: padding mask of shape {tuple(valid.shape)}")
+        mask = valid.data_ptr()
+    funcs["lstm_factors"](
+        n_time, n_seq, hidden, check(gates, (n_time, n_seq, 4, hidden)), check(tc, per_seq), check(cell, per_seq),
+        check(c0, (n_seq, hidden)), check(None if c_prev is None else c_prev.contiguous(), per_seq), mask,
+        check(factors["A"], per_seq), check(factors["F"], per_seq), check(factors["P3"], (n_time, n_seq, 3, hidden)),
+        check(factors["Bo"], per_seq))
+    return cell, factors

@@ -107,6 +107,7 @@ def forward_details(
     h_prev: torch.Tensor | None = None,
     c_prev: torch.Tensor | None = None,
     cell: torch.Tensor | None = None,
+    compiled: bool = True,
 ) -> ForwardDetails:
     """Recompute gates (and LSTM cell states) from the layer's input ``x``
     [time, sequence, input], output ``h`` [time, sequence, output] and initial
@@ -115,7 +116,10 @@ def forward_details(
 
     Cell loops pass the states each call actually received (``h_prev``,
     ``c_prev`` [time, sequence, unit]) and returned (``cell``): the gates are
-    then exact even when the loop changes the state between calls."""
+    then exact even when the loop changes the state between calls.
+
+    ``compiled``: for an LSTM on the CPU, the cell states and factors come from
+    the compiled passes (capture.native) when they are available."""
     if h_prev is None:
         h_prev = previous(h, h0)
     # zero the backward factors on padding (nothing to do without padding)
@@ -133,6 +137,12 @@ def forward_details(
         a = a.view(n_time, n_seq, 4, -1)
         gates = torch.sigmoid(a)
         gates[:, :, 2] = torch.tanh(a[:, :, 2])
+        if compiled and native.supports(gates):
+            try:
+                cell, factors = native.lstm_factors(gates, c0, cell, c_prev, valid)
+                return ForwardDetails(w.kind, gates, cell, factors)
+            except ValueError as exc:  # a layout the compiled passes do not take
+                log.debug("seqscope: %s", exc)
         i, f, g, o = gates.unbind(2)
         if cell is None:
             ig = i * g
