@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 import seqscope
+from seqscope.capture import native
 
 RESULTS = Path(__file__).with_name("results.md")
 SIZES = [(16, 50, 32, 64), (32, 100, 64, 256), (64, 200, 128, 512)]
@@ -94,19 +95,35 @@ class NaiveRecorder:
         torch.stack(self.norms).cpu()  # one copy, as seqscope does
 
 
+def eager_scans(fn: Callable[[], None]) -> Callable[[], None]:
+    """``fn`` with seqscope's compiled passes turned off (the eager PyTorch scan,
+    as before they existed, and as on a machine without a C compiler)."""
+    def run() -> None:
+        supports = native.supports
+        native.supports = lambda *_: False  # type: ignore[assignment]
+        try:
+            fn()
+        finally:
+            native.supports = supports  # type: ignore[assignment]
+    return run
+
+
 def part1(sizes, reps: int, device: torch.device, kinds: list[str]) -> list[str]:
-    rows = ["| module | B, T, I, H | plain step | seqscope | naive unrolled recorder | cell loop (no recording) |",
-            "|---|---|---|---|---|---|"]
+    rows = ["| module | B, T, I, H | plain step | seqscope | seqscope, eager scans | naive unrolled recorder "
+            "| cell loop (no recording) |",
+            "|---|---|---|---|---|---|---|"]
     tmp = tempfile.mkdtemp()
     for kind in kinds:
         for (b, t, i, h) in sizes:
             torch.manual_seed(0)
             make = {"lstm": lambda: nn.LSTM(i, h), "gru": lambda: nn.GRU(i, h), "rnn": lambda: nn.RNN(i, h)}[kind]
-            plain_m, rec_m = make().to(device), make().to(device)
+            plain_m, rec_m, eager_m = make().to(device), make().to(device), make().to(device)
             rec_m.load_state_dict(plain_m.state_dict())
+            eager_m.load_state_dict(plain_m.state_dict())
             cell = {"lstm": nn.LSTMCell, "gru": nn.GRUCell, "rnn": nn.RNNCell}[kind](i, h).to(device)
             x = torch.randn(t, b, i, device=device)
             scope = seqscope.watch(rec_m, os.path.join(tmp, f"{kind}{b}.h5"), every=1)
+            eager_scope = seqscope.watch(eager_m, os.path.join(tmp, f"{kind}{b}-eager.h5"), every=1)
             naive = NaiveRecorder(cell)
 
             def plain() -> None:
@@ -115,6 +132,11 @@ def part1(sizes, reps: int, device: torch.device, kinds: list[str]) -> list[str]
 
             def recorded() -> None:
                 out, _ = rec_m(x)
+                out.pow(2).mean().backward()
+
+            @eager_scans
+            def recorded_eager() -> None:
+                out, _ = eager_m(x)
                 out.pow(2).mean().backward()
 
             def cell_loop() -> None:
@@ -129,12 +151,14 @@ def part1(sizes, reps: int, device: torch.device, kinds: list[str]) -> list[str]
                     outs.append(hh)
                 torch.stack(outs).pow(2).mean().backward()
 
-            res = interleaved({"plain": plain, "rec": recorded, "naive": lambda: naive.step(x), "cell": cell_loop},
-                              reps, device, block=5, after={"rec": scope.writer.drain})
+            res = interleaved({"plain": plain, "rec": recorded, "eager": recorded_eager, "naive": lambda: naive.step(x),
+                               "cell": cell_loop},
+                              reps, device, block=5, after={"rec": scope.writer.drain, "eager": eager_scope.writer.drain})
             scope.close()
+            eager_scope.close()
             p = res["plain"]
             rows.append(f"| nn.{kind.upper()} | {b}, {t}, {i}, {h} | {p * 1e3:.1f} ms | **{res['rec'] / p:.2f}x** | "
-                        f"{res['naive'] / p:.2f}x | {res['cell'] / p:.2f}x |")
+                        f"{res['eager'] / p:.2f}x | {res['naive'] / p:.2f}x | {res['cell'] / p:.2f}x |")
             print(rows[-1], flush=True)
     return rows
 
@@ -517,7 +541,7 @@ def main(argv: list[str] | None = None) -> None:
     sizes = QUICK_SIZES if args.quick else SIZES
     reps = 3 if args.quick else args.reps
     machine = (f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
-               f"{torch.get_num_threads()} threads")
+               f"{torch.get_num_threads()} threads, {native.status()}")
     if device.type == "cuda":
         machine += f", GPU {torch.cuda.get_device_name(device)}"
     lines = ["# seqscope benchmark results", "", f"Machine: {machine}. Date: {time.strftime('%Y-%m-%d')}.",
@@ -525,7 +549,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.only in (None, "recorder"):
         lines += ["## 1. Recorded step / plain fused step (forward + backward), every step recorded", "",
                   "Ratios to the plain fused module's step, medians of interleaved repetitions. seqscope stores "
-                  "8 sequences per step (default); the naive recorder computes norms for the whole batch.", ""]
+                  "8 sequences per step (default); the naive recorder computes norms for the whole batch. "
+                  "'eager scans': the same recording with the compiled passes (capture/_native.c) turned off, "
+                  "as on a machine without a C compiler, or as before they existed.", ""]
         lines += part1(sizes, reps, device, ["lstm", "gru", "rnn"]) + [""]
         lines += ["Cell loops (each call a timestep; totals from tensor hooks, every step recorded):", ""]
         lines += part1b(args.quick, reps, device) + [""]
