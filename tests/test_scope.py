@@ -256,13 +256,20 @@ def test_evaluation_passes_are_not_steps(tmp_path):
         assert trace.has("lstm.l0", 1, "grad_hidden")
 
 
+@pytest.mark.parametrize("where", ["training thread (CPU weights)", "writer thread (host copy of device weights)"])
 @pytest.mark.parametrize("scale", [1e-3, 1.0, 1e21])
-def test_sigma_max_matches_a_float64_svd_even_for_exploding_weights(scale):
+def test_sigma_max_matches_a_float64_svd_even_for_exploding_weights(scale, where):
     """sigma_max(W_hh) uses a float32 Gram product for float32 weights; weights large
-    enough to overflow it (an exploding run) fall back to float64."""
+    enough to overflow it (an exploding run) fall back to float64. Both the CPU
+    path (torch, at capture time) and the device path (numpy, on the writer)."""
     import warnings
 
-    from seqscope.capture.scope import _sigma_max
+    from seqscope.capture import spectral
+
+    def sigma(w: np.ndarray) -> float:
+        if where.startswith("training"):
+            return spectral.sigma_max(torch.from_numpy(w))
+        return spectral.sigma_max_host(w)
 
     rng = np.random.default_rng(1)
     w = (rng.uniform(-1, 1, (256, 64)) * scale).astype(np.float32)
@@ -270,6 +277,9 @@ def test_sigma_max_matches_a_float64_svd_even_for_exploding_weights(scale):
     want = np.linalg.svd(w.astype(np.float64), compute_uv=False)[0]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        got = _sigma_max(w)
+        got = sigma(w)
     assert got == pytest.approx(want, rel=1e-6)
-    assert np.isnan(_sigma_max(np.where(np.eye(4, 3) > 0, np.nan, 1.0).astype(np.float32)))
+    assert np.isnan(sigma(np.where(np.eye(4, 3) > 0, np.nan, 1.0).astype(np.float32)))
+    # a wide matrix (more columns than rows) takes the other Gram product
+    assert sigma(np.ascontiguousarray(w.T)) == pytest.approx(want, rel=1e-6)
+    assert np.isinf(sigma(np.full((3, 2), 1e300)))

@@ -20,12 +20,11 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from seqscope.capture import recurrences as rec
-from seqscope.capture.fused import LayerCapture, module_kind
+from seqscope.capture.fused import LayerCapture, module_kind, sigma_fields
 from seqscope.trace import schema
 
 if TYPE_CHECKING:
@@ -219,7 +218,7 @@ class CellRecorder(_HookedCell):
                 cell=c,
                 lengths=torch.full((n_seq,), n_time, dtype=torch.long),
                 sequence_index=calls.select.clone(),
-                w_hh=w.w_hh.to("cpu", copy=True).numpy(),
+                **sigma_fields(w.w_hh),
             )
             grads = _gradient_norms(calls, h, c, capture)
             if grads is not None:
@@ -363,7 +362,7 @@ class CustomCellRecorder(_HookedCell):
         capture = LayerCapture(
             layer_id=self.layer_id, kind=self.kind, hidden=h, gates=gates, cell=c,
             lengths=torch.full((n_seq,), n_time, dtype=torch.long), sequence_index=calls.select.clone(),
-            w_hh=_recurrent_matrix(self.module),
+            **sigma_fields(_recurrent_matrix(self.module)),
         )
         grads = _gradient_norms(calls, h, c, capture)
         if grads is not None:
@@ -391,10 +390,10 @@ class CustomCellRecorder(_HookedCell):
                             for g in grads])
 
 
-def _recurrent_matrix(module: nn.Module) -> np.ndarray:
-    """The largest 2-D parameter named like a recurrent weight (weight_hh, W_hh, ...),
-    for sigma_max; an empty matrix when there is none."""
+def _recurrent_matrix(module: nn.Module) -> torch.Tensor | None:
+    """The first 2-D parameter named like a recurrent weight (weight_hh, W_hh, ...),
+    for sigma_max; None when there is none."""
     for name, p in module.named_parameters():
         if p.dim() == 2 and ("hh" in name.lower()):
-            return p.detach().to("cpu", copy=True).numpy()
-    return np.zeros((0, 0), dtype=np.float32)
+            return p.detach()
+    return None

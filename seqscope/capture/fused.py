@@ -23,6 +23,7 @@ from torch import _VF, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from seqscope.capture import recurrences as rec
+from seqscope.capture import spectral
 from seqscope.trace import schema
 
 if TYPE_CHECKING:
@@ -76,10 +77,19 @@ class LayerCapture:
     cell: torch.Tensor | None  # [time, sequence, unit]
     lengths: torch.Tensor  # [sequence] int64, on the CPU
     sequence_index: torch.Tensor  # [sequence] int64, on the CPU
-    w_hh: np.ndarray  # host copy of W_hh taken at forward time, for its largest singular value
+    # sigma_max(W_hh): computed at forward time for CPU weights (sigma), or from a host
+    # copy taken then (w_hh) on the writer thread for device weights (capture.spectral)
+    sigma: float | None
+    w_hh: np.ndarray | None
     grad_hidden: torch.Tensor | None = None  # [time, sequence]
     grad_cell: torch.Tensor | None = None
     propagation: torch.Tensor | None = None
+
+
+def sigma_fields(w_hh: torch.Tensor | None) -> dict[str, Any]:
+    """LayerCapture's sigma / w_hh fields for this recurrent matrix (capture.spectral)."""
+    sigma, host = spectral.at_capture(w_hh)
+    return {"sigma": sigma, "w_hh": host}
 
 
 @dataclasses.dataclass
@@ -306,7 +316,7 @@ class FusedRecorder:
                 cell=cell,
                 lengths=lengths,
                 sequence_index=select,
-                w_hh=lw.w_hh.to("cpu", copy=True).numpy(),
+                **sigma_fields(lw.w_hh),
             )
             dirs.append(_Direction(lw, details, fl, capture))
         return dirs

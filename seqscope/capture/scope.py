@@ -24,12 +24,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from threadpoolctl import ThreadpoolController
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from seqscope import schedules
-from seqscope.capture import native
+from seqscope.capture import native, spectral
 from seqscope.capture.cells import CELL_TYPES, CellRecorder, CustomCellRecorder, GatesFn
 from seqscope.capture.fused import (
     FUSED_TYPES,
@@ -528,7 +527,10 @@ class Scope:
         for cap, ts, ok in zip(step.captures, checked, finite):
             name = self._layer_rows[cap.layer_id][0].decode()
             sid = self._scalar_id(schema.SCALAR_SIGMA_PREFIX + name)
-            deferred.append((step.step, sid, functools.partial(_sigma_max, cap.w_hh)))
+            if cap.sigma is not None:  # computed at capture time (weights on the CPU)
+                extra.append((step.step, schema.SCALAR_SIGMA_PREFIX + name, cap.sigma))
+            elif cap.w_hh is not None:  # from the host copy, on the writer thread (no device sync here)
+                deferred.append((step.step, sid, functools.partial(spectral.sigma_max_host, cap.w_hh)))
             count = 0.0 if ok else float(sum(int(torch.count_nonzero(~torch.isfinite(t))) for t in ts))
             extra.append((step.step, schema.SCALAR_NONFINITE_PREFIX + name, count))
         if step.param_grad_norms:
@@ -541,39 +543,6 @@ class Scope:
         scalars = self._take_scalars(extra)
         step_row = (step.step, step.wall_time, step.batch_size, n_time, n_seq, step.phase)
         return StepRecord(step_row, arrays, scalars, self._take_layers(), self._take_names(), deferred)
-
-
-def _sigma_max(matrix: np.ndarray) -> float:
-    """Largest singular value of ``matrix`` [rows, cols]: the square root of the
-    largest eigenvalue of its Gram matrix (cheaper than a full SVD). The Gram
-    product runs in the matrix's own precision (float32: relative error of the
-    result ~1e-7 against a float64 SVD, measured up to 2048x512, including badly
-    scaled matrices; float64 where float32 overflows), the eigensolver in float64.
-
-    Runs on the writer thread with numpy's BLAS held to one thread: a second
-    thread team (torch's OpenMP, or OpenBLAS workers that spin after each call)
-    measurably slowed the training thread's own kernels (8x on a 2-core machine).
-    """
-    if matrix.size == 0:
-        return float("nan")  # a user-written cell without a recurrent weight matrix
-    with _blas_controller().limit(limits=1, user_api="blas"):
-        # float32 overflows for exploding weights: then float64 throughout
-        precisions: tuple[type[np.floating[Any]], ...] = (
-            (np.float64,) if matrix.dtype == np.float64 else (np.float32, np.float64))
-        for precision in precisions:
-            w = matrix.astype(precision, copy=False)
-            with np.errstate(over="ignore", invalid="ignore"):
-                gram = w.T @ w if w.shape[0] >= w.shape[1] else w @ w.T
-            if np.isfinite(gram).all():
-                return float(np.sqrt(max(np.linalg.eigvalsh(gram.astype(np.float64))[-1], 0.0)))
-    return float("inf") if np.isfinite(matrix).all() else float("nan")
-
-
-@functools.lru_cache(maxsize=1)
-def _blas_controller() -> ThreadpoolController:
-    """Found once: looking up the loaded BLAS libraries reads /proc/self/maps
-    (about 1 ms, which was most of a small layer's writer time)."""
-    return ThreadpoolController()
 
 
 def _finite_probe(t: torch.Tensor) -> torch.Tensor:
