@@ -70,6 +70,26 @@ def test_processes_building_at_once_share_the_cache(tmp_path):
     assert sorted(p.suffix for p in (tmp_path / "cache").iterdir()) == [".so", ".so"]  # no temporary files left
 
 
+def test_a_damaged_cached_library_is_built_again(tmp_path):
+    if not native.enabled():
+        pytest.skip(native.status())
+    env = {**os.environ, "SEQSCOPE_CACHE_DIR": str(tmp_path / "cache")}
+    code = "from seqscope.capture import native; print(native.status())"
+
+    def status() -> str:
+        run = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True,
+                             timeout=300)
+        return run.stdout.strip()
+
+    assert status() == "compiled scans in use"
+    libraries = sorted((tmp_path / "cache").glob("*.so"))
+    assert len(libraries) == 2
+    for lib in libraries:
+        lib.write_bytes(b"not a shared library")  # a disk that filled up mid-copy, say
+    assert status() == "compiled scans in use"
+    assert all(lib.read_bytes() != b"not a shared library" for lib in libraries)
+
+
 def test_a_layout_the_compiled_scan_does_not_take_runs_the_eager_one():
     if not native.enabled():
         pytest.skip(native.status())
