@@ -67,6 +67,17 @@ def test_processes_building_at_once_share_the_cache(tmp_path):
              for _ in range(3)]
     outs = [p.communicate(timeout=300)[0].strip() for p in procs]
     assert outs == ["compiled scans in use"] * 3
+    # what a build cut off long ago left behind is cleared by the next build, a fresh one is not
+    old, fresh = tmp_path / "cache" / "building-old.so", tmp_path / "cache" / "building-fresh.so"
+    old.write_bytes(b"partial")
+    fresh.write_bytes(b"partial")
+    os.utime(old, (0, 0))
+    for lib in (tmp_path / "cache").glob("scan-*.so"):
+        lib.unlink()
+    assert subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=300).stdout.strip() == "compiled scans in use"
+    assert not old.exists() and fresh.exists()
+    fresh.unlink()
     assert sorted(p.suffix for p in (tmp_path / "cache").iterdir()) == [".so", ".so"]  # no temporary files left
 
 

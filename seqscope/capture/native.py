@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -176,7 +177,15 @@ def _self_test(loaded: dict[torch.dtype, tuple[dict[str, Any], int]]) -> None:
 
 
 def _compile(cc: str, scalar: str, suffix: str, cache: Path, target: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=cache, suffix=".so")
+    # a build cut off by the end of its process (watch() starts it on a daemon thread)
+    # leaves its partial output behind: those older than ten minutes are removed
+    for stale in cache.glob("building-*.so"):
+        try:
+            if time.time() - stale.stat().st_mtime > 600:
+                stale.unlink()
+        except OSError:
+            pass
+    fd, tmp = tempfile.mkstemp(dir=cache, prefix="building-", suffix=".so")
     os.close(fd)
     try:
         run = subprocess.run(
