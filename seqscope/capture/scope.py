@@ -526,11 +526,12 @@ class Scope:
         finite = torch.isfinite(torch.stack([p.to(probes[0].device) for p in probes])).cpu().tolist()
         for cap, ts, ok in zip(step.captures, checked, finite):
             name = self._layer_rows[cap.layer_id][0].decode()
-            sid = self._scalar_id(schema.SCALAR_SIGMA_PREFIX + name)
+            sigma_name = schema.SCALAR_SIGMA_PREFIX + name
             if cap.sigma is not None:  # computed at capture time (weights on the CPU)
-                extra.append((step.step, schema.SCALAR_SIGMA_PREFIX + name, cap.sigma))
+                extra.append((step.step, sigma_name, cap.sigma))
             elif cap.w_hh is not None:  # from the host copy, on the writer thread (no device sync here)
-                deferred.append((step.step, sid, functools.partial(spectral.sigma_max_host, cap.w_hh)))
+                deferred.append((step.step, self._scalar_id(sigma_name),
+                                 functools.partial(spectral.sigma_max_host, cap.w_hh)))
             count = 0.0 if ok else float(sum(int(torch.count_nonzero(~torch.isfinite(t))) for t in ts))
             extra.append((step.step, schema.SCALAR_NONFINITE_PREFIX + name, count))
         if step.param_grad_norms:
