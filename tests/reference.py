@@ -131,18 +131,28 @@ def run_reference(module, seqs, h0=None, c0=None, dropout_masks=None):
     return layers, inputs, h_n, c_n
 
 
+def norm(t: torch.Tensor, dim=None) -> torch.Tensor:
+    """Euclidean norm in float64, whatever the tensor's dtype (the squares of
+    float32 values overflow above ~1.8e19 and vanish below ~1e-19)."""
+    return torch.linalg.vector_norm(t.double(), dim=dim)
+
+
+def unit_direction(g: torch.Tensor) -> torch.Tensor:
+    """g / ||g|| (computed in float64, returned in g's dtype), or the uniform
+    unit vector where g is zero or not finite."""
+    n = norm(g)
+    if n > 0 and torch.isfinite(n):
+        return (g.double() / n).to(g.dtype)
+    return torch.full_like(g, g.numel() ** -0.5)
+
+
 def propagation(ref: RefLayer, b: int, d: int):
     """||(dh_last/dh_t)^T v|| for every t of sequence b, v the unit gradient at
     the last processed step (uniform where that gradient is zero)."""
     hs = ref.h[b]
     last = hs[-1] if d == 0 else hs[0]
-    g = last.grad
-    norm = torch.linalg.vector_norm(g)
-    if norm > 0 and torch.isfinite(norm):
-        v = g / norm
-    else:
-        v = torch.full_like(g, g.numel() ** -0.5)
+    v = unit_direction(last.grad)
     grads = torch.autograd.grad(last, hs, grad_outputs=v, retain_graph=True, allow_unused=True)
     return torch.stack(
-        [torch.linalg.vector_norm(gr) if gr is not None else torch.zeros((), dtype=v.dtype) for gr in grads]
+        [norm(gr) if gr is not None else torch.zeros((), dtype=torch.float64) for gr in grads]
     )

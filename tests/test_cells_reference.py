@@ -123,11 +123,9 @@ def own_recurrence_profile(kind, w, rec, b):
     for t in range(n):
         h, c, _ = ref.cell_step(kind, rec["x"][t][b].detach(), h, c, wd)
         hs.append(h)
-    g = rec["h"][-1].grad[b]
-    norm = torch.linalg.vector_norm(g)
-    v = g / norm if norm > 0 else torch.full_like(g, g.numel() ** -0.5)
+    v = ref.unit_direction(rec["h"][-1].grad[b])
     grads = torch.autograd.grad(hs[-1], hs, grad_outputs=v, allow_unused=True)
-    return np.array([0.0 if gr is None else torch.linalg.vector_norm(gr).item() for gr in grads])
+    return np.array([0.0 if gr is None else ref.norm(gr).item() for gr in grads])
 
 
 CASES = [(k, s, f) for k in ("lstm", "gru", "rnn_tanh", "rnn_relu") for (s, f) in ((False, 0), (True, 3))]
@@ -173,6 +171,41 @@ def test_cell_loop_matches_reference(kind, stacked, future, tmp_path, scan_path)
                     np.testing.assert_allclose(grads["cell"][b].data, want_c, rtol=1e-5)
                 np.testing.assert_allclose(prop[b].data, own_recurrence_profile(kind, w, rec, b),
                                            rtol=1e-5, atol=1e-300)
+
+
+EXTREME = [(k, s) for k in ("lstm", "gru", "rnn_tanh") for s in (1e22, 1e-24)]
+
+
+@pytest.mark.parametrize("kind,scale", EXTREME, ids=[f"{k}-{s:g}" for k, s in EXTREME])
+def test_float32_cell_loop_gradient_norms_beyond_the_range_of_their_squares(kind, scale, tmp_path, scan_path):
+    """A float32 cell loop with gradients ~1e22 or ~1e-24 per element: their
+    squares leave float32's range, their norms must not (float64 norms)."""
+    torch.manual_seed(0)
+    model = Loop(kind, stacked=True, future=0).float()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(T, B, IN, generator=g)
+    target = torch.randn(T, B, IN, generator=g)
+    path = tmp_path / "t.h5"
+    with seqscope.watch(model, path, every=1, sequences=B, precision="full"):
+        out = model(x)
+        (scale * ((out - target) ** 2).sum()).backward()
+    ref_out, records, ws = reference_loop(model, x)
+    (scale * ((ref_out - target) ** 2).sum()).backward()
+    with seqscope.open(path) as trace:
+        for name, rec, w in zip(["c1", "c2"], records, ws):
+            grads = trace.grad_norms(name, 0)
+            prop = trace.propagation(name, 0)
+            for b in range(B):
+                want = [ref.norm(h.grad[b]).item() for h in rec["h"]]
+                np.testing.assert_allclose(grads["hidden"][b].data, want, rtol=2e-4)
+                if kind == "lstm":
+                    want_c = [ref.norm(c.grad[b]).item() for c in rec["c"]]
+                    np.testing.assert_allclose(grads["cell"][b].data, want_c, rtol=2e-4)
+                np.testing.assert_allclose(prop[b].data, own_recurrence_profile(kind, w, rec, b),
+                                           rtol=2e-4, atol=1e-300)
+        scalars = trace.scalars()
+        for pname, p in model.named_parameters():
+            assert scalars["grad_norm/" + pname].values[0] == pytest.approx(ref.norm(p.grad).item(), rel=1e-6)
 
 
 class EncoderDecoder(nn.Module):

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import seqscope
+from tests import reference as ref
 from seqscope.errors import UnsupportedModelError
 
 T, B, IN, HID = 6, 3, 2, 4
@@ -82,21 +83,28 @@ def peephole_gates(cell, x, state):
     return {"input": i, "forget": f, "cell": g}
 
 
-@pytest.mark.parametrize("which", ["peephole-tuple-state", "minimal-dataclass-state"])
-def test_custom_cell_matches_autograd(which, tmp_path):
+CUSTOM_CASES = [(which, dtype, scale) for which in ("peephole-tuple-state", "minimal-dataclass-state")
+                for (dtype, scale) in ((torch.float64, 1.0), (torch.float32, 1e22), (torch.float32, 1e-24))]
+
+
+@pytest.mark.parametrize("which,dtype,scale", CUSTOM_CASES,
+                         ids=[f"{w}-{str(d)[6:]}-x{s:g}" for w, d, s in CUSTOM_CASES])
+def test_custom_cell_matches_autograd(which, dtype, scale, tmp_path):
+    """float32 cases: gradients ~1e22 or ~1e-24 per element, whose squares leave
+    float32's range; their norms (float64) must not."""
     torch.manual_seed(0)
-    cell = PeepholeLSTM() if which.startswith("peephole") else MinimalGRU()
+    cell = (PeepholeLSTM() if which.startswith("peephole") else MinimalGRU()).to(dtype)
     model = Model(cell)
-    x = torch.randn(T, B, IN, dtype=torch.float64)
+    x = torch.randn(T, B, IN, dtype=torch.float64).to(dtype)
     cells = {cell: peephole_gates} if which.startswith("peephole") else [cell]
     path = tmp_path / "t.h5"
     with seqscope.watch(model, path, every=1, sequences=B, precision="full", cells=cells):
         out = model(x)
-        (out.pow(2).sum() + out[-1].sum()).backward()
-    # reference: the same loop, unrolled with retain_grad on every state
+        (scale * (out.pow(2).sum() + out[-1].sum())).backward()
+    # reference: the same loop, unrolled with retain_grad on every state; norms in float64
     hs, cs, states = [], [], []
-    state = (torch.zeros(B, HID, dtype=torch.float64), torch.zeros(B, HID, dtype=torch.float64)) \
-        if which.startswith("peephole") else MinState(torch.zeros(B, HID, dtype=torch.float64))
+    state = (torch.zeros(B, HID, dtype=dtype), torch.zeros(B, HID, dtype=dtype)) \
+        if which.startswith("peephole") else MinState(torch.zeros(B, HID, dtype=dtype))
     for t in range(T):
         states.append(state)
         state = cell(x[t], state)
@@ -107,29 +115,27 @@ def test_custom_cell_matches_autograd(which, tmp_path):
             state[1].retain_grad()
             cs.append(state[1])
     ref_out = torch.stack(hs)
-    (ref_out.pow(2).sum() + ref_out[-1].sum()).backward(retain_graph=True)
-    gh = [[torch.linalg.vector_norm(h.grad[b]).item() for h in hs] for b in range(B)]
-    gc = [[torch.linalg.vector_norm(c.grad[b]).item() for c in cs] for b in range(B)]
+    (scale * (ref_out.pow(2).sum() + ref_out[-1].sum())).backward(retain_graph=True)
+    gh = [[ref.norm(h.grad[b]).item() for h in hs] for b in range(B)]
+    gc = [[ref.norm(c.grad[b]).item() for c in cs] for b in range(B)]
+    exact, grads_tol = (1e-12, 1e-10) if dtype == torch.float64 else (1e-6, 2e-4)
     with seqscope.open(path) as trace:
         assert trace.layers == ["cell"]
         assert trace.layer_info("cell").kind == "custom"
         for b in range(B):
-            np.testing.assert_allclose(trace.hidden("cell", 0)[b].data, ref_out[:, b].detach().numpy(), rtol=1e-12)
-            np.testing.assert_allclose(trace.grad_norms("cell", 0)["hidden"][b].data, gh[b], rtol=1e-10)
+            np.testing.assert_allclose(trace.hidden("cell", 0)[b].data, ref_out[:, b].detach().numpy(), rtol=exact)
+            np.testing.assert_allclose(trace.grad_norms("cell", 0)["hidden"][b].data, gh[b], rtol=grads_tol)
             if cs:
-                np.testing.assert_allclose(trace.grad_norms("cell", 0)["cell"][b].data, gc[b], rtol=1e-10)
+                np.testing.assert_allclose(trace.grad_norms("cell", 0)["cell"][b].data, gc[b], rtol=grads_tol)
                 gates = trace.gates("cell", 0)
                 assert set(gates) == {"input", "forget", "cell"}
                 want_i = torch.stack([cell.gates(x[t], states[t])[0][b] for t in range(T)]).detach().numpy()
-                np.testing.assert_allclose(gates["input"][b].data, want_i, rtol=1e-12)
+                np.testing.assert_allclose(gates["input"][b].data, want_i, rtol=exact)
             # propagation: the unit gradient at the last call walked back with autograd
-            g = hs[-1].grad[b]
-            v = g / torch.linalg.vector_norm(g)
-            sel = [h[b] for h in hs]
+            v = ref.unit_direction(hs[-1].grad[b])
             back = torch.autograd.grad(hs[-1][b], hs, grad_outputs=v, retain_graph=True)
-            want_p = [torch.linalg.vector_norm(gr[b]).item() for gr in back]
-            np.testing.assert_allclose(trace.propagation("cell", 0)[b].data, want_p, rtol=1e-10)
-            del sel
+            want_p = [ref.norm(gr[b]).item() for gr in back]
+            np.testing.assert_allclose(trace.propagation("cell", 0)[b].data, want_p, rtol=grads_tol)
 
 
 def test_dict_state_is_flattened():

@@ -169,7 +169,9 @@ def test_recorded_numbers_on_cuda_match_unrolled_reference(tmp_path):
     assert not failures, "\n".join(failures)
 
 
-def check_against_reference(cfg: Config, tmp_path, device: torch.device) -> None:
+def check_against_reference(cfg: Config, tmp_path, device: torch.device, loss_scale: float = 1.0) -> None:
+    """``loss_scale`` multiplies the loss (and so every gradient): gradients far
+    from 1 must keep their norms, which float32 squares would not."""
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(1)
     module = make_module(cfg)
@@ -185,12 +187,12 @@ def check_against_reference(cfg: Config, tmp_path, device: torch.device) -> None
     with seqscope.watch(on_device, path, every=1, sequences=B, precision="full") as scope:
         output, state = on_device(module_input(cfg, [dev(x) for x in seqs]), hx)
         h_n, c_n = state if cfg.kind == "lstm" else (state, None)
-        loss = loss_of(per_sequence_outputs(cfg, output), h_n, c_n, tuple(dev(t) for t in terms))
+        loss = loss_scale * loss_of(per_sequence_outputs(cfg, output), h_n, c_n, tuple(dev(t) for t in terms))
         loss.backward()
         scope.log(loss=loss)
 
     layers, ref_out, ref_hn, ref_cn = ref.run_reference(module, seqs, h0, c0)
-    ref_loss = loss_of(ref_out, ref_hn, ref_cn, terms)
+    ref_loss = loss_scale * loss_of(ref_out, ref_hn, ref_cn, terms)
     ref_loss.backward(retain_graph=True)
     # the reference reproduces the module itself
     tol = _tol(cfg, device)
@@ -199,10 +201,14 @@ def check_against_reference(cfg: Config, tmp_path, device: torch.device) -> None
 
     n_dir = 2 if cfg.bidirectional else 1
     # read the reference's gradients before propagation() runs more backward passes
-    ref_gh = {key: [[torch.linalg.vector_norm(h.grad).item() for h in hs] for hs in lay.h]
+    # (norms in float64: the squares of float32 gradients overflow above ~1.8e19 and
+    # vanish below ~1e-19, and seqscope promises float64 norms)
+    ref_gh = {key: [[ref.norm(h.grad).item() for h in hs] for hs in lay.h]
               for key, lay in layers.items()}
-    ref_gc = {key: [[torch.linalg.vector_norm(c.grad).item() for c in cs] for cs in lay.c]
+    ref_gc = {key: [[ref.norm(c.grad).item() for c in cs] for cs in lay.c]
               for key, lay in layers.items()} if cfg.kind == "lstm" else {}
+    # the module's own parameter gradients (PyTorch's autograd), their norms in float64
+    ref_pg = {name: ref.norm(p.grad.cpu()).item() for name, p in on_device.named_parameters()}
     with seqscope.open(path) as trace:
         assert list(trace.steps) == [0]
         expected_names = [f"{cfg.kind.split('_')[0]}.l{k}" + ("_reverse" if d else "")
@@ -248,6 +254,24 @@ def check_against_reference(cfg: Config, tmp_path, device: torch.device) -> None
                 want_sigma = torch.linalg.svdvals(w_hh.double())[0].item()
                 got_sigma = trace.scalars()["sigma_max/" + name].values[0]
                 assert got_sigma == pytest.approx(want_sigma, rel=1e-5)
+        scalars = trace.scalars()
+        for name, want in ref_pg.items():
+            assert scalars["grad_norm/" + name].values[0] == pytest.approx(want, rel=1e-6)
+        total = float(np.sqrt(sum(v * v for v in ref_pg.values())))
+        assert scalars["grad_norm"].values[0] == pytest.approx(total, rel=1e-6)
+
+
+EXTREME = [(kind, scale) for kind in ("lstm", "gru", "rnn_tanh") for scale in (1e22, 1e-24)]
+
+
+@pytest.mark.parametrize("kind,scale", EXTREME, ids=[f"{k}-{s:g}" for k, s in EXTREME])
+def test_float32_gradient_norms_beyond_the_range_of_their_squares(kind, scale, tmp_path, scan_path):
+    """A float32 model whose gradients are ~1e22 (exploding) or ~1e-24 (vanishing):
+    each element is an ordinary float32, but its square is not (overflow above
+    ~1.8e19, underflow below ~1e-19). Recorded norms, the propagation seed's
+    direction and the parameter gradient norms must still be the true ones."""
+    cfg = Config(kind, layers=2, dtype=torch.float32)
+    check_against_reference(cfg, tmp_path, torch.device("cpu"), loss_scale=scale)
 
 
 def test_parameter_and_global_gradient_norms(tmp_path):

@@ -103,10 +103,10 @@ def _gradient_norms(calls: _CallsBase, h: torch.Tensor, c: torch.Tensor | None,
     if not any(g is not None for g in calls.grad_h):
         return None
     grads = torch.stack([g if g is not None else torch.zeros_like(h[0]) for g in calls.grad_h])
-    capture.grad_hidden = torch.linalg.vector_norm(grads, dim=-1)
+    capture.grad_hidden = rec.norms(grads)
     if c is not None:
         gc = torch.stack([g if g is not None else torch.zeros_like(c[0]) for g in calls.grad_c])
-        capture.grad_cell = torch.linalg.vector_norm(gc, dim=-1)
+        capture.grad_cell = rec.norms(gc)
     return grads
 
 
@@ -226,7 +226,7 @@ class CellRecorder(_HookedCell):
                 ext = torch.zeros((n_time, 1, n_seq, h.shape[-1]), dtype=h.dtype, device=h.device)
                 ext[-1, 0] = rec.unit_seed(grads[-1])
                 dh, _ = rec.backward_scan(w, details, ext, None)
-                capture.propagation = torch.linalg.vector_norm(dh[:, 0], dim=-1)
+                capture.propagation = rec.norms(dh[:, 0])
         return capture
 
 
@@ -386,7 +386,7 @@ class CustomCellRecorder(_HookedCell):
                 grads = torch.autograd.grad(hs[-1], hs, grad_outputs=v, allow_unused=True)
         finally:
             self._replaying = False
-        return torch.stack([torch.linalg.vector_norm(g, dim=-1) if g is not None else torch.zeros_like(v[:, 0])
+        return torch.stack([rec.norms(g) if g is not None else torch.zeros_like(v[:, 0], dtype=torch.float64)
                             for g in grads])
 
 

@@ -405,9 +405,9 @@ class FusedRecorder:
             # propagation seed: the unit gradient at each sequence's last step (see unit_seed)
             ext_h[last, 1, seq] = rec.unit_seed(ext_h[last, 0, seq])
             dh, dc = rec.backward_scan(lw, direction.details, ext_h, ext_c)
-            norms_h = torch.linalg.vector_norm(dh, dim=-1)  # [time, 2, sequence]
+            norms_h = rec.norms(dh)  # [time, 2, sequence], float64
             grad_hidden, propagation = norms_h[:, 0], norms_h[:, 1]
-            grad_cell = torch.linalg.vector_norm(dc[:, 0], dim=-1) if dc is not None else None
+            grad_cell = rec.norms(dc[:, 0]) if dc is not None else None
             if direction.flip is not None:
                 grad_hidden = rec.take_time(grad_hidden, direction.flip)
                 propagation = rec.take_time(propagation, direction.flip)

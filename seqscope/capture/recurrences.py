@@ -276,14 +276,23 @@ def eager_backward_scan(
     return dh_all.view(ext_h.shape), None
 
 
+def norms(t: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Euclidean norms along ``dim`` in float64, whatever ``t``'s dtype: the
+    squares of float32 gradients overflow above ~1.8e19 and vanish below
+    ~1e-19, exactly where gradients explode or vanish."""
+    return torch.linalg.vector_norm(t, dim=dim, dtype=torch.float64)
+
+
 def unit_seed(last_grad: torch.Tensor) -> torch.Tensor:
     """The propagation seed v [sequence, output]: the direction of the gradient
     at each sequence's last step, or the uniform unit vector where that
-    gradient is zero or not finite (so the profile always exists)."""
-    norm = torch.linalg.vector_norm(last_grad, dim=-1, keepdim=True)
-    uniform = torch.full_like(last_grad, last_grad.shape[-1] ** -0.5)
+    gradient is zero or not finite (so the profile always exists). Normalised
+    in float64, returned in the gradient's dtype."""
+    g = last_grad.double()
+    norm = torch.linalg.vector_norm(g, dim=-1, keepdim=True)
+    uniform = torch.full_like(g, last_grad.shape[-1] ** -0.5)
     ok = (norm > 0) & torch.isfinite(norm)
-    return torch.where(ok, last_grad / torch.where(ok, norm, torch.ones_like(norm)), uniform)
+    return torch.where(ok, g / torch.where(ok, norm, torch.ones_like(norm)), uniform).to(last_grad.dtype)
 
 
 def flip_index(lengths: torch.Tensor, n_time: int) -> torch.Tensor:

@@ -291,7 +291,8 @@ class Scope:
 
             def hook(param: torch.Tensor, name: str = name) -> None:
                 if param.grad is not None:
-                    step.param_grad_norms[name] = torch.linalg.vector_norm(param.grad.detach()).double()
+                    # float64 throughout: a float32 norm overflows above ~1.8e19
+                    step.param_grad_norms[name] = torch.linalg.vector_norm(param.grad.detach(), dtype=torch.float64)
 
             step.handles.append(p.register_post_accumulate_grad_hook(hook))
 
