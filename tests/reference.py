@@ -22,10 +22,14 @@ def kind_of(module: nn.Module) -> str:
     return "rnn_" + module.nonlinearity
 
 
-def cell_step(kind, x, h, c, w):
-    """One timestep for one sequence. Returns (h, c, gates dict)."""
+def cell_step(kind, x, h, c, w, product=None):
+    """One timestep for one sequence. Returns (h, c, gates dict). ``product``
+    rounds the operands of the matrix products (as autocast does); the
+    elementwise parts use ``h`` and ``c`` as given."""
+    p = product or (lambda t: t)
+    x, hp = p(x), p(h)
     if kind == "lstm":
-        a = x @ w["w_ih"].T + h @ w["w_hh"].T
+        a = x @ w["w_ih"].T + hp @ w["w_hh"].T
         if "b_ih" in w:
             a = a + w["b_ih"] + w["b_hh"]
         ai, af, ag, ao = a.chunk(4, dim=-1)
@@ -37,7 +41,7 @@ def cell_step(kind, x, h, c, w):
         return h_new, c_new, {"input": i, "forget": f, "cell": g, "output": o}
     if kind == "gru":
         gi = x @ w["w_ih"].T
-        gh = h @ w["w_hh"].T
+        gh = hp @ w["w_hh"].T
         if "b_ih" in w:
             gi = gi + w["b_ih"]
             gh = gh + w["b_hh"]
@@ -47,10 +51,16 @@ def cell_step(kind, x, h, c, w):
         z = torch.sigmoid(iz + hz)
         n = torch.tanh(in_ + r * hn)
         return (1 - z) * n + z * h, None, {"reset": r, "update": z, "new": n}
-    a = x @ w["w_ih"].T + h @ w["w_hh"].T
+    a = x @ w["w_ih"].T + hp @ w["w_hh"].T
     if "b_ih" in w:
         a = a + w["b_ih"] + w["b_hh"]
     return (torch.tanh(a) if kind == "rnn_tanh" else torch.relu(a)), None, {}
+
+
+def bfloat16_operands(t: torch.Tensor) -> torch.Tensor:
+    """``t`` rounded to bfloat16, as autocast rounds a product's operands; the
+    gradient passes unrounded (straight through)."""
+    return t + (t.bfloat16().to(t.dtype) - t).detach()
 
 
 def layer_weights(module, k, d):

@@ -208,6 +208,71 @@ def test_float32_cell_loop_gradient_norms_beyond_the_range_of_their_squares(kind
             assert scalars["grad_norm/" + pname].values[0] == pytest.approx(ref.norm(p.grad).item(), rel=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh"])
+def test_autocast_cell_loop_is_recorded_at_the_values_the_model_had(kind, tmp_path, scan_path):
+    """Mixed precision: under torch.autocast (bfloat16 on the CPU) the cells'
+    products run in bfloat16 on rounded copies of the float32 weights and inputs
+    (RNNCell also returns bfloat16; LSTMCell and GRUCell return float32). The
+    reference is unrolled in float64 from the weights and inputs as the cell saw
+    them, each call's output replaced by the cell's own (straight-through)."""
+    torch.manual_seed(0)
+    model = Loop(kind, stacked=False, future=0).float()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(T, B, IN, generator=g)
+    target = torch.randn(T, B, IN, generator=g)
+    seen = []
+    handle = model.c1.register_forward_hook(lambda m, a, o: seen.append(o))
+    path = tmp_path / "t.h5"
+    with seqscope.watch(model, path, every=1, sequences=B, precision="full"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        ((out.float() - target) ** 2).sum().backward()
+    handle.remove()
+    is_lstm = kind == "lstm"
+    h_actual = [(o[0] if is_lstm else o).detach().double() for o in seen]
+    c_actual = [o[1].detach().double() for o in seen] if is_lstm else None
+    w = {k: v.detach().bfloat16().double().requires_grad_(True) for k, v in cell_weights(model.c1).items()}
+    head_w = model.head.weight.detach().bfloat16().double()
+    head_b = model.head.bias.detach().bfloat16().double()
+    x64 = x.double()
+    h = torch.zeros(B, HID, dtype=torch.float64)
+    c = torch.zeros(B, HID, dtype=torch.float64) if is_lstm else None
+    hs, cs, gates, ys = [], [], [], []
+    for t in range(T):
+        h_new, c_new, gts = ref.cell_step(kind, x64[t], h, c, w, product=ref.bfloat16_operands)
+        # one step from the cell's own state lands on its output, up to bfloat16 rounding
+        torch.testing.assert_close(h_new.detach(), h_actual[t], rtol=1e-2, atol=1e-2)
+        if is_lstm:  # c_t first, so that h_t = o tanh(c_t) depends on the corrected c_t
+            c = c_new + (c_actual[t] - c_new).detach()
+            c.retain_grad()
+            h_new = gts["output"] * torch.tanh(c)
+        h = h_new + (h_actual[t] - h_new).detach()
+        h.retain_grad()
+        hs.append(h)
+        cs.append(c)
+        gates.append(gts)
+        ys.append(h @ head_w.T + head_b)
+    ((torch.stack(ys) - target.double()) ** 2).sum().backward(retain_graph=True)
+    with seqscope.open(path) as trace:
+        rec_gates = trace.gates("c1", 0)
+        grads = trace.grad_norms("c1", 0)
+        prop = trace.propagation("c1", 0)
+        for b in range(B):
+            np.testing.assert_array_equal(trace.hidden("c1", 0)[b].data, torch.stack(h_actual)[:, b].numpy())
+            for gname, values in rec_gates.items():
+                want = torch.stack([gg[gname][b] for gg in gates]).detach().numpy()
+                np.testing.assert_allclose(values[b].data, want, rtol=1e-5, atol=1e-6)
+            # dL/dh_t comes through the bfloat16 head: a few parts in a thousand
+            np.testing.assert_allclose(grads["hidden"][b].data, [ref.norm(hh.grad[b]).item() for hh in hs], rtol=2e-2)
+            if is_lstm:
+                np.testing.assert_allclose(grads["cell"][b].data, [ref.norm(cc.grad[b]).item() for cc in cs],
+                                           rtol=2e-2)
+            v = ref.unit_direction(hs[-1].grad[b])
+            back = torch.autograd.grad(hs[-1][b], hs, grad_outputs=v, retain_graph=True, allow_unused=True)
+            want_p = [0.0 if gr is None else ref.norm(gr[b]).item() for gr in back]
+            np.testing.assert_allclose(prop[b].data, want_p, rtol=0.1, atol=1e-300)
+
+
 class EncoderDecoder(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import dataclasses
 
 import numpy as np
@@ -83,15 +85,19 @@ def peephole_gates(cell, x, state):
     return {"input": i, "forget": f, "cell": g}
 
 
-CUSTOM_CASES = [(which, dtype, scale) for which in ("peephole-tuple-state", "minimal-dataclass-state")
-                for (dtype, scale) in ((torch.float64, 1.0), (torch.float32, 1e22), (torch.float32, 1e-24))]
+CUSTOM_CASES = [(which, dtype, scale, amp) for which in ("peephole-tuple-state", "minimal-dataclass-state")
+                for (dtype, scale, amp) in ((torch.float64, 1.0, False), (torch.float32, 1e22, False),
+                                            (torch.float32, 1e-24, False), (torch.float32, 1.0, True))]
 
 
-@pytest.mark.parametrize("which,dtype,scale", CUSTOM_CASES,
-                         ids=[f"{w}-{str(d)[6:]}-x{s:g}" for w, d, s in CUSTOM_CASES])
-def test_custom_cell_matches_autograd(which, dtype, scale, tmp_path):
+@pytest.mark.parametrize("which,dtype,scale,amp", CUSTOM_CASES,
+                         ids=[f"{w}-{str(d)[6:]}-x{s:g}" + ("-autocast" if a else "") for w, d, s, a in CUSTOM_CASES])
+def test_custom_cell_matches_autograd(which, dtype, scale, amp, tmp_path):
     """float32 cases: gradients ~1e22 or ~1e-24 per element, whose squares leave
-    float32's range; their norms (float64) must not."""
+    float32's range; their norms (float64) must not. ``amp``: the loop runs under
+    torch.autocast (bfloat16), the reference too; the re-runs after the step
+    (gates, propagation) must run as the cell did."""
+    region = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if amp else contextlib.nullcontext
     torch.manual_seed(0)
     cell = (PeepholeLSTM() if which.startswith("peephole") else MinimalGRU()).to(dtype)
     model = Model(cell)
@@ -99,7 +105,9 @@ def test_custom_cell_matches_autograd(which, dtype, scale, tmp_path):
     cells = {cell: peephole_gates} if which.startswith("peephole") else [cell]
     path = tmp_path / "t.h5"
     with seqscope.watch(model, path, every=1, sequences=B, precision="full", cells=cells):
-        out = model(x)
+        with region():
+            out = model(x)
+        out = out.float() if amp else out
         (scale * (out.pow(2).sum() + out[-1].sum())).backward()
     # reference: the same loop, unrolled with retain_grad on every state; norms in float64
     hs, cs, states = [], [], []
@@ -107,14 +115,15 @@ def test_custom_cell_matches_autograd(which, dtype, scale, tmp_path):
         if which.startswith("peephole") else MinState(torch.zeros(B, HID, dtype=dtype))
     for t in range(T):
         states.append(state)
-        state = cell(x[t], state)
+        with region():
+            state = cell(x[t], state)
         h = state[0] if isinstance(state, tuple) else state.h
         h.retain_grad()
         hs.append(h)
         if isinstance(state, tuple):
             state[1].retain_grad()
             cs.append(state[1])
-    ref_out = torch.stack(hs)
+    ref_out = torch.stack(hs).float() if amp else torch.stack(hs)
     (scale * (ref_out.pow(2).sum() + ref_out[-1].sum())).backward(retain_graph=True)
     gh = [[ref.norm(h.grad[b]).item() for h in hs] for b in range(B)]
     gc = [[ref.norm(c.grad[b]).item() for c in cs] for b in range(B)]
@@ -129,11 +138,13 @@ def test_custom_cell_matches_autograd(which, dtype, scale, tmp_path):
                 np.testing.assert_allclose(trace.grad_norms("cell", 0)["cell"][b].data, gc[b], rtol=grads_tol)
                 gates = trace.gates("cell", 0)
                 assert set(gates) == {"input", "forget", "cell"}
-                want_i = torch.stack([cell.gates(x[t], states[t])[0][b] for t in range(T)]).detach().numpy()
+                with region():
+                    want_i = torch.stack([cell.gates(x[t], states[t])[0][b] for t in range(T)]).detach()
+                want_i = (want_i.float() if amp else want_i).numpy()
                 np.testing.assert_allclose(gates["input"][b].data, want_i, rtol=exact)
             # propagation: the unit gradient at the last call walked back with autograd
             v = ref.unit_direction(hs[-1].grad[b])
-            back = torch.autograd.grad(hs[-1][b], hs, grad_outputs=v, retain_graph=True)
+            back = torch.autograd.grad(hs[-1][b], hs, grad_outputs=v.to(hs[-1].dtype), retain_graph=True)
             want_p = [ref.norm(gr[b]).item() for gr in back]
             np.testing.assert_allclose(trace.propagation("cell", 0)[b].data, want_p, rtol=grads_tol)
 

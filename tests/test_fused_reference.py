@@ -366,3 +366,72 @@ def test_unbatched_input(tmp_path):
     with seqscope.open(tmp_path / "t.h5") as trace:
         want = [torch.linalg.vector_norm(h.grad).item() for h in layers[(0, 0)].h[0]]
         np.testing.assert_allclose(trace.grad_norms("gru.l0", 0)["hidden"][0].data, want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh"])
+def test_autocast_layers_are_recorded_at_the_values_the_model_had(kind, tmp_path, scan_path):
+    """Mixed precision: under torch.autocast (bfloat16 on the CPU) the products of
+    nn.LSTM, nn.RNN and nn.GRU run in bfloat16 on bfloat16 copies of the float32
+    weights and inputs (LSTM and RNN also return bfloat16, GRU float32). The
+    reference is unrolled in float64 from the weights and inputs as the kernel saw
+    them, each step's output replaced by the module's own (a straight-through
+    correction), so gates, cell states and BPTT gradients are taken at the values
+    the model actually had."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    module = make_module(Config(kind, dtype=torch.float32))
+    x = torch.randn(T, B, IN, generator=gen)
+    r = torch.randn(T, B, HID, generator=gen)
+    path = tmp_path / "trace.h5"
+    with seqscope.watch(module, path, every=1, sequences=B, precision="full"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, _ = module(x)
+        o = out.float()
+        (r * o + 0.5 * o * o).sum().backward()
+    assert out.dtype == (torch.float32 if kind == "gru" else torch.bfloat16)
+    w = {k: v.detach().bfloat16().double().requires_grad_(True) for k, v in ref.layer_weights(module, 0, 0).items()}
+    x64 = x.double()
+    actual = out.detach().double()
+    h = torch.zeros(B, HID, dtype=torch.float64)
+    c = torch.zeros(B, HID, dtype=torch.float64) if kind == "lstm" else None
+    hs, cs, gates = [], [], []
+    step_tol = 1e-2  # bfloat16 rounding of the kernel's products and outputs
+    for t in range(T):
+        h_new, c, g = ref.cell_step(kind, x64[t], h, c, w, product=ref.bfloat16_operands)
+        # the reference models the kernel: one step from the module's own state lands
+        # on its output, up to the output's rounding
+        torch.testing.assert_close(h_new.detach(), actual[t], rtol=step_tol, atol=step_tol)
+        h = h_new + (actual[t] - h_new).detach()
+        h.retain_grad()
+        if c is not None:
+            c.retain_grad()
+        hs.append(h)
+        cs.append(c)
+        gates.append(g)
+    hs_all = torch.stack(hs)
+    (r.double() * hs_all + 0.5 * hs_all * hs_all).sum().backward(retain_graph=True)
+    name = f"{kind.split('_')[0]}.l0"
+    with seqscope.open(path) as trace:
+        hidden = trace.hidden(name, 0)
+        rec_gates = trace.gates(name, 0)
+        grads = trace.grad_norms(name, 0)
+        prop = trace.propagation(name, 0)
+        for b in range(B):
+            np.testing.assert_array_equal(hidden[b].data, actual[:, b].numpy())  # stored as the model had them
+            for gname, values in rec_gates.items():
+                want = torch.stack([g[gname][b] for g in gates]).detach().numpy()
+                np.testing.assert_allclose(values[b].data, want, rtol=1e-5, atol=1e-6)
+            if kind == "lstm":
+                want_c = torch.stack([cc[b] for cc in cs]).detach().numpy()
+                np.testing.assert_allclose(trace.cell(name, 0)[b].data, want_c, rtol=1e-5, atol=1e-6)
+                want_gc = [ref.norm(cc.grad[b]).item() for cc in cs]
+                np.testing.assert_allclose(grads["cell"][b].data, want_gc, rtol=2e-2)
+            # dL/dh_t reaches the recorder as the gradient of a bfloat16 tensor: rounded
+            want_gh = [ref.norm(hh.grad[b]).item() for hh in hs]
+            np.testing.assert_allclose(grads["hidden"][b].data, want_gh, rtol=2e-2)
+            v = ref.unit_direction(hs[-1].grad[b])
+            back = torch.autograd.grad(hs[-1][b], hs, grad_outputs=v, retain_graph=True, allow_unused=True)
+            want_p = [ref.norm(gr[b]).item() for gr in back]
+            # the recurrence's Jacobians use act'(a) at bfloat16 outputs (1 - h^2 of a
+            # saturated unit is known to a few percent), and the error compounds over time
+            np.testing.assert_allclose(prop[b].data, want_p, rtol=0.1, atol=1e-300)

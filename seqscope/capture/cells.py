@@ -48,6 +48,9 @@ class _CallsBase:
     grad_h: list[torch.Tensor | None] = dataclasses.field(default_factory=list)
     grad_c: list[torch.Tensor | None] = dataclasses.field(default_factory=list)
     broken: str | None = None
+    # the caller's autocast region at the first call (device type, dtype or None):
+    # the recomputation rounds like it, re-runs of a custom cell run in it
+    autocast: tuple[str, torch.dtype | None] | None = None
 
 
 @dataclasses.dataclass
@@ -73,6 +76,8 @@ def _open_calls(recorder: Any, step: StepState, batch: int, device: torch.device
         return None
     if calls.select_dev is None or calls.select_dev.device != device:
         calls.select_dev = calls.select.to(device)
+    if calls.autocast is None:
+        calls.autocast = (device.type, rec.autocast_dtype(device))
     return calls, calls.select_dev
 
 
@@ -193,22 +198,26 @@ class CellRecorder(_HookedCell):
             log.warning("seqscope: %s not recorded at step %d: %s", self.name, step.step, calls.broken)
             return None
         m: Any = self.module
-        with torch.no_grad():
-            x = torch.stack(calls.x)  # [time, sequence, input]
-            h = torch.stack(calls.h)
-            h_prev = torch.stack(calls.h_prev)
+        with torch.no_grad(), rec.no_autocast(calls.x[0].device):
+            h = torch.stack(calls.h)  # [time, sequence, unit], as the cell returned it
+            # the precision the cell's products ran in (half precision under autocast)
+            # and the one the recomputation runs in (float32 then)
+            run = rec.run_dtype(h.dtype, calls.autocast[1] if calls.autocast else None)
+            calc = rec.compute_dtype(run)
+            x = torch.stack([t.to(calc) for t in calls.x])  # [time, sequence, input]
+            h_prev = torch.stack([t.to(calc) for t in calls.h_prev])
             is_lstm = self.kind == schema.KIND_LSTM
-            c = torch.stack(calls.c) if is_lstm else None
-            c_prev = torch.stack(calls.c_prev) if is_lstm else None
-            w = rec.LayerWeights(
+            c = torch.stack(calls.c).to(calc) if is_lstm else None
+            c_prev = torch.stack([t.to(calc) for t in calls.c_prev]) if is_lstm else None
+            w = rec.weights_as_run(rec.LayerWeights(
                 kind=self.kind,
                 w_ih=m.weight_ih.detach(),
                 w_hh=m.weight_hh.detach(),
                 b_ih=m.bias_ih.detach() if m.bias else None,
                 b_hh=m.bias_hh.detach() if m.bias else None,
-            )
-            details = rec.forward_details(w, x, h, h_prev[0], None if c_prev is None else c_prev[0], None,
-                                          h_prev=h_prev, c_prev=c_prev, cell=c)
+            ), run, calc)
+            details = rec.forward_details(w, x, h.to(calc), h_prev[0], None if c_prev is None else c_prev[0], None,
+                                          h_prev=h_prev, c_prev=c_prev, cell=c, run=run if run != calc else None)
             n_time, n_seq = h.shape[:2]
             capture = LayerCapture(
                 layer_id=self.layer_id,
@@ -218,12 +227,12 @@ class CellRecorder(_HookedCell):
                 cell=c,
                 lengths=torch.full((n_seq,), n_time, dtype=torch.long),
                 sequence_index=calls.select.clone(),
-                **sigma_fields(w.w_hh),
+                **sigma_fields(m.weight_hh.detach()),
             )
             grads = _gradient_norms(calls, h, c, capture)
             if grads is not None:
                 # propagation: a unit gradient at the last call, walked back through the recurrence
-                ext = torch.zeros((n_time, 1, n_seq, h.shape[-1]), dtype=h.dtype, device=h.device)
+                ext = torch.zeros((n_time, 1, n_seq, h.shape[-1]), dtype=calc, device=h.device)
                 ext[-1, 0] = rec.unit_seed(grads[-1])
                 dh, _ = rec.backward_scan(w, details, ext, None)
                 capture.propagation = rec.norms(dh[:, 0])
@@ -273,6 +282,14 @@ def flatten_state(state: Any) -> tuple[list[torch.Tensor], Callable[[list[torch.
 @dataclasses.dataclass
 class _CustomCalls(_CallsBase):
     state_in: list[Any] = dataclasses.field(default_factory=list)  # the K-selected state each call received
+
+
+def _as_called(state: tuple[str, torch.dtype | None] | None, device: torch.device) -> Any:
+    """The autocast region the cell was called in, for a re-run of it."""
+    device_type, dtype = state if state is not None else (device.type, None)
+    if dtype is not None:
+        return torch.autocast(device_type, dtype=dtype)
+    return rec.no_autocast(device)
 
 
 class CustomCellRecorder(_HookedCell):
@@ -356,7 +373,8 @@ class CustomCellRecorder(_HookedCell):
             c = torch.stack(calls.c) if len(calls.c) == len(calls.h) else None
             gates = None
             if self.gates_fn is not None:
-                per_call = [self.gates_fn(self.module, x_t, s_t) for x_t, s_t in zip(calls.x, calls.state_in)]
+                with _as_called(calls.autocast, h.device):
+                    per_call = [self.gates_fn(self.module, x_t, s_t) for x_t, s_t in zip(calls.x, calls.state_in)]
                 gates = torch.stack([torch.stack(list(g.values()), dim=1) for g in per_call])  # [time, seq, gate, unit]
         n_time, n_seq = h.shape[:2]
         capture = LayerCapture(
@@ -374,7 +392,7 @@ class CustomCellRecorder(_HookedCell):
         state = calls.state_in[0]
         self._replaying = True
         try:
-            with torch.enable_grad():
+            with torch.enable_grad(), _as_called(calls.autocast, v.device):
                 hs: list[torch.Tensor] = []
                 for x_t in calls.x:
                     if state is not None:

@@ -192,6 +192,7 @@ class FusedRecorder:
         c0_run = None if c0 is None else (c0 if sorted_idx is None else c0.index_select(1, sorted_idx))
 
         step.batch_size = max(step.batch_size, batch)
+        amp = rec.autocast_dtype(device)  # the caller's autocast region, if any
         select = self.scope.select_sequences(batch)  # CPU int64, caller's order
         select_dev = select.to(device)
         lengths = lengths_all[select]
@@ -230,12 +231,12 @@ class FusedRecorder:
             out = result[0]
             hn_k = result[1]
             cn_k = result[2] if is_lstm else None
-            with torch.no_grad():
+            with torch.no_grad(), rec.no_autocast(device):
                 x_sel = x_next if x_next is not None else padded(layer_input)
                 out_sel = padded(out)
                 dirs = self._capture_layer(
                     k, weights, per_dir, x_sel, out_sel, h0[sl], None if c0 is None else c0[sl],
-                    select_dev, lengths, select, valid, flip, out_size,
+                    select_dev, lengths, select, valid, flip, out_size, rec.run_dtype(out.dtype, amp),
                 )
             self._hook_gradients(step, dirs, out, hn_k, cn_k, padded, unsorted_idx, select_dev, lengths_dev, n_time)
             h_n.append(hn_k)
@@ -280,30 +281,35 @@ class FusedRecorder:
         valid: torch.Tensor,
         flip: torch.Tensor | None,
         out_size: int,
+        run: torch.dtype,
     ) -> list[_Direction]:
         m = self.module
         dirs = []
         n_dir = 2 if m.bidirectional else 1
+        # ``run``: the precision the fused kernel's products ran in (half precision
+        # under autocast); the recomputation runs in float32 then
+        calc = rec.compute_dtype(run)
         for d in range(n_dir):
             w = weights[d * per_dir : (d + 1) * per_dir]
-            lw = rec.LayerWeights(
+            lw = rec.weights_as_run(rec.LayerWeights(
                 kind=self.kind,
                 w_ih=w[0].detach(),
                 w_hh=w[1].detach(),
                 b_ih=w[2].detach() if m.bias else None,
                 b_hh=w[3].detach() if m.bias else None,
                 w_hr=w[-1].detach() if getattr(m, "proj_size", 0) > 0 else None,
-            )
-            xd = x.detach()
-            hd = out[..., d * out_size : (d + 1) * out_size].detach()
+            ), run, calc)
+            xd = x.detach().to(calc)
+            hd = out[..., d * out_size : (d + 1) * out_size].detach().to(calc)
             fl = flip if d == 1 else None
             if fl is not None:
                 xd = rec.take_time(xd, fl)
                 hd = rec.take_time(hd, fl)
-            h0d = h0[d].detach().index_select(0, select_dev)
-            c0d = None if c0 is None else c0[d].detach().index_select(0, select_dev)
+            h0d = h0[d].detach().index_select(0, select_dev).to(calc)
+            c0d = None if c0 is None else c0[d].detach().index_select(0, select_dev).to(calc)
             # lengths live on the CPU: deciding "no padding" costs no device sync
-            details = rec.forward_details(lw, xd, hd, h0d, c0d, valid if int(lengths.min()) < xd.shape[0] else None)
+            details = rec.forward_details(lw, xd, hd, h0d, c0d, valid if int(lengths.min()) < xd.shape[0] else None,
+                                          run=run if run != calc else None)
             gates, cell = details.gates, details.cell
             if fl is not None:
                 gates = None if gates is None else rec.take_time(gates, fl)
@@ -316,7 +322,7 @@ class FusedRecorder:
                 cell=cell,
                 lengths=lengths,
                 sequence_index=select,
-                **sigma_fields(lw.w_hh),
+                **sigma_fields(w[1].detach()),  # of the parameter itself
             )
             dirs.append(_Direction(lw, details, fl, capture))
         return dirs
@@ -345,7 +351,7 @@ class FusedRecorder:
             g_out, g_hn = grads[0], grads[1]
             g_cn = grads[2] if cn is not None else None
             try:
-                with torch.no_grad():
+                with torch.no_grad(), rec.no_autocast(out.device):
                     self._scan(dirs, g_out, g_hn, g_cn, out, hn, cn, padded, unsorted_idx, select_dev,
                                lengths_dev, n_time, out_size)
             except Exception as exc:  # noqa: BLE001 - never break backward
@@ -384,7 +390,7 @@ class FusedRecorder:
         seq = torch.arange(n_sel, device=lengths_dev.device)
         for d, direction in enumerate(dirs):
             lw = direction.weights
-            ref = direction.capture.hidden
+            ref = lw.w_hh  # the recomputation's dtype (float32 for a half-precision run) and device
             ext_h = torch.zeros((n_time, 2, n_sel, out_size), dtype=ref.dtype, device=ref.device)
             if go is not None:
                 god = go[..., d * out_size : (d + 1) * out_size]

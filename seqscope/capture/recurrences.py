@@ -41,8 +41,10 @@ is one matrix product and a few in-place elementwise ops.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+from typing import Any
 
 import torch
 
@@ -73,6 +75,60 @@ class ForwardDetails:
     gates: torch.Tensor | None  # [time, sequence, gate, unit], activated
     cell: torch.Tensor | None  # [time, sequence, unit] (LSTM)
     factors: dict[str, torch.Tensor]
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def compute_dtype(run: torch.dtype) -> torch.dtype:
+    """The dtype a layer is recomputed in: float32 for a layer that ran in half
+    precision (autocast, or a half-precision model), the layer's own otherwise."""
+    return torch.float32 if run in _HALF else run
+
+
+def as_run(t: torch.Tensor, run: torch.dtype, calc: torch.dtype) -> torch.Tensor:
+    """``t`` as a kernel that ran in ``run`` saw it (rounded to ``run`` where that is
+    narrower: autocast casts float32 weights, inputs and initial states to the half
+    precision it runs in), then in ``calc``. No copy when nothing changes."""
+    if t.dtype != run and run in _HALF:
+        t = t.to(run)
+    return t.to(calc)
+
+
+def weights_as_run(w: LayerWeights, run: torch.dtype, calc: torch.dtype) -> LayerWeights:
+    """The layer's weights as the kernel used them, in ``calc`` (see as_run)."""
+    def conv(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else as_run(t, run, calc)
+    return LayerWeights(w.kind, conv(w.w_ih), conv(w.w_hh), conv(w.b_ih), conv(w.b_hh),  # type: ignore[arg-type]
+                        conv(w.w_hr))
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype of the caller's autocast region on this device, or None. Its
+    products (the fused kernels, linear and matmul) ran in that dtype, on copies
+    of weights and inputs rounded to it."""
+    try:
+        if torch.is_autocast_enabled(device.type):
+            return torch.get_autocast_dtype(device.type)
+    except (RuntimeError, TypeError, ValueError):  # a device type autocast does not know
+        pass
+    return None
+
+
+def run_dtype(output: torch.dtype, autocast: torch.dtype | None) -> torch.dtype:
+    """The precision a layer's products ran in: the autocast dtype where there was
+    one (CPU autocast runs nn.GRU's products in bfloat16 but returns float32), the
+    output's dtype otherwise (a half-precision model)."""
+    return autocast if autocast is not None else output
+
+
+def no_autocast(device: torch.device) -> Any:
+    """A context in which seqscope's own arithmetic is not recast by the caller's
+    autocast region (it would run the recomputation in half precision, or fail on
+    mixed dtypes); a no-op when autocast is off."""
+    if autocast_dtype(device) is not None:
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def previous(seq: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
@@ -108,6 +164,7 @@ def forward_details(
     c_prev: torch.Tensor | None = None,
     cell: torch.Tensor | None = None,
     compiled: bool = True,
+    run: torch.dtype | None = None,
 ) -> ForwardDetails:
     """Recompute gates (and LSTM cell states) from the layer's input ``x``
     [time, sequence, input], output ``h`` [time, sequence, output] and initial
@@ -119,9 +176,15 @@ def forward_details(
     then exact even when the loop changes the state between calls.
 
     ``compiled``: for an LSTM on the CPU, the cell states and factors come from
-    the compiled passes (capture.native) when they are available."""
+    the compiled passes (capture.native) when they are available.
+
+    ``run``: the precision the layer's products ran in, when narrower than the
+    tensors given (autocast): their operands ``x`` and ``h_prev`` are rounded to
+    it, as the kernel's were (``w`` must be rounded already, weights_as_run);
+    everything elementwise uses the states as recorded."""
     if h_prev is None:
         h_prev = previous(h, h0)
+    x_p, hp_p = (x, h_prev) if run is None else (as_run(x, run, x.dtype), as_run(h_prev, run, h_prev.dtype))
     # zero the backward factors on padding (nothing to do without padding)
     vmask = None if valid is None else valid.unsqueeze(-1).to(h.dtype)
 
@@ -132,7 +195,7 @@ def forward_details(
         return t * (vmask.unsqueeze(2) if gate_axis else vmask)
     if w.kind == schema.KIND_LSTM:
         assert c0 is not None
-        a = _pre_activation(x, h_prev, w)
+        a = _pre_activation(x_p, hp_p, w)
         n_time, n_seq = a.shape[:2]
         a = a.view(n_time, n_seq, 4, -1)
         gates = torch.sigmoid(a)
@@ -165,8 +228,8 @@ def forward_details(
         }
         return ForwardDetails(w.kind, gates, cell, factors)
     if w.kind == schema.KIND_GRU:
-        gi = _linear(x, w.w_ih, w.b_ih)
-        gh = _linear(h_prev, w.w_hh, w.b_hh)
+        gi = _linear(x_p, w.w_ih, w.b_ih)
+        gh = _linear(hp_p, w.w_hh, w.b_hh)
         n_time, n_seq = gi.shape[:2]
         gi = gi.view(n_time, n_seq, 3, -1)
         gh = gh.view(n_time, n_seq, 3, -1)
