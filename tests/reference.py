@@ -81,6 +81,7 @@ class RefLayer:
     h: list[list[torch.Tensor]]
     c: list[list[torch.Tensor]]
     gates: list[list[dict[str, torch.Tensor]]]
+    weights: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # leaves: .grad after backward
 
 
 def run_reference(module, seqs, h0=None, c0=None, dropout_masks=None):
@@ -105,7 +106,7 @@ def run_reference(module, seqs, h0=None, c0=None, dropout_masks=None):
         outs_dir = []
         for d in range(n_dir):
             w = layer_weights(module, k, d)
-            ref = RefLayer([], [], [])
+            ref = RefLayer([], [], [], w)
             dir_out = []
             for b in range(batch):
                 x = inputs[b]

@@ -143,3 +143,58 @@ def test_lstm_forget_bias_decides_vanishing(tmp_path, bias):
         assert "forget-gate bias" in vanishing[0].message
     else:
         assert not vanishing
+
+
+def test_grad_scaler_skips_are_one_note_not_a_divergence(tmp_path):
+    """Mixed-precision training whose GradScaler skips a few steps (scaled gradients
+    not finite) is healthy: the skipped steps make one note, not a non-finite or
+    exploding-gradient error. A run whose every step is skipped is flagged."""
+    torch.manual_seed(0)
+    model = nn.GRU(3, 8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    x = torch.randn(12, 4, 3)
+    path = tmp_path / "amp.h5"
+    with seqscope.watch(model, path, every=1, grad_scaler=scaler) as scope:
+        for step in range(30):
+            out, _ = model(x)
+            loss = out.pow(2).mean()
+            scope.log(loss=loss)
+            scaled = scaler.scale(loss * (1e308 if step in (3, 4, 17) else 1.0))  # overflows at 3 steps
+            scaled.backward()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+    with seqscope.open(path) as trace:
+        found = diagnose(trace)
+    kinds = {(f.kind, f.severity) for f in found}
+    assert ("scaler_skipped_steps", "info") in kinds, kinds
+    note = next(f for f in found if f.kind == "scaler_skipped_steps")
+    assert (note.first_step, note.last_step, note.evidence["recorded_steps_skipped"]) == (3, 17, 3)
+    assert not [f for f in found if f.severity == "error"], found
+    assert not [f for f in found if f.kind in ("nonfinite", "exploding_gradient")], found
+
+    # a scaler that skips every step: training does not move; flagged
+    path3 = tmp_path / "always.h5"
+    with seqscope.watch(model, path3, every=1, grad_scaler=scaler) as scope:
+        for step in range(6):
+            out, _ = model(x)
+            scaler.scale(out.pow(2).mean() * float("inf")).backward()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+    with seqscope.open(path3) as trace:
+        note = [f for f in diagnose(trace) if f.kind == "scaler_skipped_steps"]
+    assert len(note) == 1 and note[0].severity == "warning" and note[0].evidence["recorded_steps_skipped"] == 6
+
+    # without the scaler the same overflows are real non-finite gradients
+    path2 = tmp_path / "no-scaler.h5"
+    torch.manual_seed(0)
+    model = nn.GRU(3, 8)
+    with seqscope.watch(model, path2, every=1) as scope:
+        for step in range(6):
+            out, _ = model(x)
+            (out.pow(2).mean() * (1e308 * 1024 if step == 3 else 1.0)).backward()
+            model.zero_grad()
+    with seqscope.open(path2) as trace:
+        assert any(f.kind == "nonfinite" and f.severity == "error" for f in diagnose(trace))

@@ -435,3 +435,50 @@ def test_autocast_layers_are_recorded_at_the_values_the_model_had(kind, tmp_path
             # the recurrence's Jacobians use act'(a) at bfloat16 outputs (1 - h^2 of a
             # saturated unit is known to a few percent), and the error compounds over time
             np.testing.assert_allclose(prop[b].data, want_p, rtol=0.1, atol=1e-300)
+
+
+def test_grad_scaler_gradients_are_recorded_unscaled_and_skipped_steps_noted(tmp_path):
+    """watch(grad_scaler=...): the recorded gradient norms are those of the unscaled
+    gradients (against the unrolled reference without any scaling), the scale and
+    the steps whose optimizer step the scaler skipped are in the trace."""
+    cfg = Config("lstm", layers=2)
+    gen = torch.Generator().manual_seed(1)
+    torch.manual_seed(0)
+    module = make_module(cfg)
+    seqs, h0, c0 = make_inputs(cfg, gen)
+    terms = make_loss_terms(cfg, gen)
+    reference_module = copy.deepcopy(module)
+    opt = torch.optim.SGD(module.parameters(), lr=0.0)  # the same weights at every step
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    path = tmp_path / "trace.h5"
+    with seqscope.watch(module, path, every=1, sequences=B, precision="full", grad_scaler=scaler):
+        for step in range(3):
+            output, (h_n, c_n) = module(module_input(cfg, seqs))
+            loss = loss_of(per_sequence_outputs(cfg, output), h_n, c_n, terms)
+            if step == 1:
+                loss = loss * 1e307  # times the scale: not finite; the scaler skips this step
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+    layers, ref_out, ref_hn, ref_cn = ref.run_reference(reference_module, seqs, h0, c0)
+    loss_of(ref_out, ref_hn, ref_cn, terms).backward(retain_graph=True)
+    names = {"w_ih": "weight_ih", "w_hh": "weight_hh", "b_ih": "bias_ih", "b_hh": "bias_hh"}
+    ref_params = {f"{names[key]}_l{k}": ref.norm(w.grad).item()
+                  for (k, _), layer in layers.items() for key, w in layer.weights.items()}
+    assert len(ref_params) == len(list(module.parameters())) == 8
+    with seqscope.open(path) as trace:
+        scalars = trace.scalars()
+        assert list(scalars["amp/grad_scale"].values) == [1024.0, 1024.0, 512.0]
+        assert list(scalars["amp/optimizer_step_skipped"].values) == [0.0, 1.0, 0.0]
+        assert not np.isfinite(scalars["grad_norm"].values[1])
+        for step in (0, 2):
+            for k in range(cfg.layers):
+                grads = trace.grad_norms(f"lstm.l{k}", step)
+                for b in range(B):
+                    want = [ref.norm(h.grad).item() for h in layers[(k, 0)].h[b]]
+                    np.testing.assert_allclose(grads["hidden"][b].data, want, rtol=1e-10)
+                    want_c = [ref.norm(c.grad).item() for c in layers[(k, 0)].c[b]]
+                    np.testing.assert_allclose(grads["cell"][b].data, want_c, rtol=1e-10)
+            for name, want in ref_params.items():
+                assert scalars["grad_norm/" + name].values[step] == pytest.approx(want, rel=1e-10)

@@ -348,6 +348,7 @@ class FusedRecorder:
         out_size = dirs[0].capture.hidden.shape[-1]
 
         def on_grads(grads: Any) -> None:
+            self.scope.note_grad_scale(step)
             g_out, g_hn = grads[0], grads[1]
             g_cn = grads[2] if cn is not None else None
             try:

@@ -65,6 +65,10 @@ class StepState:
     cell_recorders: list[Any] = dataclasses.field(default_factory=list)
     repeated_pass: bool = False  # a closure ran the model again within this step
     phase: int = schema.PHASE_TRAIN
+    # with watch(grad_scaler=...): the loss scale this step's backward ran with (a
+    # tensor copy, read without a device sync) and the optimizer steps seen before it
+    grad_scale: Any = None
+    optimizer_steps: int = 0
 
     def remove_hooks(self) -> None:
         for h in self.handles:
@@ -85,9 +89,14 @@ class Scope:
         precision: str = "auto",
         max_bytes: int | None = None,
         cells: Sequence[nn.Module] | Mapping[nn.Module, GatesFn | None] | None = None,
+        grad_scaler: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise UnsupportedModelError(f"watch() needs a torch.nn.Module, got {type(model).__name__}")
+        if grad_scaler is not None and not callable(getattr(grad_scaler, "get_scale", None)):
+            raise ValueError(f"grad_scaler= takes a torch.amp.GradScaler, got {type(grad_scaler).__name__}")
+        self.grad_scaler = grad_scaler
+        self._optimizer_steps = 0
         self.model = model
         self.path = os.fspath(path)
         self.schedule = schedules.resolve(every)
@@ -138,6 +147,7 @@ class Scope:
             "precision": precision,
             "torch": torch.__version__,
             "model": type(model).__name__,
+            "grad_scaler": grad_scaler is not None,
         }
         self.writer = TraceWriter(self.path, config, max_bytes=max_bytes)
         # build (or load from the cache) the compiled scans now, off the training
@@ -235,6 +245,7 @@ class Scope:
         self._opt_depth += 1
         if self._opt_depth == 1:
             self._opt_has_pass = False
+            self._optimizer_steps += 1
 
     def _on_optimizer_post(self, *_: Any) -> None:
         self._opt_depth = max(0, self._opt_depth - 1)
@@ -262,7 +273,8 @@ class Scope:
         except Exception as exc:  # noqa: BLE001
             self.recording_failed(f"schedule raised {type(exc).__name__}: {exc}")
             recorded = False
-        self._current = StepState(step=n, recorded=recorded, wall_time=time.time())
+        self._current = StepState(step=n, recorded=recorded, wall_time=time.time(),
+                                  optimizer_steps=self._optimizer_steps)
         if recorded:
             self._hook_parameters(self._current)
 
@@ -290,11 +302,28 @@ class Scope:
                 continue
 
             def hook(param: torch.Tensor, name: str = name) -> None:
+                self.note_grad_scale(step)
                 if param.grad is not None:
                     # float64 throughout: a float32 norm overflows above ~1.8e19
                     step.param_grad_norms[name] = torch.linalg.vector_norm(param.grad.detach(), dtype=torch.float64)
 
             step.handles.append(p.register_post_accumulate_grad_hook(hook))
+
+    def note_grad_scale(self, step: StepState) -> None:
+        """Keep the loss scale of watch(grad_scaler=...) that this step's backward runs
+        with (called from its gradient hooks: after the step, update() changes it)."""
+        if self.grad_scaler is None or step.grad_scale is not None:
+            return
+        try:
+            scale = getattr(self.grad_scaler, "_scale", None)  # torch.amp.GradScaler: a tensor, no sync
+            if isinstance(scale, torch.Tensor):
+                step.grad_scale = scale.detach().reshape(()).double().clone()
+            elif self.grad_scaler.is_enabled():
+                step.grad_scale = float(self.grad_scaler.get_scale())
+            else:
+                step.grad_scale = 1.0
+        except Exception as exc:  # noqa: BLE001 - a statistic, never an error in training
+            log.debug("seqscope: could not read the GradScaler's scale: %s", exc)
 
     # ---- called by recorders -------------------------------------------------------------------
     def _active(self) -> StepState | None:
@@ -490,6 +519,13 @@ class Scope:
         self.writer.submit(record)
 
     def _build_record(self, step: StepState) -> StepRecord:
+        training = step.phase != schema.PHASE_EVAL
+        scale = step.grad_scale if training else None
+        if scale is not None:  # watch(grad_scaler=...): gradients as they are after unscaling
+            for cap in step.captures:
+                cap.grad_hidden = _unscaled(cap.grad_hidden, scale)
+                cap.grad_cell = _unscaled(cap.grad_cell, scale)
+            step.param_grad_norms = {k: _unscaled(v, scale) for k, v in step.param_grad_norms.items()}
         items: list[tuple[int, str, torch.Tensor]] = []  # (layer id, field, [sequence, time, ...] tensor)
         checked: list[list[torch.Tensor]] = []  # per capture: its arrays in the model's own dtype
         n_time = n_seq = 0
@@ -508,7 +544,6 @@ class Scope:
             checked.append([t for _, t in present])
             n_time = max(n_time, cap.hidden.shape[0])
             n_seq = max(n_seq, cap.hidden.shape[1])
-        training = step.phase != schema.PHASE_EVAL
         # NaN/Inf in the model's own values (before any float16 storage): one sum per
         # array, queued before the host copy; exact counts only for a layer whose sums
         # are not finite. Evaluation passes record no scalars.
@@ -535,6 +570,13 @@ class Scope:
                                  functools.partial(spectral.sigma_max_host, cap.w_hh)))
             count = 0.0 if ok else float(sum(int(torch.count_nonzero(~torch.isfinite(t))) for t in ts))
             extra.append((step.step, schema.SCALAR_NONFINITE_PREFIX + name, count))
+        if self.grad_scaler is not None:
+            # the scale this step's gradients were divided by, and whether the optimizer
+            # step was skipped (a GradScaler skips steps whose gradients are not finite)
+            if scale is not None:
+                extra.append((step.step, schema.SCALAR_GRAD_SCALE, scale))
+            extra.append((step.step, schema.SCALAR_OPTIMIZER_SKIPPED,
+                          float(self._optimizer_steps == step.optimizer_steps)))
         if step.param_grad_norms:
             norms = step.param_grad_norms
             first = next(iter(norms.values()))
@@ -545,6 +587,12 @@ class Scope:
         scalars = self._take_scalars(extra)
         step_row = (step.step, step.wall_time, step.batch_size, n_time, n_seq, step.phase)
         return StepRecord(step_row, arrays, scalars, self._take_layers(), self._take_names(), deferred)
+
+
+def _unscaled(t: torch.Tensor | None, scale: Any) -> torch.Tensor | None:
+    if t is None:
+        return None
+    return t / (scale.to(t.device) if isinstance(scale, torch.Tensor) else scale)
 
 
 def _finite_probe(t: torch.Tensor) -> torch.Tensor:
@@ -584,6 +632,7 @@ def watch(
     precision: str = "auto",
     max_bytes: int | None = None,
     cells: Sequence[nn.Module] | Mapping[nn.Module, GatesFn | None] | None = None,
+    grad_scaler: Any = None,
 ) -> Scope:
     """Record ``model``'s recurrent layers into the HDF5 trace at ``path``.
 
@@ -603,6 +652,11 @@ def watch(
         dict or dataclass of tensors, h first, c second if any). A mapping gives each
         cell a function ``(cell, x_t, state) -> {gate name: [batch, unit]}``.
         nn.RNNCell/GRUCell/LSTMCell and nn.RNN/GRU/LSTM are found by themselves.
+    grad_scaler: the ``torch.amp.GradScaler`` of mixed-precision training, if any.
+        Its scale multiplies every gradient of the backward pass; with it given,
+        recorded gradient norms are divided by the scale each step ran with (as
+        after ``scaler.unscale_``), and the trace notes the scale and the steps
+        whose optimizer step the scaler skipped (non-finite scaled gradients).
     """
     return Scope(model, path, every=every, sequences=sequences, precision=precision, max_bytes=max_bytes,
-                 cells=cells)
+                 cells=cells, grad_scaler=grad_scaler)

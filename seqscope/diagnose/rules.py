@@ -510,14 +510,56 @@ def _layers(trace: Trace) -> list[LayerInfo]:
     return [trace.layer_info(name) for name in trace.layers]
 
 
+def _scaler_skips(scalars: dict[str, Series]) -> np.ndarray:
+    """Recorded steps whose gradients a GradScaler found not finite and whose
+    optimizer step it skipped (watch(grad_scaler=...)): the scale was too high for
+    float16, not a divergence of the model."""
+    skipped = scalars.get(schema.SCALAR_OPTIMIZER_SKIPPED)
+    grad = scalars.get(schema.SCALAR_GRAD_NORM)
+    if skipped is None or grad is None:
+        return np.zeros(0, np.int64)
+    steps = skipped.steps[skipped.values > 0]
+    nonfinite = grad.steps[~np.isfinite(grad.values)]
+    return np.intersect1d(steps, nonfinite)
+
+
+def _without_steps(scalars: dict[str, Series], steps: np.ndarray) -> dict[str, Series]:
+    """The gradient-derived scalars with these steps left out."""
+    out = dict(scalars)
+    for name, series in scalars.items():
+        if name == schema.SCALAR_GRAD_NORM or name.startswith(
+                (schema.SCALAR_PARAM_GRAD_PREFIX, schema.SCALAR_NONFINITE_PREFIX)):
+            keep = ~np.isin(series.steps, steps)
+            out[name] = Series(series.steps[keep], series.values[keep])
+    return out
+
+
+def _scaler_finding(skips: np.ndarray, recorded: int) -> Finding:
+    severe = len(skips) > recorded / 2
+    return Finding(
+        "scaler_skipped_steps", "warning" if severe else "info", None, int(skips[0]), int(skips[-1]),
+        {"recorded_steps_skipped": int(len(skips)), "recorded_steps": recorded},
+        f"the GradScaler found non-finite scaled gradients at {len(skips)} of {recorded} recorded steps and "
+        "skipped their optimizer steps (they are left out of the gradient findings)"
+        + (": more than half of the steps, so training barely moves; the gradients overflow even at a low "
+           "scale, which points to exploding gradients: clip them after scaler.unscale_(optimizer)." if severe
+           else "; routine while it lowers its scale."),
+    )
+
+
 def diagnose(trace: Trace) -> list[Finding]:
     """All findings for a trace, most severe and earliest first."""
     scalars = trace.scalars()
     layers = _layers(trace)
     steps = trace.steps
+    findings: list[Finding] = []
+    skips = _scaler_skips(scalars)
+    if len(skips):
+        findings.append(_scaler_finding(skips, len(steps)))
+        scalars = _without_steps(scalars, skips)
+        steps = steps[~np.isin(steps, skips)]
     plateau = loss_plateaued(scalars.get(schema.SCALAR_LOSS))
     measures = {info.name: measure_layer(trace, info, steps) for info in layers}
-    findings: list[Finding] = []
     findings += _nonfinite(trace, scalars)
     findings += _exploding(trace, layers, measures, scalars)
     sampled = _sample(steps)

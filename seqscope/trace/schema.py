@@ -101,6 +101,11 @@ SCALAR_GRAD_NORM = "grad_norm"  # global L2 norm of all parameter gradients
 SCALAR_PARAM_GRAD_PREFIX = "grad_norm/"  # + parameter name
 SCALAR_SIGMA_PREFIX = "sigma_max/"  # + layer name: largest singular value of W_hh
 SCALAR_NONFINITE_PREFIX = "nonfinite/"  # + layer name: NaN/Inf count in the layer's stored arrays
+# with watch(grad_scaler=...): the loss scale of the step's backward (recorded
+# gradients are divided by it), and 1.0 where no optimizer step followed (a
+# GradScaler skips steps whose scaled gradients overflowed)
+SCALAR_GRAD_SCALE = "amp/grad_scale"
+SCALAR_OPTIMIZER_SKIPPED = "amp/optimizer_step_skipped"
 
 # ---- array index -------------------------------------------------------------
 INDEX_DTYPE = np.dtype(
