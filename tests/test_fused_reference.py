@@ -482,3 +482,25 @@ def test_grad_scaler_gradients_are_recorded_unscaled_and_skipped_steps_noted(tmp
                     np.testing.assert_allclose(grads["cell"][b].data, want_c, rtol=1e-10)
             for name, want in ref_params.items():
                 assert scalars["grad_norm/" + name].values[step] == pytest.approx(want, rel=1e-10)
+
+
+def test_gradient_accumulation_records_each_pass_own_parameter_gradients(tmp_path):
+    """Two forward/backward passes before an optimizer step (gradient
+    accumulation, no zero_grad between): each pass is a step, and its parameter
+    gradient norms are those of its own backward, not of the running sum in .grad."""
+    torch.manual_seed(0)
+    module = nn.GRU(3, 4).double()
+    reference = copy.deepcopy(module)
+    xs = [torch.randn(5, 2, 3, dtype=torch.float64) for _ in range(3)]
+    with seqscope.watch(module, tmp_path / "t.h5", every=1):
+        for x in xs:
+            out, _ = module(x)
+            out.pow(2).sum().backward()
+    with seqscope.open(tmp_path / "t.h5") as trace:
+        scalars = trace.scalars()
+        for step, x in enumerate(xs):
+            reference.zero_grad()
+            out, _ = reference(x)
+            out.pow(2).sum().backward()
+            for name, p in reference.named_parameters():
+                assert scalars["grad_norm/" + name].values[step] == pytest.approx(ref.norm(p.grad).item(), rel=1e-12)

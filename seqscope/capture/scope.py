@@ -297,17 +297,19 @@ class Scope:
             self._finalize(state)
 
     def _hook_parameters(self, step: StepState) -> None:
+        """Each parameter's gradient from this step's backward pass: a tensor hook
+        sees the pass's own gradient, before it is added to ``.grad`` (with gradient
+        accumulation ``.grad`` also holds the earlier micro-batches')."""
         for name, p in self.model.named_parameters():
             if not p.requires_grad:
                 continue
 
-            def hook(param: torch.Tensor, name: str = name) -> None:
+            def hook(grad: torch.Tensor, name: str = name) -> None:
                 self.note_grad_scale(step)
-                if param.grad is not None:
-                    # float64 throughout: a float32 norm overflows above ~1.8e19
-                    step.param_grad_norms[name] = torch.linalg.vector_norm(param.grad.detach(), dtype=torch.float64)
+                # float64 throughout: a float32 norm overflows above ~1.8e19
+                step.param_grad_norms[name] = torch.linalg.vector_norm(grad.detach(), dtype=torch.float64)
 
-            step.handles.append(p.register_post_accumulate_grad_hook(hook))
+            step.handles.append(p.register_hook(hook))
 
     def note_grad_scale(self, step: StepState) -> None:
         """Keep the loss scale of watch(grad_scaler=...) that this step's backward runs
