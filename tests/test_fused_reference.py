@@ -3,6 +3,7 @@ autograd reference in tests/reference.py, over the configuration matrix."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import os
@@ -504,3 +505,53 @@ def test_gradient_accumulation_records_each_pass_own_parameter_gradients(tmp_pat
             out.pow(2).sum().backward()
             for name, p in reference.named_parameters():
                 assert scalars["grad_norm/" + name].values[step] == pytest.approx(ref.norm(p.grad).item(), rel=1e-12)
+
+
+def test_torch_compile_does_not_trace_the_recorder(tmp_path):
+    """A torch.compile'd model: seqscope's hooks and recording are never traced
+    (torch.compiler.disable), so compiling a watched model builds the same graphs
+    as compiling it unwatched, and the recorded numbers are the reference's."""
+    cfg = Config("lstm")
+    gen = torch.Generator().manual_seed(1)
+    torch.manual_seed(0)
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = make_module(cfg)
+            self.head = nn.Linear(HID, 1).double()
+
+        def forward(self, x):
+            out, _ = self.rnn(x)
+            return torch.tanh(self.head(out))
+
+    seqs, _, _ = make_inputs(cfg, gen)
+    x = module_input(cfg, seqs)
+
+    def compiled_graphs(model: nn.Module, watched: bool) -> list[int]:
+        graphs: list[int] = []
+
+        def backend(gm, example_inputs):
+            graphs.append(len(gm.graph.nodes))
+            return gm.forward
+
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend=backend)
+        ctx = seqscope.watch(compiled, tmp_path / "trace.h5", every=1, sequences=B, precision="full") \
+            if watched else contextlib.nullcontext()
+        with ctx:
+            compiled(x).pow(2).sum().backward()
+        return graphs
+
+    model = Model()
+    plain_graphs = compiled_graphs(copy.deepcopy(model), watched=False)
+    assert compiled_graphs(model, watched=True) == plain_graphs
+    layers, ref_out, _, _ = ref.run_reference(model.rnn, seqs)
+    head = copy.deepcopy(model.head)
+    torch.tanh(head(torch.stack(ref_out, 1))).pow(2).sum().backward()
+    with seqscope.open(tmp_path / "trace.h5") as trace:
+        assert trace.layers == ["_orig_mod.rnn.l0"]
+        grads = trace.grad_norms("_orig_mod.rnn.l0", 0)
+        for b in range(B):
+            want = [ref.norm(h.grad).item() for h in layers[(0, 0)].h[b]]
+            np.testing.assert_allclose(grads["hidden"][b].data, want, rtol=1e-10)

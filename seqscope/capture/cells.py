@@ -121,6 +121,7 @@ class _HookedCell:
     module: nn.Module
     _handle: Any = None
 
+    @torch.compiler.disable  # seqscope's own code is never traced by torch.compile
     def _on_call(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         raise NotImplementedError
 
@@ -144,6 +145,7 @@ class CellRecorder(_HookedCell):
         self.layer_id = layer_id
 
     # ---- per call ------------------------------------------------------------------------
+    @torch.compiler.disable  # seqscope's own code is never traced by torch.compile
     def _on_call(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         step = self.scope.cell_step()  # the training step, or an evaluation pass under no_grad
         if step is None:
@@ -313,6 +315,7 @@ class CustomCellRecorder(_HookedCell):
         self._replaying = False
         self._disabled = False
 
+    @torch.compiler.disable  # seqscope's own code is never traced by torch.compile
     def _on_call(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         if self._replaying or self._disabled:
             return

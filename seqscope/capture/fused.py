@@ -133,6 +133,7 @@ class FusedRecorder:
         return type(self.module).forward(self.module, *args, **kwargs)
 
     # ---- forward -------------------------------------------------------------------------
+    @torch.compiler.disable  # seqscope's own code is never traced by torch.compile
     def _forward(self, input: Any, hx: Any = None) -> Any:  # noqa: A002 - nn.LSTM's own name
         step = self.scope.recording_step_for(self)
         if step is None:

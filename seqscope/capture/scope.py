@@ -250,6 +250,7 @@ class Scope:
     def _on_optimizer_post(self, *_: Any) -> None:
         self._opt_depth = max(0, self._opt_depth - 1)
 
+    @torch.compiler.disable  # seqscope's own code is never traced by torch.compile
     def _on_model_forward(self, module: nn.Module, args: Any) -> None:
         if self._closed:
             return
@@ -291,6 +292,7 @@ class Scope:
         if recorded:
             self._eval_recorded_for = n
 
+    @torch.compiler.disable  # seqscope's own code is never traced by torch.compile
     def _on_model_forward_end(self, module: nn.Module, args: Any, output: Any) -> None:
         if self._eval is not None and not torch.is_grad_enabled():
             state, self._eval = self._eval, None
