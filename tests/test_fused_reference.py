@@ -153,7 +153,8 @@ CUDA_CONFIGS = [c for c in CONFIGS if c.dtype == torch.float64 and (c.layers == 
 
 def test_recorded_numbers_on_cuda_match_unrolled_reference(tmp_path):
     """The module and the recording on the GPU (cuDNN), the reference on the CPU
-    in the module's dtype, over a subset of the configurations (one test, so that
+    in the module's dtype, over a subset of the configurations, and LSTM/GRU/RNN
+    under autocast float16 (check_autocast) (one test, so that
     a machine without CUDA shows one skip). SEQSCOPE_REQUIRE_CUDA=1 (set by
     benchmarks/gpu_check.sh) turns the skip into a failure."""
     if not torch.cuda.is_available():
@@ -167,6 +168,12 @@ def test_recorded_numbers_on_cuda_match_unrolled_reference(tmp_path):
             check_against_reference(cfg, tmp_path / cfg.id, torch.device("cuda"))
         except AssertionError as exc:
             failures.append(f"{cfg.id}: {str(exc).strip().splitlines()[0]}")
+    for kind in ("lstm", "gru", "rnn_tanh"):  # mixed precision: cuDNN under autocast float16
+        (tmp_path / f"autocast-{kind}").mkdir()
+        try:
+            check_autocast(kind, tmp_path / f"autocast-{kind}", torch.device("cuda"), torch.float16)
+        except AssertionError as exc:
+            failures.append(f"autocast float16 {kind}: {str(exc).strip().splitlines()[0]}")
     assert not failures, "\n".join(failures)
 
 
@@ -373,32 +380,43 @@ def test_unbatched_input(tmp_path):
 def test_autocast_layers_are_recorded_at_the_values_the_model_had(kind, tmp_path, scan_path):
     """Mixed precision: under torch.autocast (bfloat16 on the CPU) the products of
     nn.LSTM, nn.RNN and nn.GRU run in bfloat16 on bfloat16 copies of the float32
-    weights and inputs (LSTM and RNN also return bfloat16, GRU float32). The
-    reference is unrolled in float64 from the weights and inputs as the kernel saw
-    them, each step's output replaced by the module's own (a straight-through
-    correction), so gates, cell states and BPTT gradients are taken at the values
-    the model actually had."""
+    weights and inputs (LSTM and RNN also return bfloat16, GRU float32)."""
+    out_dtype = check_autocast(kind, tmp_path, torch.device("cpu"), torch.bfloat16)
+    assert out_dtype == (torch.float32 if kind == "gru" else torch.bfloat16)
+
+
+def check_autocast(kind: str, tmp_path, device: torch.device, amp: torch.dtype) -> torch.dtype:
+    """One layer run under autocast(amp) on ``device``, recorded. The reference is
+    unrolled in float64 on the CPU from the weights and inputs as the kernel saw
+    them (the products' operands rounded to ``amp``), each step's output replaced by
+    the module's own (a straight-through correction), so gates, cell states and
+    BPTT gradients are taken at the values the model actually had. Returns the
+    dtype the module returned."""
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(1)
     module = make_module(Config(kind, dtype=torch.float32))
     x = torch.randn(T, B, IN, generator=gen)
     r = torch.randn(T, B, HID, generator=gen)
     path = tmp_path / "trace.h5"
-    with seqscope.watch(module, path, every=1, sequences=B, precision="full"):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out, _ = module(x)
+    on_device = copy.deepcopy(module).to(device)
+    with seqscope.watch(on_device, path, every=1, sequences=B, precision="full"):
+        with torch.autocast(device.type, dtype=amp):
+            out, _ = on_device(x.to(device))
         o = out.float()
-        (r * o + 0.5 * o * o).sum().backward()
-    assert out.dtype == (torch.float32 if kind == "gru" else torch.bfloat16)
-    w = {k: v.detach().bfloat16().double().requires_grad_(True) for k, v in ref.layer_weights(module, 0, 0).items()}
+        (r.to(device) * o + 0.5 * o * o).sum().backward()
+
+    def rounded(t: torch.Tensor) -> torch.Tensor:  # straight through: value rounded, gradient not
+        return t + (t.to(amp).to(t.dtype) - t).detach()
+
+    w = {k: v.detach().to(amp).double().requires_grad_(True) for k, v in ref.layer_weights(module, 0, 0).items()}
     x64 = x.double()
-    actual = out.detach().double()
+    actual = out.detach().cpu().double()
     h = torch.zeros(B, HID, dtype=torch.float64)
     c = torch.zeros(B, HID, dtype=torch.float64) if kind == "lstm" else None
     hs, cs, gates = [], [], []
-    step_tol = 1e-2  # bfloat16 rounding of the kernel's products and outputs
+    step_tol = 1e-2  # half-precision rounding of the kernel's products and outputs
     for t in range(T):
-        h_new, c, g = ref.cell_step(kind, x64[t], h, c, w, product=ref.bfloat16_operands)
+        h_new, c, g = ref.cell_step(kind, x64[t], h, c, w, product=rounded)
         # the reference models the kernel: one step from the module's own state lands
         # on its output, up to the output's rounding
         torch.testing.assert_close(h_new.detach(), actual[t], rtol=step_tol, atol=step_tol)
@@ -427,15 +445,16 @@ def test_autocast_layers_are_recorded_at_the_values_the_model_had(kind, tmp_path
                 np.testing.assert_allclose(trace.cell(name, 0)[b].data, want_c, rtol=1e-5, atol=1e-6)
                 want_gc = [ref.norm(cc.grad[b]).item() for cc in cs]
                 np.testing.assert_allclose(grads["cell"][b].data, want_gc, rtol=2e-2)
-            # dL/dh_t reaches the recorder as the gradient of a bfloat16 tensor: rounded
+            # dL/dh_t reaches the recorder as the gradient of a half-precision tensor: rounded
             want_gh = [ref.norm(hh.grad[b]).item() for hh in hs]
             np.testing.assert_allclose(grads["hidden"][b].data, want_gh, rtol=2e-2)
             v = ref.unit_direction(hs[-1].grad[b])
             back = torch.autograd.grad(hs[-1][b], hs, grad_outputs=v, retain_graph=True, allow_unused=True)
             want_p = [ref.norm(gr[b]).item() for gr in back]
-            # the recurrence's Jacobians use act'(a) at bfloat16 outputs (1 - h^2 of a
+            # the recurrence's Jacobians use act'(a) at half-precision outputs (1 - h^2 of a
             # saturated unit is known to a few percent), and the error compounds over time
             np.testing.assert_allclose(prop[b].data, want_p, rtol=0.1, atol=1e-300)
+    return out.dtype
 
 
 def test_grad_scaler_gradients_are_recorded_unscaled_and_skipped_steps_noted(tmp_path):
