@@ -17,6 +17,8 @@ def scan_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
     is the one that ran. Without a C compiler the compiled run skips locally,
     and fails where SEQSCOPE_REQUIRE_NATIVE=1 (CI)."""
     calls = []
+    # load (and self-test) the compiled passes before counting: the self-test calls them
+    native.enabled()
     compiled = native.backward_scan
 
     def counting(*args, **kwargs):  # type: ignore[no-untyped-def]

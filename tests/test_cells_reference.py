@@ -273,6 +273,49 @@ def test_autocast_cell_loop_is_recorded_at_the_values_the_model_had(kind, tmp_pa
             np.testing.assert_allclose(prop[b].data, want_p, rtol=0.1, atol=1e-300)
 
 
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_cell_loop_under_activation_checkpointing(kind, reentrant, tmp_path, scan_path):
+    """A cell loop inside torch.utils.checkpoint: the calls run again during
+    backward; each timestep is recorded once, with the reference's numbers
+    (use_reentrant=True: the recomputation is the only pass with autograd on)."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    loop = Loop(kind, stacked=True, future=0)
+
+    class Checkpointed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.loop = loop
+
+        def forward(self, x):
+            return checkpoint(self.loop, x, use_reentrant=reentrant)
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(T, B, IN, generator=g, dtype=torch.float64, requires_grad=True)
+    target = torch.randn(T, B, IN, generator=g, dtype=torch.float64)
+    model = Checkpointed()
+    path = tmp_path / "t.h5"
+    with seqscope.watch(model, path, every=1, sequences=B, precision="full"):
+        ((model(x) - target) ** 2).sum().backward()
+    ref_out, records, ws = reference_loop(loop, x)
+    ((ref_out - target) ** 2).sum().backward()
+    with seqscope.open(path) as trace:
+        assert list(trace.steps) == [0]
+        for name, rec in zip(["loop.c1", "loop.c2"], records):
+            hidden = trace.hidden(name, 0)
+            assert hidden.shape[:2] == (B, T)  # each call once, not again for the recomputation
+            grads = trace.grad_norms(name, 0)
+            for b in range(B):
+                np.testing.assert_allclose(hidden[b].data, torch.stack(rec["h"])[:, b].detach().numpy(), rtol=1e-12)
+                np.testing.assert_allclose(grads["hidden"][b].data, [ref.norm(h.grad[b]).item() for h in rec["h"]],
+                                           rtol=1e-10)
+                if kind == "lstm":
+                    np.testing.assert_allclose(grads["cell"][b].data,
+                                               [ref.norm(c.grad[b]).item() for c in rec["c"]], rtol=1e-10)
+
+
 class EncoderDecoder(nn.Module):
     def __init__(self) -> None:
         super().__init__()

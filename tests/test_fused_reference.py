@@ -574,3 +574,66 @@ def test_torch_compile_does_not_trace_the_recorder(tmp_path):
         for b in range(B):
             want = [ref.norm(h.grad).item() for h in layers[(0, 0)].h[b]]
             np.testing.assert_allclose(grads["hidden"][b].data, want, rtol=1e-10)
+
+
+CHECKPOINTING = [(True, False, True), (True, False, False), (False, False, True), (False, True, True)]
+
+
+@pytest.mark.parametrize("reentrant,whole,states", CHECKPOINTING,
+                         ids=["reentrant-layer", "reentrant-layer-output-only", "non-reentrant-layer",
+                              "non-reentrant-whole-model"])
+def test_activation_checkpointing_records_the_reference_gradients(reentrant, whole, states, tmp_path, scan_path):
+    """The recurrent module inside torch.utils.checkpoint: its forward runs again
+    during backward (the first time under no_grad with use_reentrant=True), and the
+    gradients reach the recomputed outputs in a nested backward pass. ``whole``:
+    the watched model is the checkpointed module itself (its recomputation inside
+    backward is no new step). ``states``: the checkpointed function returns the
+    final states too (otherwise only the output gets a gradient)."""
+    from torch.utils.checkpoint import checkpoint
+
+    cfg = Config("lstm", layers=2)
+    gen = torch.Generator().manual_seed(1)
+    torch.manual_seed(0)
+    module = make_module(cfg)
+    seqs, _, _ = make_inputs(cfg, gen)
+    terms = make_loss_terms(cfg, gen)
+    x = module_input(cfg, seqs).requires_grad_(True)
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lstm = module
+
+        def forward(self, t):
+            return checkpoint(run, t, use_reentrant=reentrant)
+
+    def run(t):
+        out, (h_n, c_n) = module(t)
+        return (out, h_n, c_n) if states else out
+
+    path = tmp_path / "trace.h5"
+    watched = module if whole else Model()
+    with seqscope.watch(watched, path, every=1, sequences=B, precision="full"):
+        result = checkpoint(run, x, use_reentrant=reentrant) if whole else watched(x)
+        output, h_n, c_n = result if states else (result, None, None)
+        if not states:  # no final-state terms in the loss
+            h_n = torch.zeros(cfg.layers, B, HID, dtype=cfg.dtype)
+            c_n = torch.zeros(cfg.layers, B, HID, dtype=cfg.dtype)
+        loss_of(per_sequence_outputs(cfg, output), h_n, c_n, terms).backward()
+    layers, ref_out, ref_hn, ref_cn = ref.run_reference(module, seqs)
+    if not states:
+        ref_hn, ref_cn = h_n, c_n
+    loss_of(ref_out, ref_hn, ref_cn, terms).backward(retain_graph=True)
+    with seqscope.open(path) as trace:  # the layer is "lstm" either way (module path or type name)
+        assert list(trace.steps) == [0]
+        for k in range(cfg.layers):
+            grads = trace.grad_norms(f"lstm.l{k}", 0)
+            prop = trace.propagation(f"lstm.l{k}", 0)
+            for b in range(B):
+                layer = layers[(k, 0)]
+                np.testing.assert_allclose(grads["hidden"][b].data, [ref.norm(h.grad).item() for h in layer.h[b]],
+                                           rtol=1e-10)
+                np.testing.assert_allclose(grads["cell"][b].data, [ref.norm(c.grad).item() for c in layer.c[b]],
+                                           rtol=1e-10)
+                np.testing.assert_allclose(prop[b].data, ref.propagation(layer, b, 0).numpy(), rtol=1e-10,
+                                           atol=1e-300)

@@ -51,6 +51,9 @@ class _CallsBase:
     # the caller's autocast region at the first call (device type, dtype or None):
     # the recomputation rounds like it, re-runs of a custom cell run in it
     autocast: tuple[str, torch.dtype | None] | None = None
+    # whether the first call came during a backward pass (a reentrant checkpoint's
+    # recomputation is then the only pass with autograd on, and is recorded)
+    in_backward: bool = False
 
 
 @dataclasses.dataclass
@@ -65,10 +68,12 @@ def _open_calls(recorder: Any, step: StepState, batch: int, device: torch.device
     stored sequences' indices on the device; None when recording it stopped."""
     calls = step.cell_calls.get(id(recorder))
     if calls is None:
-        calls = factory(select=recorder.scope.select_sequences(batch), batch=batch)
+        calls = factory(select=recorder.scope.select_sequences(batch), batch=batch, in_backward=rec.in_backward())
         step.cell_calls[id(recorder)] = calls
         step.cell_recorders.append(recorder)
         step.batch_size = max(step.batch_size, batch)
+    elif rec.in_backward() and not calls.in_backward:
+        return None  # torch.utils.checkpoint recomputing calls recorded in the forward pass
     if calls.broken:
         return None
     if batch != calls.batch:

@@ -341,44 +341,53 @@ class FusedRecorder:
         lengths_dev: torch.Tensor,
         n_time: int,
     ) -> None:
+        """A tensor hook on the layer's output and final states keeps the gradients
+        that reach them (the stored sequences' only; the first backward of the step
+        wins); the BPTT scan runs on them when the step is finalized. Tensor hooks
+        fire in every kind of backward pass, a reentrant checkpoint's recomputation
+        included, where a multi-tensor hook never fires."""
         for d in dirs:
             step.captures.append(d.capture)
-        tensors = [t for t in (out, hn, cn) if t is not None]
-        if not all(t.requires_grad for t in tensors):
+        if not out.requires_grad:
             return  # nothing will flow back through this layer
         out_size = dirs[0].capture.hidden.shape[-1]
+        grads: list[torch.Tensor | None] = [None, None, None]  # output (selected, padded), h_n, c_n
 
-        def on_grads(grads: Any) -> None:
-            self.scope.note_grad_scale(step)
-            g_out, g_hn = grads[0], grads[1]
-            g_cn = grads[2] if cn is not None else None
-            try:
-                with torch.no_grad(), rec.no_autocast(out.device):
-                    self._scan(dirs, g_out, g_hn, g_cn, out, hn, cn, padded, unsorted_idx, select_dev,
-                               lengths_dev, n_time, out_size)
-            except Exception as exc:  # noqa: BLE001 - never break backward
-                self.scope.recording_failed(f"gradient scan of {self.name} failed: {type(exc).__name__}: {exc}")
+        def keep(i: int) -> Callable[[torch.Tensor], None]:
+            def hook(g: torch.Tensor) -> None:
+                if grads[i] is None:
+                    self.scope.note_grad_scale(step)
+                    with torch.no_grad():
+                        grads[i] = padded(g.detach()) if i == 0 else g.detach()
+            return hook
 
-        step.handles.append(torch.autograd.graph.register_multi_grad_hook(tensors, on_grads))
+        for i, t in enumerate((out, hn, cn)):
+            if t is not None and t.requires_grad:
+                step.handles.append(t.register_hook(keep(i)))
+
+        def scan() -> None:
+            if all(g is None for g in grads):
+                return  # no backward pass reached this layer
+            with torch.no_grad(), rec.no_autocast(out.device):
+                self._scan(dirs, grads[0], grads[1], grads[2], unsorted_idx, select_dev, lengths_dev, n_time,
+                           out_size)
+
+        step.pending_scans.append((self.name, scan))
 
     def _scan(
         self,
         dirs: list[_Direction],
-        g_out: torch.Tensor | None,
+        go: torch.Tensor | None,
         g_hn: torch.Tensor | None,
         g_cn: torch.Tensor | None,
-        out: torch.Tensor,
-        hn: torch.Tensor,
-        cn: torch.Tensor | None,
-        padded: Callable[[torch.Tensor], torch.Tensor],
         unsorted_idx: torch.Tensor | None,
         select_dev: torch.Tensor,
         lengths_dev: torch.Tensor,
         n_time: int,
         out_size: int,
     ) -> None:
+        """``go``: the output's gradient, stored sequences only [time, sequence, ...]."""
         n_sel = select_dev.shape[0]
-        go = padded(g_out) if g_out is not None else None
 
         def final_state(g: torch.Tensor | None, d: int) -> torch.Tensor | None:
             if g is None:

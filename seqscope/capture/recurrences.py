@@ -122,6 +122,13 @@ def run_dtype(output: torch.dtype, autocast: torch.dtype | None) -> torch.dtype:
     return autocast if autocast is not None else output
 
 
+def in_backward() -> bool:
+    """Whether autograd is running a backward pass on this thread: a forward call
+    then is a recomputation (torch.utils.checkpoint)."""
+    task = getattr(torch._C, "_current_graph_task_id", None)
+    return task is not None and task() != -1
+
+
 def no_autocast(device: torch.device) -> Any:
     """A context in which seqscope's own arithmetic is not recast by the caller's
     autocast region (it would run the recomputation in half precision, or fail on

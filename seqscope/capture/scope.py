@@ -29,6 +29,7 @@ from torch.utils.hooks import RemovableHandle
 
 from seqscope import schedules
 from seqscope.capture import native, spectral
+from seqscope.capture import recurrences as rec
 from seqscope.capture.cells import CELL_TYPES, CellRecorder, CustomCellRecorder, GatesFn
 from seqscope.capture.fused import (
     FUSED_TYPES,
@@ -63,6 +64,8 @@ class StepState:
     failed: bool = False
     cell_calls: dict[int, Any] = dataclasses.field(default_factory=dict)
     cell_recorders: list[Any] = dataclasses.field(default_factory=list)
+    # (module name, function): fused layers' BPTT scans, run when the step is finalized
+    pending_scans: list[tuple[str, Callable[[], None]]] = dataclasses.field(default_factory=list)
     repeated_pass: bool = False  # a closure ran the model again within this step
     phase: int = schema.PHASE_TRAIN
     # with watch(grad_scaler=...): the loss scale this step's backward ran with (a
@@ -252,8 +255,8 @@ class Scope:
 
     @torch.compiler.disable  # seqscope's own code is never traced by torch.compile
     def _on_model_forward(self, module: nn.Module, args: Any) -> None:
-        if self._closed:
-            return
+        if self._closed or rec.in_backward():
+            return  # a recomputation inside backward (activation checkpointing) is no new step
         if not torch.is_grad_enabled():
             self._begin_eval()
             return
@@ -294,6 +297,8 @@ class Scope:
 
     @torch.compiler.disable  # seqscope's own code is never traced by torch.compile
     def _on_model_forward_end(self, module: nn.Module, args: Any, output: Any) -> None:
+        if rec.in_backward():
+            return
         if self._eval is not None and not torch.is_grad_enabled():
             state, self._eval = self._eval, None
             self._finalize(state)
@@ -503,6 +508,14 @@ class Scope:
         """Turn a finished step into a StepRecord and hand it to the writer."""
         step.remove_hooks()
         if step.recorded and not step.failed:
+            for name, scan in step.pending_scans:
+                try:
+                    scan()
+                except Exception as exc:  # noqa: BLE001 - never break training
+                    self.recording_failed(f"gradient scan of {name} failed: {type(exc).__name__}: {exc}")
+                    step.failed = True
+                    return
+            step.pending_scans.clear()
             for recorder in step.cell_recorders:
                 try:
                     capture = recorder.build_capture(step)
