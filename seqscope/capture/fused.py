@@ -4,8 +4,9 @@ On a recorded step the module runs layer by layer, one fused call per layer
 with that layer's own weights (the same kernels, so the same numbers as the
 stacked call), which makes every layer's output a real autograd tensor. For the
 first few sequences of the batch the gates and cell states are recomputed from
-each layer's input and output (capture.recurrences), and a gradient hook on the
-layer's output and final state runs the analytic BPTT scan during backward.
+each layer's input and output (capture.recurrences); gradient hooks on the
+layer's output and final states keep what backward delivers, and the analytic
+BPTT scan runs on it when the step is finalized.
 On every other step the module's own forward runs untouched.
 """
 
