@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-
 import dataclasses
 
 import numpy as np
@@ -12,8 +11,8 @@ import torch
 from torch import nn
 
 import seqscope
-from tests import reference as ref
 from seqscope.errors import UnsupportedModelError
+from tests import reference as ref
 
 T, B, IN, HID = 6, 3, 2, 4
 

@@ -540,8 +540,8 @@ class Scope:
         scale = step.grad_scale if training else None
         if scale is not None:  # watch(grad_scaler=...): gradients as they are after unscaling
             for cap in step.captures:
-                cap.grad_hidden = _unscaled(cap.grad_hidden, scale)
-                cap.grad_cell = _unscaled(cap.grad_cell, scale)
+                cap.grad_hidden = None if cap.grad_hidden is None else _unscaled(cap.grad_hidden, scale)
+                cap.grad_cell = None if cap.grad_cell is None else _unscaled(cap.grad_cell, scale)
             step.param_grad_norms = {k: _unscaled(v, scale) for k, v in step.param_grad_norms.items()}
         items: list[tuple[int, str, torch.Tensor]] = []  # (layer id, field, [sequence, time, ...] tensor)
         checked: list[list[torch.Tensor]] = []  # per capture: its arrays in the model's own dtype
@@ -606,9 +606,7 @@ class Scope:
         return StepRecord(step_row, arrays, scalars, self._take_layers(), self._take_names(), deferred)
 
 
-def _unscaled(t: torch.Tensor | None, scale: Any) -> torch.Tensor | None:
-    if t is None:
-        return None
+def _unscaled(t: torch.Tensor, scale: Any) -> torch.Tensor:
     return t / (scale.to(t.device) if isinstance(scale, torch.Tensor) else scale)
 
 
