@@ -443,3 +443,34 @@ def test_evaluation_pass_is_recorded_without_gradients_and_apart(tmp_path):
                                    rtol=1e-6, atol=1e-9)
         assert set(trace.gates("c2", 2, phase="eval")) == {"input", "forget", "cell", "output"}
     assert evaluated.shape[0] == T + 3 + 2
+
+
+def test_cell_hooks_exist_only_during_recorded_steps(tmp_path):
+    """On steps the schedule does not pick, a watched cell carries no forward hook
+    (it cost every call ~7 us); recorded steps and evaluation passes still get
+    every call."""
+    torch.manual_seed(0)
+    model = Loop("gru", stacked=True, future=0)
+    x = torch.randn(T, B, IN, dtype=torch.float64)
+    seen = []
+
+    class Probe(nn.Module):  # reports, from inside the forward, whether the cells are hooked
+        def __init__(self) -> None:
+            super().__init__()
+            self.loop = model
+
+        def forward(self, x):
+            seen.append(bool(self.loop.c1._forward_hooks) and bool(self.loop.c2._forward_hooks))
+            return self.loop(x)
+
+    probe = Probe()
+    with seqscope.watch(probe, tmp_path / "t.h5", every=2):
+        for _ in range(4):
+            probe(x).sum().backward()
+        with torch.no_grad():
+            probe(x)  # an evaluation pass of step 3: not picked by every=2
+    assert seen == [True, False, True, False, False]
+    assert not model.c1._forward_hooks and not model.c2._forward_hooks  # gone after the scope
+    with seqscope.open(tmp_path / "t.h5") as trace:
+        assert list(trace.steps) == [0, 2]
+        assert trace.hidden("loop.c1", 2).shape[:2] == (B, T)

@@ -131,7 +131,8 @@ class _HookedCell:
         raise NotImplementedError
 
     def install(self) -> None:
-        self._handle = self.module.register_forward_hook(self._on_call, with_kwargs=True)
+        if self._handle is None:
+            self._handle = self.module.register_forward_hook(self._on_call, with_kwargs=True)
 
     def remove(self) -> None:
         if self._handle is not None:

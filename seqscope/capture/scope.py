@@ -219,16 +219,24 @@ class Scope:
     def _install(self) -> None:
         for r in self._recorders:
             r.install()
-        for c in self._cell_recorders:
-            c.install()
-        for u in self._custom_recorders:
-            u.install()
+        # cell hooks are installed per recorded step (_sync_cell_hooks)
         self._handles.append(self.model.register_forward_pre_hook(self._on_model_forward))
         self._handles.append(self.model.register_forward_hook(self._on_model_forward_end))
         from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
         self._handles.append(register_optimizer_step_pre_hook(self._on_optimizer_pre))
         self._handles.append(register_optimizer_step_post_hook(self._on_optimizer_post))
+
+    def _sync_cell_hooks(self) -> None:
+        """Forward hooks on cells exist only while a recorded step or evaluation
+        pass is in progress: on other steps a cell call costs nothing (a forward
+        hook costs every call ~7 us, 0.7 ms per step of a 100-step cell loop)."""
+        wanted = not self._closed and any(s is not None and s.recorded for s in (self._current, self._eval))
+        for c in (*self._cell_recorders, *self._custom_recorders):
+            if wanted:
+                c.install()
+            else:
+                c.remove()
 
     def _uninstall(self) -> None:
         for r in self._recorders:
@@ -281,6 +289,7 @@ class Scope:
                                   optimizer_steps=self._optimizer_steps)
         if recorded:
             self._hook_parameters(self._current)
+        self._sync_cell_hooks()
 
     def _begin_eval(self) -> None:
         """An evaluation pass: recorded (without gradients) once per step number
@@ -294,6 +303,7 @@ class Scope:
         self._eval = StepState(step=n, recorded=recorded, wall_time=time.time(), phase=schema.PHASE_EVAL)
         if recorded:
             self._eval_recorded_for = n
+        self._sync_cell_hooks()
 
     @torch.compiler.disable  # seqscope's own code is never traced by torch.compile
     def _on_model_forward_end(self, module: nn.Module, args: Any, output: Any) -> None:
@@ -302,6 +312,7 @@ class Scope:
         if self._eval is not None and not torch.is_grad_enabled():
             state, self._eval = self._eval, None
             self._finalize(state)
+            self._sync_cell_hooks()
 
     def _hook_parameters(self, step: StepState) -> None:
         """Each parameter's gradient from this step's backward pass: a tensor hook
