@@ -457,16 +457,21 @@ def check_autocast(kind: str, tmp_path, device: torch.device, amp: torch.dtype) 
     return out.dtype
 
 
-def test_grad_scaler_gradients_are_recorded_unscaled_and_skipped_steps_noted(tmp_path):
-    """watch(grad_scaler=...): the recorded gradient norms are those of the unscaled
-    gradients (against the unrolled reference without any scaling), the scale and
-    the steps whose optimizer step the scaler skipped are in the trace."""
+def two_layer_lstm_problem():
+    """A 2-layer float64 LSTM, its input sequences, initial states and loss terms."""
     cfg = Config("lstm", layers=2)
     gen = torch.Generator().manual_seed(1)
     torch.manual_seed(0)
     module = make_module(cfg)
     seqs, h0, c0 = make_inputs(cfg, gen)
-    terms = make_loss_terms(cfg, gen)
+    return cfg, module, seqs, h0, c0, make_loss_terms(cfg, gen)
+
+
+def test_grad_scaler_gradients_are_recorded_unscaled_and_skipped_steps_noted(tmp_path):
+    """watch(grad_scaler=...): the recorded gradient norms are those of the unscaled
+    gradients (against the unrolled reference without any scaling), the scale and
+    the steps whose optimizer step the scaler skipped are in the trace."""
+    cfg, module, seqs, h0, c0, terms = two_layer_lstm_problem()
     reference_module = copy.deepcopy(module)
     opt = torch.optim.SGD(module.parameters(), lr=0.0)  # the same weights at every step
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
@@ -591,12 +596,7 @@ def test_activation_checkpointing_records_the_reference_gradients(reentrant, who
     final states too (otherwise only the output gets a gradient)."""
     from torch.utils.checkpoint import checkpoint
 
-    cfg = Config("lstm", layers=2)
-    gen = torch.Generator().manual_seed(1)
-    torch.manual_seed(0)
-    module = make_module(cfg)
-    seqs, _, _ = make_inputs(cfg, gen)
-    terms = make_loss_terms(cfg, gen)
+    cfg, module, seqs, _, _, terms = two_layer_lstm_problem()
     x = module_input(cfg, seqs).requires_grad_(True)
 
     class Model(nn.Module):
