@@ -57,10 +57,13 @@ def cell_step(kind, x, h, c, w, product=None):
     return (torch.tanh(a) if kind == "rnn_tanh" else torch.relu(a)), None, {}
 
 
-def bfloat16_operands(t: torch.Tensor) -> torch.Tensor:
-    """``t`` rounded to bfloat16, as autocast rounds a product's operands; the
-    gradient passes unrounded (straight through)."""
-    return t + (t.bfloat16().to(t.dtype) - t).detach()
+def rounded_operands(dtype: torch.dtype):
+    """A ``product=`` function for cell_step: ``t`` rounded to ``dtype``, as
+    autocast rounds a product's operands; the gradient passes unrounded
+    (straight through)."""
+    def rounded(t: torch.Tensor) -> torch.Tensor:
+        return t + (t.to(dtype).to(t.dtype) - t).detach()
+    return rounded
 
 
 def layer_weights(module, k, d):

@@ -239,7 +239,7 @@ def test_autocast_cell_loop_is_recorded_at_the_values_the_model_had(kind, tmp_pa
     c = torch.zeros(B, HID, dtype=torch.float64) if is_lstm else None
     hs, cs, gates, ys = [], [], [], []
     for t in range(T):
-        h_new, c_new, gts = ref.cell_step(kind, x64[t], h, c, w, product=ref.bfloat16_operands)
+        h_new, c_new, gts = ref.cell_step(kind, x64[t], h, c, w, product=ref.rounded_operands(torch.bfloat16))
         # one step from the cell's own state lands on its output, up to bfloat16 rounding
         torch.testing.assert_close(h_new.detach(), h_actual[t], rtol=1e-2, atol=1e-2)
         if is_lstm:  # c_t first, so that h_t = o tanh(c_t) depends on the corrected c_t

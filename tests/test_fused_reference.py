@@ -405,9 +405,6 @@ def check_autocast(kind: str, tmp_path, device: torch.device, amp: torch.dtype) 
         o = out.float()
         (r.to(device) * o + 0.5 * o * o).sum().backward()
 
-    def rounded(t: torch.Tensor) -> torch.Tensor:  # straight through: value rounded, gradient not
-        return t + (t.to(amp).to(t.dtype) - t).detach()
-
     w = {k: v.detach().to(amp).double().requires_grad_(True) for k, v in ref.layer_weights(module, 0, 0).items()}
     x64 = x.double()
     actual = out.detach().cpu().double()
@@ -416,7 +413,7 @@ def check_autocast(kind: str, tmp_path, device: torch.device, amp: torch.dtype) 
     hs, cs, gates = [], [], []
     step_tol = 1e-2  # half-precision rounding of the kernel's products and outputs
     for t in range(T):
-        h_new, c, g = ref.cell_step(kind, x64[t], h, c, w, product=rounded)
+        h_new, c, g = ref.cell_step(kind, x64[t], h, c, w, product=ref.rounded_operands(amp))
         # the reference models the kernel: one step from the module's own state lands
         # on its output, up to the output's rounding
         torch.testing.assert_close(h_new.detach(), actual[t], rtol=step_tol, atol=step_tol)

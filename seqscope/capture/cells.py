@@ -126,7 +126,6 @@ class _HookedCell:
     module: nn.Module
     _handle: Any = None
 
-    @torch.compiler.disable  # seqscope's own code is never traced by torch.compile
     def _on_call(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         raise NotImplementedError
 
@@ -225,7 +224,7 @@ class CellRecorder(_HookedCell):
                 b_hh=m.bias_hh.detach() if m.bias else None,
             ), run, calc)
             details = rec.forward_details(w, x, h.to(calc), h_prev[0], None if c_prev is None else c_prev[0], None,
-                                          h_prev=h_prev, c_prev=c_prev, cell=c, run=run if run != calc else None)
+                                          h_prev=h_prev, c_prev=c_prev, cell=c, run=run)
             n_time, n_seq = h.shape[:2]
             capture = LayerCapture(
                 layer_id=self.layer_id,

@@ -311,7 +311,7 @@ class FusedRecorder:
             c0d = None if c0 is None else c0[d].detach().index_select(0, select_dev).to(calc)
             # lengths live on the CPU: deciding "no padding" costs no device sync
             details = rec.forward_details(lw, xd, hd, h0d, c0d, valid if int(lengths.min()) < xd.shape[0] else None,
-                                          run=run if run != calc else None)
+                                          run=run)
             gates, cell = details.gates, details.cell
             if fl is not None:
                 gates = None if gates is None else rec.take_time(gates, fl)

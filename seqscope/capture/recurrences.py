@@ -185,9 +185,9 @@ def forward_details(
     ``compiled``: for an LSTM on the CPU, the cell states and factors come from
     the compiled passes (capture.native) when they are available.
 
-    ``run``: the precision the layer's products ran in, when narrower than the
-    tensors given (autocast): their operands ``x`` and ``h_prev`` are rounded to
-    it, as the kernel's were (``w`` must be rounded already, weights_as_run);
+    ``run``: the precision the layer's products ran in. Where it is a half
+    precision (autocast), their operands ``x`` and ``h_prev`` are rounded to it,
+    as the kernel's were (``w`` must be rounded already, weights_as_run);
     everything elementwise uses the states as recorded."""
     if h_prev is None:
         h_prev = previous(h, h0)
