@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -33,6 +34,15 @@ from seqscope.capture import native
 RESULTS = Path(__file__).with_name("results.md")
 SIZES = [(16, 50, 32, 64), (32, 100, 64, 256), (64, 200, 128, 512)]
 QUICK_SIZES = [(4, 6, 3, 5)]
+
+
+_SCRATCH: list[str] = []  # main()'s scratch root, removed when the run ends
+
+
+def scratch() -> str:
+    """A new folder for a benchmark's traces, under the run's scratch root (the
+    dashboard part alone writes 1 GiB: nothing is left behind in /tmp)."""
+    return tempfile.mkdtemp(dir=_SCRATCH[-1] if _SCRATCH else None)
 
 
 def sync(device: torch.device) -> None:
@@ -112,7 +122,7 @@ def part1(sizes, reps: int, device: torch.device, kinds: list[str]) -> list[str]
     rows = ["| module | B, T, I, H | plain step | seqscope | seqscope, eager scans | naive unrolled recorder "
             "| cell loop (no recording) |",
             "|---|---|---|---|---|---|---|"]
-    tmp = tempfile.mkdtemp()
+    tmp = scratch()
     for kind in kinds:
         for (b, t, i, h) in sizes:
             torch.manual_seed(0)
@@ -186,7 +196,7 @@ def part1b(quick: bool, reps: int, device: torch.device) -> list[str]:
     rec_m.load_state_dict(plain_m.state_dict())
     idle_m.load_state_dict(plain_m.state_dict())
     x = torch.randn(t, b, h, device=device)
-    tmp = tempfile.mkdtemp()
+    tmp = scratch()
     scope = seqscope.watch(rec_m, os.path.join(tmp, "cells.h5"), every=1)
     # watched, but no step after the first is recorded: what the hooks cost on other steps
     idle_scope = seqscope.watch(idle_m, os.path.join(tmp, "idle.h5"), every=lambda n: n == 0)
@@ -216,7 +226,7 @@ def part2(quick: bool, reps: int, device: torch.device) -> list[str]:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.head(self.rnn(self.emb(x))[0])
 
-    tmp = tempfile.mkdtemp()
+    tmp = scratch()
     # 50 steps per measurement: each holds exactly one step that every=50 records
     # (five for every=10), and short blocks interleave the four loops finely
     steps = 20 if quick else 50
@@ -301,7 +311,7 @@ def idle_cost_us(device: torch.device) -> float:
     m = nn.LSTM(1, 1).to(device)
     opt = torch.optim.SGD(m.parameters(), lr=0.0)
     x = torch.randn(2, 1, 1, device=device)
-    tmp = tempfile.mkdtemp()
+    tmp = scratch()
     plain_m = nn.LSTM(1, 1).to(device)
     plain_opt = torch.optim.SGD(plain_m.parameters(), lr=0.0)
 
@@ -324,7 +334,7 @@ def idle_cost_us(device: torch.device) -> float:
 
 def part3(quick: bool, device: torch.device) -> list[str]:
     b, t, i, h = (4, 6, 3, 5) if quick else (32, 100, 64, 256)
-    tmp = tempfile.mkdtemp()
+    tmp = scratch()
     rows = ["| storage | bytes per recorded step | writer throughput | submit wait (training thread) |", "|---|---|---|---|"]
     for precision in ("auto", "float32"):
         torch.manual_seed(0)
@@ -403,7 +413,7 @@ def part4(quick: bool) -> list[str]:
 
     from seqscope.dashboard import TraceSource, create_app, figures
 
-    tmp = tempfile.mkdtemp()
+    tmp = scratch()
     path = os.path.join(tmp, "big.h5")
     target = 20 * 2**20 if quick else 2**30
     t0 = time.perf_counter()
@@ -463,7 +473,6 @@ def browser_latency(app: object, n_steps: int, moves: int) -> list[float] | str:
     """Seconds from a slider key press in headless Chromium until the page shows
     the new step (label and propagation figure drawn by Plotly), over HTTP to the
     dashboard's own server; or why it could not be measured."""
-    import shutil
     import socket
     import threading
 
@@ -526,7 +535,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 def part5(quick: bool) -> list[str]:
     import subprocess
 
-    tmp = tempfile.mkdtemp()
+    tmp = scratch()
     rss = {}
     for record in ("0", "1"):
         out = subprocess.run([sys.executable, "-c", PEAK, record, os.path.join(tmp, "peak.h5")],
@@ -546,6 +555,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", choices=["recorder", "loop", "trace", "dashboard", "memory"], default=None)
     parser.add_argument("--out", default=None, help="results file (default benchmarks/results.md; --quick: none)")
     args = parser.parse_args(argv)
+    args.argv = argv
     device = torch.device(args.device)
     sizes = QUICK_SIZES if args.quick else SIZES
     reps = 3 if args.quick else args.reps
@@ -553,8 +563,23 @@ def main(argv: list[str] | None = None) -> None:
                f"{torch.get_num_threads()} threads, {native.status()}")
     if device.type == "cuda":
         machine += f", GPU {torch.cuda.get_device_name(device)}"
+    _SCRATCH.append(tempfile.mkdtemp(prefix="seqscope-bench-"))
+    try:
+        lines = run_parts(args, device, sizes, reps, machine)
+    finally:
+        shutil.rmtree(_SCRATCH.pop(), ignore_errors=True)
+    print("\n".join(lines))
+    out = args.out or (None if args.quick else str(RESULTS))
+    if out:
+        Path(out).write_text("\n".join(lines) + "\n")
+        print(f"results written to {out}")
+
+
+def run_parts(args: argparse.Namespace, device: torch.device, sizes: list[tuple[int, int, int, int]], reps: int,
+              machine: str) -> list[str]:
+    argv = sys.argv[1:] if args.argv is None else args.argv
     lines = ["# seqscope benchmark results", "", f"Machine: {machine}. Date: {time.strftime('%Y-%m-%d')}.",
-             f"Command: `python benchmarks/run.py {' '.join(argv if argv is not None else sys.argv[1:])}`", ""]
+             f"Command: `python benchmarks/run.py {' '.join(argv)}`", ""]
     if args.only in (None, "recorder"):
         lines += ["## 1. Recorded step / plain fused step (forward + backward), every step recorded", "",
                   "Ratios to the plain fused module's step, medians of interleaved repetitions. seqscope stores "
@@ -575,11 +600,7 @@ def main(argv: list[str] | None = None) -> None:
     notes = Path(__file__).with_name("profiling.md")
     if notes.exists() and not args.quick:
         lines += [notes.read_text()]
-    print("\n".join(lines))
-    out = args.out or (None if args.quick else str(RESULTS))
-    if out:
-        Path(out).write_text("\n".join(lines) + "\n")
-        print(f"results written to {out}")
+    return lines
 
 
 if __name__ == "__main__":
