@@ -457,22 +457,29 @@ def part4(quick: bool) -> list[str]:
             f"| slider callback (the app's step callback through its request handler: read the step, build and "
             f"serialise 8 figures), median | {lat[len(lat) // 2] * 1e3:.0f} ms | |",
             f"| slider callback, 95th percentile | {p95 * 1e3:.0f} ms | < 300 ms |"]
-    browser = browser_latency(app, len(src.steps), 8 if quick else 40)
-    if isinstance(browser, str):
-        rows.append(f"| slider in a real browser | not measured: {browser} | < 300 ms |")
+    measured = browser_latency(app, len(src.steps), 8 if quick else 40)
+    if isinstance(measured, str):
+        rows.append(f"| slider in a real browser | not measured: {measured} | < 300 ms |")
     else:
+        browser, per_figure = measured
         browser.sort()
         rows += [f"| slider in headless Chromium, key press to the step's figures drawn, median "
                  f"| {browser[len(browser) // 2] * 1e3:.0f} ms | |",
                  f"| slider in headless Chromium, 95th percentile | {browser[int(0.95 * (len(browser) - 1))] * 1e3:.0f} ms "
                  "| < 300 ms |"]
+        if per_figure:
+            parts = ", ".join(f"{name} {statistics.median(ms):.0f}" for name, ms in per_figure.items())
+            total = sum(statistics.median(ms) for ms in per_figure.values())
+            rows += ["", f"Where a move's browser time goes: Plotly.react per figure, median ms over the moves: {parts} "
+                         f"(sum {total:.0f} ms); the rest is the request, the step callback and Dash's rendering."]
     return rows
 
 
-def browser_latency(app: object, n_steps: int, moves: int) -> list[float] | str:
+def browser_latency(app: object, n_steps: int, moves: int) -> tuple[list[float], dict[str, list[float]]] | str:
     """Seconds from a slider key press in headless Chromium until the page shows
     the new step (label and propagation figure drawn by Plotly), over HTTP to the
-    dashboard's own server; or why it could not be measured."""
+    dashboard's own server, and the milliseconds each figure's Plotly.react took
+    per move (by the graph's id); or why it could not be measured."""
     import socket
     import threading
 
@@ -500,18 +507,41 @@ def browser_latency(app: object, n_steps: int, moves: int) -> list[float] | str:
             except Exception:  # noqa: BLE001 - the server thread is still starting
                 time.sleep(0.1)
         page.wait_for_selector("#propagation .gtitle", timeout=60_000)
+        page.evaluate(_TIME_PLOTLY_REACT)
         page.locator("#slider [role=slider]").focus()
         shown = ("(n) => document.querySelector('#step-label').textContent.startsWith('step ' + n + ' ')"
                  " && document.querySelector('#propagation .gtitle').textContent.includes('step ' + n)")
         index = 0
+        per_figure: dict[str, list[float]] = {}
         for _ in range(min(moves, n_steps - 1)):
             index += 1
+            page.evaluate("() => { window.__seqscopeReact = []; }")
             t0 = time.perf_counter()
             page.keyboard.press("ArrowRight")
             page.wait_for_function(shown, arg=index, polling="raf", timeout=30_000)
             out.append(time.perf_counter() - t0)
+            moved: dict[str, float] = {}
+            for name, ms in page.evaluate("() => window.__seqscopeReact"):
+                moved[name] = moved.get(name, 0.0) + ms
+            for name, ms in moved.items():
+                per_figure.setdefault(name, []).append(ms)
         browser.close()
-    return out
+    return out, per_figure
+
+
+# Wraps Plotly.react in the page: each call's synchronous time (Plotly draws within
+# it), by the id of the dcc.Graph around the plot
+_TIME_PLOTLY_REACT = """() => {
+  const react = window.Plotly.react;
+  window.__seqscopeReact = [];
+  window.Plotly.react = function (gd, ...rest) {
+    const t0 = performance.now();
+    const result = react.call(this, gd, ...rest);
+    const owner = gd.parentElement && gd.parentElement.closest('[id]');
+    window.__seqscopeReact.push([owner ? owner.id : '?', performance.now() - t0]);
+    return result;
+  };
+}"""
 
 
 PEAK = """
