@@ -240,7 +240,8 @@ class FusedRecorder:
                     k, weights, per_dir, x_sel, out_sel, h0[sl], None if c0 is None else c0[sl],
                     select_dev, lengths, select, valid, flip, out_size, rec.run_dtype(out.dtype, amp),
                 )
-            self._hook_gradients(step, dirs, out, hn_k, cn_k, padded, unsorted_idx, select_dev, lengths_dev, n_time)
+            self._hook_gradients(step, dirs, out, hn_k, cn_k, padded, unsorted_idx, select_dev, lengths_dev, n_time,
+                                 int(lengths.min()) == n_time)
             h_n.append(hn_k)
             if cn_k is not None:
                 c_n.append(cn_k)
@@ -341,6 +342,7 @@ class FusedRecorder:
         select_dev: torch.Tensor,
         lengths_dev: torch.Tensor,
         n_time: int,
+        full: bool,
     ) -> None:
         """A tensor hook on the layer's output and final states keeps the gradients
         that reach them (the stored sequences' only; the first backward of the step
@@ -371,7 +373,7 @@ class FusedRecorder:
                 return  # no backward pass reached this layer
             with torch.no_grad(), rec.no_autocast(out.device):
                 self._scan(dirs, grads[0], grads[1], grads[2], unsorted_idx, select_dev, lengths_dev, n_time,
-                           out_size)
+                           out_size, full)
 
         step.pending_scans.append((self.name, scan))
 
@@ -386,8 +388,10 @@ class FusedRecorder:
         lengths_dev: torch.Tensor,
         n_time: int,
         out_size: int,
+        full: bool,
     ) -> None:
-        """``go``: the output's gradient, stored sequences only [time, sequence, ...]."""
+        """``go``: the output's gradient, stored sequences only [time, sequence, ...].
+        ``full``: every stored sequence has every timestep (no padding)."""
         n_sel = select_dev.shape[0]
 
         def final_state(g: torch.Tensor | None, d: int) -> torch.Tensor | None:
@@ -398,8 +402,15 @@ class FusedRecorder:
                 g = g.index_select(0, unsorted_idx)
             return g.index_select(0, select_dev)
 
-        last = (lengths_dev - 1).clamp(min=0)
-        seq = torch.arange(n_sel, device=lengths_dev.device)
+        if full:  # each sequence's last step is the last timestep: plain indexing
+            def at_last(r: int) -> tuple[Any, ...]:
+                return (n_time - 1, r)
+        else:
+            last = (lengths_dev - 1).clamp(min=0)
+            seq = torch.arange(n_sel, device=lengths_dev.device)
+
+            def at_last(r: int) -> tuple[Any, ...]:
+                return (last, r, seq)
         for d, direction in enumerate(dirs):
             lw = direction.weights
             ref = lw.w_hh  # the recomputation's dtype (float32 for a half-precision run) and device
@@ -411,7 +422,7 @@ class FusedRecorder:
                 ext_h[:, 0] = god
             ghn = final_state(g_hn, d)
             if ghn is not None:
-                ext_h[last, 0, seq] += ghn
+                ext_h[at_last(0)] += ghn
             ext_c = None
             if self.kind == schema.KIND_LSTM:
                 assert direction.details.cell is not None
@@ -419,10 +430,11 @@ class FusedRecorder:
                                     device=ref.device)
                 gcn = final_state(g_cn, d)
                 if gcn is not None:
-                    ext_c[last, 0, seq] += gcn
+                    ext_c[at_last(0)] += gcn
             # propagation seed: the unit gradient at each sequence's last step (see unit_seed)
-            ext_h[last, 1, seq] = rec.unit_seed(ext_h[last, 0, seq])
-            dh, dc = rec.backward_scan(lw, direction.details, ext_h, ext_c)
+            ext_h[at_last(1)] = rec.unit_seed(ext_h[at_last(0)])
+            # ext_h / ext_c are this scan's own: the compiled scan may run in them
+            dh, dc = rec.backward_scan(lw, direction.details, ext_h, ext_c, overwrite=True)
             norms_h = rec.norms(dh)  # [time, 2, sequence], float64
             grad_hidden, propagation = norms_h[:, 0], norms_h[:, 1]
             grad_cell = rec.norms(dc[:, 0]) if dc is not None else None

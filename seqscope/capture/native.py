@@ -231,8 +231,10 @@ def backward_scan(
     ext_h: torch.Tensor,
     ext_c: torch.Tensor | None,
     loaded: dict[torch.dtype, tuple[dict[str, Any], int]] | None = None,
+    overwrite: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """recurrences.backward_scan, compiled; same arguments and results."""
+    """recurrences.backward_scan, compiled; same arguments and results.
+    ``overwrite``: the results may be written into ``ext_h``/``ext_c`` (no copy)."""
     from seqscope.trace import schema
 
     funcs, gemm = (loaded if loaded is not None else _load())[ext_h.dtype]
@@ -240,7 +242,13 @@ def backward_scan(
     rows = reps * n_seq
     check = _Check(ext_h.dtype)
     f = {k: v.contiguous() for k, v in factors.items()}
-    dh = ext_h.reshape(n_time, rows, out_size).clone(memory_format=torch.contiguous_format)
+    def work(ext: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+        """The buffer the scan runs in: ``ext`` itself when the caller allows it."""
+        if overwrite and ext.is_contiguous():
+            return ext.view(shape)
+        return ext.reshape(shape).clone(memory_format=torch.contiguous_format)
+
+    dh = work(ext_h, (n_time, rows, out_size))
     w_hh = w_hh.contiguous()
     if kind == schema.KIND_LSTM:
         hidden = f["A"].shape[-1]
@@ -248,7 +256,7 @@ def backward_scan(
         if w_hr is None and hidden != out_size:
             raise ValueError("native scan: LSTM output size differs from hidden size without W_hr")
         if ext_c is not None:
-            dc = ext_c.reshape(n_time, rows, hidden).clone(memory_format=torch.contiguous_format)
+            dc = work(ext_c, (n_time, rows, hidden))
         else:
             dc = ext_h.new_zeros((n_time, rows, hidden))
         dpre = ext_h.new_empty((rows, 4 * hidden))

@@ -264,6 +264,7 @@ def backward_scan(
     details: ForwardDetails,
     ext_h: torch.Tensor,
     ext_c: torch.Tensor | None,
+    overwrite: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Total gradients by BPTT.
 
@@ -273,12 +274,16 @@ def backward_scan(
     (LSTM) dL/dc_t in the same shapes. Padded timesteps must carry zero external
     gradient; their factors are zero, so nothing flows through them.
 
+    ``overwrite``: the compiled scan may run in ``ext_h``/``ext_c`` themselves (no
+    copy); their contents are undefined afterwards.
+
     On the CPU the compiled scan (capture.native) runs the same recurrence when it
     is available; this eager one is the fallback and the tests' second path.
     """
     if native.supports(ext_h):
         try:
-            return native.backward_scan(details.kind, w.w_hh, w.w_hr, details.factors, ext_h, ext_c)
+            return native.backward_scan(details.kind, w.w_hh, w.w_hr, details.factors, ext_h, ext_c,
+                                        overwrite=overwrite)
         except ValueError as exc:  # a layout the compiled scan does not take: run the eager one
             log.debug("seqscope: %s", exc)
     return eager_backward_scan(w, details, ext_h, ext_c)
@@ -360,9 +365,9 @@ def unit_seed(last_grad: torch.Tensor) -> torch.Tensor:
     in float64, returned in the gradient's dtype."""
     g = last_grad.double()
     norm = torch.linalg.vector_norm(g, dim=-1, keepdim=True)
-    uniform = torch.full_like(g, last_grad.shape[-1] ** -0.5)
     ok = (norm > 0) & torch.isfinite(norm)
-    return torch.where(ok, g / torch.where(ok, norm, torch.ones_like(norm)), uniform).to(last_grad.dtype)
+    # g / norm is NaN or Inf exactly where ok is False, and where() drops it there
+    return torch.where(ok, g / norm, last_grad.shape[-1] ** -0.5).to(last_grad.dtype)
 
 
 def flip_index(lengths: torch.Tensor, n_time: int) -> torch.Tensor:
