@@ -609,7 +609,7 @@ def run_parts(args: argparse.Namespace, device: torch.device, sizes: list[tuple[
               machine: str) -> list[str]:
     argv = sys.argv[1:] if args.argv is None else args.argv
     lines = ["# seqscope benchmark results", "", f"Machine: {machine}. Date: {time.strftime('%Y-%m-%d')}.",
-             f"Command: `python benchmarks/run.py {' '.join(argv)}`", ""]
+             f"Command: `{' '.join(['python benchmarks/run.py', *argv])}`", ""]
     if args.only in (None, "recorder"):
         lines += ["## 1. Recorded step / plain fused step (forward + backward), every step recorded", "",
                   "Ratios to the plain fused module's step, medians of interleaved repetitions. seqscope stores "
