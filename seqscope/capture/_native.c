@@ -167,3 +167,32 @@ int NAME(seqscope_lstm_factors)(int T, int S, int H, const real *gates, const re
     }
     return 0;
 }
+
+/* The GRU scan's factors (recurrences.forward_details): from the gates
+ * [T, S, 3, H] (rows r, z, n, activated), the recurrent products gh [T, S, 3, H]
+ * (W_hh h_{t-1} + b_hh; only the n rows are read) and h_{t-1} [T, S, H]. valid
+ * [T, S] (NULL: no padding) zeroes every factor on padding. Out: F3 [T, S, 3, H],
+ * Z [T, S, H]. Same products, in the same order, as the eager version. */
+int NAME(seqscope_gru_factors)(int T, int S, int H, const real *gates, const real *gh, const real *h_prev,
+                               const unsigned char *valid, real *F3, real *Z) {
+    for (int t = 0; t < T; ++t) {
+        for (int s = 0; s < S; ++s) {
+            const size_t ts = (size_t)t * S + s;
+            real *f3 = F3 + ts * 3 * H, *zo = Z + ts * H;
+            if (valid != NULL && !valid[ts]) {
+                for (int u = 0; u < H; ++u) f3[u] = f3[H + u] = f3[2 * H + u] = zo[u] = 0;
+                continue;
+            }
+            const real *g3 = gates + ts * 3 * H, *hn = gh + ts * 3 * H + 2 * H, *hp = h_prev + ts * H;
+            for (int u = 0; u < H; ++u) {
+                const real r = g3[u], z = g3[H + u], n = g3[2 * H + u];
+                const real fn = (1 - z) * (1 - n * n);   /* dn = dh fn */
+                f3[u] = fn * hn[u] * r * (1 - r);         /* dr = dn (W_hn h + b_hn) r (1 - r) */
+                f3[H + u] = (hp[u] - n) * z * (1 - z);    /* dz = dh (h_{t-1} - n) z (1 - z) */
+                f3[2 * H + u] = r * fn;                   /* r dn */
+                zo[u] = z;                                /* dh_{t-1} += z dh_t */
+            }
+        }
+    }
+    return 0;
+}

@@ -1,7 +1,8 @@
 """Compiled recurrence passes (``_native.c``), built on first use; optional.
 
-The BPTT scans of ``recurrences.backward_scan`` and the LSTM part of
-``recurrences.forward_details`` (cell states and the scan's factors), compiled.
+The BPTT scans of ``recurrences.backward_scan`` and the elementwise part of
+``recurrences.forward_details`` after the activations (the LSTM's cell states,
+the LSTM's and the GRU's scan factors), compiled.
 The eager PyTorch versions are the reference and the fallback. On the CPU, at
 small layer sizes, most of their time is PyTorch's per-call overhead (four or
 five elementwise calls and one product per timestep, ~20 us a timestep); the
@@ -128,7 +129,7 @@ def _build_and_load() -> dict[torch.dtype, tuple[dict[str, Any], int]]:
         # every argument typed: an untyped Python int would be passed as a 32-bit int
         signatures = {"lstm_scan": [p, i, i, i, i, i] + [p] * 10, "gru_scan": [p, i, i, i, i] + [p] * 5,
                       "rnn_scan": [p, i, i, i, i] + [p] * 4, "lstm_cells": [i, i, i, p, p, p],
-                      "lstm_factors": [i, i, i] + [p] * 10}
+                      "lstm_factors": [i, i, i] + [p] * 10, "gru_factors": [i, i, i] + [p] * 6}
         funcs = {}
         for name, argtypes in signatures.items():
             func = getattr(lib, f"seqscope_{name}_{suffix}")
@@ -171,6 +172,13 @@ def _self_test(loaded: dict[torch.dtype, tuple[dict[str, Any], int]]) -> None:
                 assert details.gates is not None and details.cell is not None
                 cell, factors = lstm_factors(details.gates, c0, None, None, valid, loaded)
                 pairs += [(cell, details.cell)] + [(factors[k], details.factors[k]) for k in sorted(factors)]
+            if kind == "gru":
+                assert details.gates is not None
+                gh = rand(n_time, n_seq, 3, hidden)
+                h_prev = rand(n_time, n_seq, hidden)
+                want = rec.gru_factors(details.gates, gh, h_prev, valid)
+                got = gru_factors(details.gates, gh, h_prev, valid, loaded)
+                pairs += [(got[k], want[k]) for k in sorted(want)]
             for a, b in pairs:
                 if a is not None and b is not None and not torch.allclose(a, b, rtol=1e-4, atol=1e-5):
                     raise RuntimeError(f"compiled {kind} recurrence ({dtype}) disagrees with the eager one")
@@ -328,3 +336,31 @@ def lstm_factors(
         check(factors["A"], per_seq), check(factors["F"], per_seq), check(factors["P3"], (n_time, n_seq, 3, hidden)),
         check(factors["Bo"], per_seq))
     return cell, factors
+
+
+def gru_factors(
+    gates: torch.Tensor,
+    gh: torch.Tensor,
+    h_prev: torch.Tensor,
+    valid: torch.Tensor | None,
+    loaded: dict[torch.dtype, tuple[dict[str, Any], int]] | None = None,
+) -> dict[str, torch.Tensor]:
+    """recurrences.gru_factors in one compiled pass; same arguments and results."""
+    funcs, _ = (loaded if loaded is not None else _load())[gates.dtype]
+    n_time, n_seq, three, hidden = gates.shape
+    if three != 3:
+        raise ValueError(f"native scan: GRU gates of shape {tuple(gates.shape)}")
+    check = _Check(gates.dtype)
+    per_gate = (n_time, n_seq, 3, hidden)
+    factors = {"F3": gates.new_empty(per_gate), "Z": gates.new_empty((n_time, n_seq, hidden))}
+    mask = 0
+    if valid is not None:
+        valid = valid.to(torch.uint8).contiguous()
+        if valid.device.type != "cpu" or tuple(valid.shape) != (n_time, n_seq):
+            raise ValueError(f"native scan: padding mask of shape {tuple(valid.shape)}")
+        mask = valid.data_ptr()
+    funcs["gru_factors"](
+        n_time, n_seq, hidden, check(gates, per_gate), check(gh.contiguous(), per_gate),
+        check(h_prev.contiguous(), (n_time, n_seq, hidden)), mask, check(factors["F3"], per_gate),
+        check(factors["Z"], (n_time, n_seq, hidden)))
+    return factors

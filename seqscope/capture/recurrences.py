@@ -182,8 +182,9 @@ def forward_details(
     ``c_prev`` [time, sequence, unit]) and returned (``cell``): the gates are
     then exact even when the loop changes the state between calls.
 
-    ``compiled``: for an LSTM on the CPU, the cell states and factors come from
-    the compiled passes (capture.native) when they are available.
+    ``compiled``: for an LSTM or a GRU on the CPU, the scan's factors (and the
+    LSTM's cell states) come from the compiled passes (capture.native) when they
+    are available.
 
     ``run``: the precision the layer's products ran in. Where it is a half
     precision (autocast), their operands ``x`` and ``h_prev`` are rounded to it,
@@ -240,23 +241,35 @@ def forward_details(
         n_time, n_seq = gi.shape[:2]
         gi = gi.view(n_time, n_seq, 3, -1)
         gh = gh.view(n_time, n_seq, 3, -1)
-        r = torch.sigmoid(gi[:, :, 0] + gh[:, :, 0])
-        z = torch.sigmoid(gi[:, :, 1] + gh[:, :, 1])
-        n = torch.tanh(gi[:, :, 2] + r * gh[:, :, 2])
-        gates = torch.stack([r, z, n], dim=2)
-        fn = (1 - z) * (1 - n * n)
-        factors = {
-            # W_hh^T [dr | dz | r dn] = W_hh^T (dh * F3)
-            "F3": masked(torch.stack([fn * gh[:, :, 2] * r * (1 - r), (h_prev - n) * z * (1 - z), r * fn], dim=2),
-                         True),
-            "Z": masked(z),
-        }
-        return ForwardDetails(w.kind, gates, None, factors)
+        rz = torch.sigmoid(gi[:, :, :2] + gh[:, :, :2])  # r and z in one pass
+        n = torch.tanh(gi[:, :, 2] + rz[:, :, 0] * gh[:, :, 2])
+        gates = torch.cat([rz, n.unsqueeze(2)], dim=2)
+        if compiled and native.supports(gates):
+            try:
+                return ForwardDetails(w.kind, gates, None, native.gru_factors(gates, gh, h_prev, valid))
+            except ValueError as exc:  # a layout the compiled pass does not take
+                log.debug("seqscope: %s", exc)
+        return ForwardDetails(w.kind, gates, None, gru_factors(gates, gh, h_prev, valid))
     if w.kind == schema.KIND_RNN_TANH:
         return ForwardDetails(w.kind, None, None, {"D": masked(1 - h * h)})
     if w.kind == schema.KIND_RNN_RELU:
         return ForwardDetails(w.kind, None, None, {"D": masked((h > 0).to(h.dtype))})
     raise ValueError(f"unknown recurrent kind {w.kind!r}")
+
+
+def gru_factors(gates: torch.Tensor, gh: torch.Tensor, h_prev: torch.Tensor,
+                valid: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The GRU scan's factors from the activated gates [time, sequence, 3, unit]
+    (rows r, z, n), the recurrent products ``gh`` = W_hh h_{t-1} + b_hh in the same
+    layout, and h_{t-1} [time, sequence, unit]; zero on padding (``valid``).
+    W_hh^T [dr | dz | r dn] = W_hh^T (dh F3), and dh_{t-1} += Z dh_t."""
+    r, z, n = gates.unbind(2)
+    fn = (1 - z) * (1 - n * n)
+    f3 = torch.stack([fn * gh[:, :, 2] * r * (1 - r), (h_prev - n) * z * (1 - z), r * fn], dim=2)
+    if valid is None:
+        return {"F3": f3, "Z": z}
+    vmask = valid.unsqueeze(-1).to(gates.dtype)
+    return {"F3": f3 * vmask.unsqueeze(2), "Z": z * vmask}
 
 
 def backward_scan(
