@@ -119,3 +119,35 @@ def test_a_layout_the_compiled_scan_does_not_take_runs_the_eager_one():
     torch.testing.assert_close(rec.backward_scan(w_t, details, ext, None)[0], want, rtol=1e-5, atol=1e-6)
     # float16 is not compiled: the eager scan runs
     assert not native.supports(ext.half())
+
+
+def test_the_compiled_factor_passes_take_non_contiguous_inputs_and_padding():
+    """The GRU and LSTM factor passes against the eager ones with strided inputs
+    (copied, and the copies held while C reads them) and padded sequences."""
+    if not native.enabled():
+        pytest.skip(native.status())
+    torch.manual_seed(0)
+    t, s, h = 7, 3, 5
+    valid = torch.arange(t).unsqueeze(1) < torch.tensor([7, 4, 1]).unsqueeze(0)
+
+    def strided(x: torch.Tensor) -> torch.Tensor:
+        """The same values in a layout that is not contiguous."""
+        out = x.transpose(0, 1).contiguous().transpose(0, 1)
+        assert not out.is_contiguous()
+        return out
+
+    gates = torch.rand(t, s, 3, h)
+    gh, h_prev = torch.randn(t, s, 3, h), torch.randn(t, s, h)
+    want = rec.gru_factors(gates, gh, h_prev, valid)
+    got = native.gru_factors(gates, strided(gh), strided(h_prev), valid)
+    for key in ("F3", "Z"):
+        torch.testing.assert_close(got[key], want[key], rtol=1e-6, atol=1e-7)
+
+    w = rec.LayerWeights("lstm", torch.randn(4 * h, 2), torch.randn(4 * h, h), None, None)
+    c0, cell, c_prev = torch.randn(s, h), torch.randn(t, s, h), torch.randn(t, s, h)
+    eager = rec.forward_details(w, torch.randn(t, s, 2), torch.tanh(torch.randn(t, s, h)), torch.zeros(s, h), c0,
+                                valid, h_prev=torch.randn(t, s, h), c_prev=c_prev, cell=cell, compiled=False)
+    assert eager.gates is not None
+    _, factors = native.lstm_factors(eager.gates, c0, cell, strided(c_prev), valid)
+    for key, value in eager.factors.items():
+        torch.testing.assert_close(factors[key], value, rtol=1e-6, atol=1e-7)

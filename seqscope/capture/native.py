@@ -324,18 +324,25 @@ def lstm_factors(
     tc = torch.tanh(cell)
     factors = {"A": gates.new_empty(per_seq), "F": gates.new_empty(per_seq), "Bo": gates.new_empty(per_seq),
                "P3": gates.new_empty((n_time, n_seq, 3, hidden))}
-    mask = 0
-    if valid is not None:
-        valid = valid.to(torch.uint8).contiguous()
-        if valid.device.type != "cpu" or tuple(valid.shape) != (n_time, n_seq):
-            raise ValueError(f"native scan: padding mask of shape {tuple(valid.shape)}")
-        mask = valid.data_ptr()
+    mask = _padding_mask(valid, n_time, n_seq)
+    c_prev = None if c_prev is None else c_prev.contiguous()  # held here while C reads it
     funcs["lstm_factors"](
         n_time, n_seq, hidden, check(gates, (n_time, n_seq, 4, hidden)), check(tc, per_seq), check(cell, per_seq),
-        check(c0, (n_seq, hidden)), check(None if c_prev is None else c_prev.contiguous(), per_seq), mask,
+        check(c0, (n_seq, hidden)), check(c_prev, per_seq), 0 if mask is None else mask.data_ptr(),
         check(factors["A"], per_seq), check(factors["F"], per_seq), check(factors["P3"], (n_time, n_seq, 3, hidden)),
         check(factors["Bo"], per_seq))
     return cell, factors
+
+
+def _padding_mask(valid: torch.Tensor | None, n_time: int, n_seq: int) -> torch.Tensor | None:
+    """``valid`` as the uint8 [time, sequence] array the compiled passes read, or
+    None without padding. The caller holds the returned tensor while C reads it."""
+    if valid is None:
+        return None
+    mask = valid.to(torch.uint8).contiguous()
+    if mask.device.type != "cpu" or tuple(mask.shape) != (n_time, n_seq):
+        raise ValueError(f"native scan: padding mask of shape {tuple(mask.shape)}")
+    return mask
 
 
 def gru_factors(
@@ -353,14 +360,10 @@ def gru_factors(
     check = _Check(gates.dtype)
     per_gate = (n_time, n_seq, 3, hidden)
     factors = {"F3": gates.new_empty(per_gate), "Z": gates.new_empty((n_time, n_seq, hidden))}
-    mask = 0
-    if valid is not None:
-        valid = valid.to(torch.uint8).contiguous()
-        if valid.device.type != "cpu" or tuple(valid.shape) != (n_time, n_seq):
-            raise ValueError(f"native scan: padding mask of shape {tuple(valid.shape)}")
-        mask = valid.data_ptr()
+    mask = _padding_mask(valid, n_time, n_seq)
+    gh, h_prev = gh.contiguous(), h_prev.contiguous()  # held here while C reads them
     funcs["gru_factors"](
-        n_time, n_seq, hidden, check(gates, per_gate), check(gh.contiguous(), per_gate),
-        check(h_prev.contiguous(), (n_time, n_seq, hidden)), mask, check(factors["F3"], per_gate),
+        n_time, n_seq, hidden, check(gates, per_gate), check(gh, per_gate), check(h_prev, (n_time, n_seq, hidden)),
+        0 if mask is None else mask.data_ptr(), check(factors["F3"], per_gate),
         check(factors["Z"], (n_time, n_seq, hidden)))
     return factors
