@@ -584,8 +584,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reps", type=int, default=9)
     parser.add_argument("--only", choices=["recorder", "loop", "trace", "dashboard", "memory"], default=None)
     parser.add_argument("--out", default=None, help="results file (default benchmarks/results.md; --quick: none)")
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
-    args.argv = argv
     device = torch.device(args.device)
     sizes = QUICK_SIZES if args.quick else SIZES
     reps = 3 if args.quick else args.reps
@@ -595,7 +595,7 @@ def main(argv: list[str] | None = None) -> None:
         machine += f", GPU {torch.cuda.get_device_name(device)}"
     _SCRATCH.append(tempfile.mkdtemp(prefix="seqscope-bench-"))
     try:
-        lines = run_parts(args, device, sizes, reps, machine)
+        lines = run_parts(args, argv, device, sizes, reps, machine)
     finally:
         shutil.rmtree(_SCRATCH.pop(), ignore_errors=True)
     print("\n".join(lines))
@@ -605,9 +605,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"results written to {out}")
 
 
-def run_parts(args: argparse.Namespace, device: torch.device, sizes: list[tuple[int, int, int, int]], reps: int,
-              machine: str) -> list[str]:
-    argv = sys.argv[1:] if args.argv is None else args.argv
+def run_parts(args: argparse.Namespace, argv: list[str], device: torch.device,
+              sizes: list[tuple[int, int, int, int]], reps: int, machine: str) -> list[str]:
     lines = ["# seqscope benchmark results", "", f"Machine: {machine}. Date: {time.strftime('%Y-%m-%d')}.",
              f"Command: `{' '.join(['python benchmarks/run.py', *argv])}`", ""]
     if args.only in (None, "recorder"):

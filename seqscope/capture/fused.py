@@ -199,16 +199,18 @@ class FusedRecorder:
         select_dev = select.to(device)
         lengths = lengths_all[select]
         lengths_dev = lengths.to(device)
-        valid = torch.arange(n_time, device=device).unsqueeze(1) < lengths_dev.unsqueeze(0)
+        # lengths live on the CPU: deciding "no padding" costs no device sync
+        full = int(lengths.min()) == n_time  # every stored sequence has every timestep
+        valid = None if full else torch.arange(n_time, device=device).unsqueeze(1) < lengths_dev.unsqueeze(0)
         flip = rec.flip_index(lengths_dev, n_time) if n_dir == 2 else None
 
         def padded(seq: torch.Tensor) -> torch.Tensor:
             """Time-major [time, selected sequence, feature] in the caller's order."""
             if packed:
-                full, _ = pad_packed_sequence(
+                unpacked, _ = pad_packed_sequence(
                     PackedSequence(seq, batch_sizes, sorted_idx, unsorted_idx), total_length=n_time
                 )
-                return full.index_select(1, select_dev)
+                return unpacked.index_select(1, select_dev)
             return seq.index_select(1, select_dev)
 
         flat = m._flat_weights
@@ -241,7 +243,7 @@ class FusedRecorder:
                     select_dev, lengths, select, valid, flip, out_size, rec.run_dtype(out.dtype, amp),
                 )
             self._hook_gradients(step, dirs, out, hn_k, cn_k, padded, unsorted_idx, select_dev, lengths_dev, n_time,
-                                 int(lengths.min()) == n_time)
+                                 full)
             h_n.append(hn_k)
             if cn_k is not None:
                 c_n.append(cn_k)
@@ -281,7 +283,7 @@ class FusedRecorder:
         select_dev: torch.Tensor,
         lengths: torch.Tensor,
         select: torch.Tensor,
-        valid: torch.Tensor,
+        valid: torch.Tensor | None,
         flip: torch.Tensor | None,
         out_size: int,
         run: torch.dtype,
@@ -310,9 +312,7 @@ class FusedRecorder:
                 hd = rec.take_time(hd, fl)
             h0d = h0[d].detach().index_select(0, select_dev).to(calc)
             c0d = None if c0 is None else c0[d].detach().index_select(0, select_dev).to(calc)
-            # lengths live on the CPU: deciding "no padding" costs no device sync
-            details = rec.forward_details(lw, xd, hd, h0d, c0d, valid if int(lengths.min()) < xd.shape[0] else None,
-                                          run=run)
+            details = rec.forward_details(lw, xd, hd, h0d, c0d, valid, run=run)
             gates, cell = details.gates, details.cell
             if fl is not None:
                 gates = None if gates is None else rec.take_time(gates, fl)
