@@ -3,6 +3,8 @@ unrolled with autograd and retain_grad on every h_t and c_t."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -134,15 +136,78 @@ CASES = [(k, s, f) for k in ("lstm", "gru", "rnn_tanh", "rnn_relu") for (s, f) i
 @pytest.mark.parametrize("kind,stacked,future", CASES,
                          ids=[f"{k}-{'stacked-future' if s else 'single'}" for k, s, f in CASES])
 def test_cell_loop_matches_reference(kind, stacked, future, tmp_path, scan_path):
+    check_cell_loop(kind, stacked, future, tmp_path, torch.device("cpu"))
+
+
+class _FusedLSTMCell(torch.autograd.Function):
+    """nn.LSTMCell's step as one autograd node returning (h, c), gradients of
+    unused outputs left undefined: the shape of CUDA's fused LSTMCell kernel,
+    whose c_t hook sees only the gradient from later calls."""
+
+    @staticmethod
+    def forward(ctx, x, h, c, w_ih, w_hh, b_ih, b_hh):  # type: ignore[no-untyped-def]
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x, h, c, w_ih, w_hh, b_ih, b_hh)
+        return _FusedLSTMCell.step(x, h, c, w_ih, w_hh, b_ih, b_hh)
+
+    @staticmethod
+    def step(x, h, c, w_ih, w_hh, b_ih, b_hh):  # type: ignore[no-untyped-def]
+        a = x @ w_ih.T + h @ w_hh.T + (0 if b_ih is None else b_ih + b_hh)
+        i, f, g, o = a.chunk(4, dim=-1)
+        c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        return torch.sigmoid(o) * torch.tanh(c_new), c_new
+
+    @staticmethod
+    def backward(ctx, g_h, g_c):  # type: ignore[no-untyped-def]
+        saved = ctx.saved_tensors
+        inputs = [t.detach().requires_grad_(True) if t is not None else None for t in saved]
+        with torch.enable_grad():
+            h_new, c_new = _FusedLSTMCell.step(*inputs)
+        outs, grads = zip(*[(o, g) for o, g in ((h_new, g_h), (c_new, g_c)) if g is not None])
+        wanted = [t for t in inputs if t is not None]
+        got = iter(torch.autograd.grad(outs, wanted, grads, allow_unused=True))
+        return tuple(next(got) if t is not None else None for t in inputs)
+
+
+class _FusedCellVF:
+    """torch._VF with lstm_cell replaced by _FusedLSTMCell."""
+
+    def __getattr__(self, name):  # type: ignore[no-untyped-def]
+        return getattr(torch._VF, name)
+
+    @staticmethod
+    def lstm_cell(x, hx, w_ih, w_hh, b_ih=None, b_hh=None):  # type: ignore[no-untyped-def]
+        return _FusedLSTMCell.apply(x, hx[0], hx[1], w_ih, w_hh, b_ih, b_hh)
+
+
+@pytest.mark.parametrize("stacked,future", [(False, 0), (True, 3)], ids=["single", "stacked-future"])
+def test_lstm_cell_whose_h_and_c_come_from_one_node(stacked, future, tmp_path, monkeypatch, scan_path):
+    """Found while preparing the GPU check: CUDA runs nn.LSTMCell as one fused node,
+    so the hook on c_t misses the part of dL/dc_t that flows through h_t inside the
+    call (and the last c_t's hook gets None). Reproduced on the CPU; the recorded
+    cell-state norms must still be the reference's."""
+    import torch.nn.modules.rnn as rnn_module
+
+    monkeypatch.setattr(rnn_module, "_VF", _FusedCellVF())
+    check_cell_loop("lstm", stacked, future, tmp_path, torch.device("cpu"))
+    cell = nn.LSTMCell(2, 3).double()
+    h, c = cell(torch.randn(1, 2, dtype=torch.float64))
+    assert h.grad_fn is c.grad_fn, "the stand-in no longer makes h and c one node"
+
+
+def check_cell_loop(kind: str, stacked: bool, future: int, tmp_path, device: torch.device) -> None:
+    """The loop on ``device``, recorded; the reference on the CPU."""
     torch.manual_seed(0)
     model = Loop(kind, stacked, future)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(T, B, IN, generator=g, dtype=torch.float64)
     target = torch.randn(T + future, B, IN, generator=g, dtype=torch.float64)
+    on_device = copy.deepcopy(model).to(device)
     path = tmp_path / "t.h5"
-    with seqscope.watch(model, path, every=1, sequences=B, precision="full"):
-        out = model(x)
-        ((out - target) ** 2).sum().backward()
+    with seqscope.watch(on_device, path, every=1, sequences=B, precision="full"):
+        out = on_device(x.to(device))
+        ((out - target.to(device)) ** 2).sum().backward()
+    out = out.cpu()
     ref_out, records, ws = reference_loop(model, x)
     ((ref_out - target) ** 2).sum().backward()
     torch.testing.assert_close(ref_out.detach(), out.detach())

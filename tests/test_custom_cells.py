@@ -191,3 +191,52 @@ def test_unsupported_state_is_reported_and_training_goes_on(tmp_path, caplog):
     assert any("holds no tensors seqscope can find" in r.getMessage() for r in caplog.records)
     with seqscope.open(tmp_path / "t.h5") as trace:
         assert trace.layers == ["rnn.l0"] and list(trace.steps) == [0, 1]
+
+
+def test_custom_cell_with_h_and_c_from_one_node(tmp_path, caplog):
+    """A custom cell built on one fused autograd Function returning (h, c): c's
+    hook misses the part of dL/dc_t that flows through h_t inside the call, which
+    seqscope cannot derive for an arbitrary cell. Hidden-state norms are still
+    exact; cell-state norms are left out, with one warning, never written wrong."""
+    from tests.test_cells_reference import _FusedLSTMCell
+
+    class Fused(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w_ih = nn.Parameter(torch.randn(4 * HID, IN, dtype=torch.float64) * 0.5)
+            self.w_hh = nn.Parameter(torch.randn(4 * HID, HID, dtype=torch.float64) * 0.5)
+
+        def forward(self, x, state):
+            return _FusedLSTMCell.apply(x, state[0], state[1], self.w_ih, self.w_hh, None, None)
+
+    class Loop(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.cell = Fused()
+
+        def forward(self, x):
+            state = (torch.zeros(B, HID, dtype=torch.float64), torch.zeros(B, HID, dtype=torch.float64))
+            hs = []
+            for t in range(T):
+                state = self.cell(x[t], state)
+                hs.append(state[0])
+            return hs
+
+    torch.manual_seed(0)
+    model = Loop()
+    cell = model.cell
+    x = torch.randn(T, B, IN, dtype=torch.float64)
+
+    with caplog.at_level("WARNING", logger="seqscope"):
+        with seqscope.watch(model, tmp_path / "t.h5", every=1, sequences=B, precision="full", cells=[cell]):
+            torch.stack(model(x)).pow(2).sum().backward()
+    assert sum("one autograd node" in r.getMessage() for r in caplog.records) == 1
+    hs = model(x)
+    for h in hs:
+        h.retain_grad()
+    torch.stack(hs).pow(2).sum().backward()
+    with seqscope.open(tmp_path / "t.h5") as trace:
+        assert "cell" not in trace.grad_norms("cell", 0)
+        for b in range(B):
+            want = [ref.norm(h.grad[b]).item() for h in hs]
+            np.testing.assert_allclose(trace.grad_norms("cell", 0)["hidden"][b].data, want, rtol=1e-10)

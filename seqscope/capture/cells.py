@@ -47,6 +47,9 @@ class _CallsBase:
     c: list[torch.Tensor] = dataclasses.field(default_factory=list)
     grad_h: list[torch.Tensor | None] = dataclasses.field(default_factory=list)
     grad_c: list[torch.Tensor | None] = dataclasses.field(default_factory=list)
+    # per call: h_t and c_t are outputs of one autograd node (CUDA's fused LSTMCell), so
+    # c_t's hook sees only the gradient from outside the call, not the part through h_t
+    c_shares_node: list[bool] = dataclasses.field(default_factory=list)
     broken: str | None = None
     # the caller's autocast region at the first call (device type, dtype or None):
     # the recomputation rounds like it, re-runs of a custom cell run in it
@@ -93,16 +96,51 @@ def _hook_outputs(step: StepState, calls: _CallsBase, h_out: torch.Tensor, c_out
     t = len(calls.x) - 1
     calls.grad_h.append(None)
     calls.grad_c.append(None)
+    calls.c_shares_node.append(c_out is not None and _same_node(h_out, c_out))
     for tensor, slot in ((h_out, calls.grad_h), (c_out, calls.grad_c)):
         if tensor is None or not tensor.requires_grad:
             continue
 
-        def hook(grad: torch.Tensor, slot: list[torch.Tensor | None] = slot, t: int = t) -> None:
-            if slot[t] is None:  # the first backward of the step wins
+        def hook(grad: torch.Tensor | None, slot: list[torch.Tensor | None] = slot, t: int = t) -> None:
+            # grad is None for an output the loss does not use when h and c share one autograd
+            # node (CUDA's fused LSTMCell kernel: the last call's c); the first backward wins
+            if grad is not None and slot[t] is None:
                 g = grad.detach().unsqueeze(0) if unbatched else grad.detach()
                 slot[t] = g.index_select(0, sel)
 
         step.handles.append(tensor.register_hook(hook))
+
+
+_VIEW_NODES = ("SqueezeBackward", "UnsqueezeBackward", "ViewBackward", "AliasBackward")
+
+
+def _origin(t: torch.Tensor) -> Any:
+    """The autograd node that computed ``t``, looking through views (an unbatched
+    call's squeeze)."""
+    fn = t.grad_fn
+    while fn is not None and type(fn).__name__.startswith(_VIEW_NODES) and fn.next_functions:
+        fn = fn.next_functions[0][0]
+    return fn
+
+
+def _same_node(h: torch.Tensor, c: torch.Tensor) -> bool:
+    node = _origin(h)
+    return node is not None and node is _origin(c)
+
+
+def _complete_cell_gradients(calls: _CallsBase, c: torch.Tensor, output_gate: torch.Tensor) -> None:
+    """dL/dc_t for calls whose h_t and c_t came from one autograd node: the hook's
+    gradient (from later calls) plus the part through h_t = o_t * tanh(c_t), which
+    that node handles inside: dL/dh_t * o_t * (1 - tanh(c_t)^2). ``c`` and
+    ``output_gate``: [time, sequence, unit], as the cell computed them."""
+    for t, shared in enumerate(calls.c_shares_node):
+        g_h = calls.grad_h[t]
+        if not shared or g_h is None:
+            continue
+        tc = torch.tanh(c[t])
+        through_h = g_h.to(c.dtype) * output_gate[t] * (1 - tc * tc)
+        g_c = calls.grad_c[t]
+        calls.grad_c[t] = through_h if g_c is None else g_c.to(c.dtype) + through_h
 
 
 def _gradient_norms(calls: _CallsBase, h: torch.Tensor, c: torch.Tensor | None,
@@ -236,6 +274,8 @@ class CellRecorder(_HookedCell):
                 sequence_index=calls.select.clone(),
                 **sigma_fields(m.weight_hh.detach()),
             )
+            if c is not None and details.gates is not None and any(calls.c_shares_node):
+                _complete_cell_gradients(calls, c, details.gates[:, :, 3])
             grads = _gradient_norms(calls, h, c, capture)
             if grads is not None:
                 # propagation: a unit gradient at the last call, walked back through the recurrence
@@ -319,6 +359,7 @@ class CustomCellRecorder(_HookedCell):
         self.layer_id: int | None = None
         self._replaying = False
         self._disabled = False
+        self._warned_shared_node = False
 
     @torch.compiler.disable  # seqscope's own code is never traced by torch.compile
     def _on_call(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
@@ -393,6 +434,14 @@ class CustomCellRecorder(_HookedCell):
         grads = _gradient_norms(calls, h, c, capture)
         if grads is not None:
             capture.propagation = self._propagation(calls, rec.unit_seed(grads[-1]))
+        if capture.grad_cell is not None and any(calls.c_shares_node):
+            # h and c came from one autograd node: c's hook missed the part of dL/dc_t that
+            # flows through h_t inside the cell, which seqscope cannot derive for a custom cell
+            capture.grad_cell = None
+            if not self._warned_shared_node:
+                self._warned_shared_node = True
+                log.warning("seqscope: %s returns h and c from one autograd node (a fused kernel); its cell-state "
+                            "gradient norms are not recorded (hidden-state norms are)", self.name)
         return capture
 
     def _propagation(self, calls: _CustomCalls, v: torch.Tensor) -> torch.Tensor | None:

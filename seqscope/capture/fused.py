@@ -356,9 +356,11 @@ class FusedRecorder:
         out_size = dirs[0].capture.hidden.shape[-1]
         grads: list[torch.Tensor | None] = [None, None, None]  # output (selected, padded), h_n, c_n
 
-        def keep(i: int) -> Callable[[torch.Tensor], None]:
-            def hook(g: torch.Tensor) -> None:
-                if grads[i] is None:
+        def keep(i: int) -> Callable[[torch.Tensor | None], None]:
+            def hook(g: torch.Tensor | None) -> None:
+                # g is None for an output the loss does not use when the outputs share one
+                # autograd node (cuDNN's RNN: a loss on the output alone leaves h_n undefined)
+                if g is not None and grads[i] is None:
                     self.scope.note_grad_scale(step)
                     with torch.no_grad():
                         grads[i] = padded(g.detach()) if i == 0 else g.detach()

@@ -322,7 +322,9 @@ class Scope:
             if not p.requires_grad:
                 continue
 
-            def hook(grad: torch.Tensor, name: str = name) -> None:
+            def hook(grad: torch.Tensor | None, name: str = name) -> None:
+                if grad is None:
+                    return
                 self.note_grad_scale(step)
                 # float64 throughout: a float32 norm overflows above ~1.8e19
                 step.param_grad_norms[name] = torch.linalg.vector_norm(grad.detach(), dtype=torch.float64)
