@@ -2,14 +2,17 @@
 # The GPU check: one prepared run for a session that is lent a CUDA machine.
 # Records on the GPU (cuDNN) and checks the numbers against the CPU reference,
 # then runs benchmark part 1 on CUDA. Writes into ${OUT:-.}: gpu-tests.txt and
-# results-cuda.md. Needs a torch with CUDA on that machine (not the CPU wheel).
+# results-cuda.md, then profiles recorded steps (gpu-profile.txt). Needs a torch with CUDA on that machine (not the CPU wheel).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1  # seqscope from this checkout, not installed
 out="${OUT:-.}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
-python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version())" | tee -a "$out/gpu.txt"
-SEQSCOPE_REQUIRE_CUDA=1 timeout 300 python -m pytest -q -p no:cacheprovider \
+echo "C compiler: $(command -v cc gcc clang | head -1)" | tee -a "$out/gpu.txt"
+python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version())" | tee -a "$out/gpu.txt"
+SEQSCOPE_REQUIRE_CUDA=1 timeout 200 python3 -m pytest -q -p no:cacheprovider \
     tests/test_fused_reference.py::test_recorded_numbers_on_cuda_match_unrolled_reference \
     tests/test_native.py 2>&1 | tee "$out/gpu-tests.txt" | tail -20
-timeout 420 python benchmarks/run.py --device cuda --only recorder --reps 5 --out "$out/results-cuda.md" | tail -20
+timeout 240 python3 benchmarks/run.py --device cuda --only recorder --reps 5 --out "$out/results-cuda.md" \
+    2>&1 | grep -v "^USDT" | tail -20
+[ "${SKIP_PROFILE:-0}" = 1 ] || timeout 100 python3 benchmarks/gpu_profile.py "$out" 2>&1 | grep -v "^USDT"

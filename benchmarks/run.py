@@ -86,6 +86,10 @@ class NaiveRecorder:
         self.cell = cell
         self.norms: list[torch.Tensor] = []
 
+    def _keep(self, g: torch.Tensor | None) -> None:
+        if g is not None:  # None: an output the loss does not use (CUDA's fused LSTMCell, the last c)
+            self.norms.append(g.norm(dim=-1))
+
     def step(self, x: torch.Tensor) -> None:
         batch = x.shape[1]
         hidden = self.cell.hidden_size
@@ -96,10 +100,10 @@ class NaiveRecorder:
         for t in range(x.shape[0]):
             if isinstance(self.cell, nn.LSTMCell):
                 h, c = self.cell(x[t], (h, c))
-                c.register_hook(lambda g: self.norms.append(g.norm(dim=-1)))
+                c.register_hook(self._keep)
             else:
                 h = self.cell(x[t], h)
-            h.register_hook(lambda g: self.norms.append(g.norm(dim=-1)))
+            h.register_hook(self._keep)
             outs.append(h)
         torch.stack(outs).pow(2).mean().backward()
         torch.stack(self.norms).cpu()  # one copy, as seqscope does
