@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 import seqscope
-from seqscope.capture import native
+from seqscope.capture import graphs, native
 
 RESULTS = Path(__file__).with_name("results.md")
 SIZES = [(16, 50, 32, 64), (32, 100, 64, 256), (64, 200, 128, 512)]
@@ -110,15 +110,18 @@ class NaiveRecorder:
 
 
 def eager_scans(fn: Callable[[], None]) -> Callable[[], None]:
-    """``fn`` with seqscope's compiled passes turned off (the eager PyTorch scan,
-    as before they existed, and as on a machine without a C compiler)."""
+    """``fn`` with seqscope's compiled passes and CUDA graphs turned off (the
+    eager PyTorch loops, as before they existed, and as on a machine without a
+    C compiler)."""
     def run() -> None:
-        supports = native.supports
+        supports, graphs_off = native.supports, graphs._off
         native.supports = lambda *_: False  # type: ignore[assignment]
+        graphs._off = True
         try:
             fn()
         finally:
             native.supports = supports  # type: ignore[assignment]
+            graphs._off = graphs_off
     return run
 
 
@@ -617,8 +620,8 @@ def run_parts(args: argparse.Namespace, argv: list[str], device: torch.device,
         lines += ["## 1. Recorded step / plain fused step (forward + backward), every step recorded", "",
                   "Ratios to the plain fused module's step, medians of interleaved repetitions. seqscope stores "
                   "8 sequences per step (default); the naive recorder computes norms for the whole batch. "
-                  "'eager scans': the same recording with the compiled passes (capture/_native.c) turned off, "
-                  "as on a machine without a C compiler, or as before they existed.", ""]
+                  "'eager scans': the same recording with the compiled passes (capture/_native.c) and CUDA graphs "
+                  "(capture/graphs.py) turned off, as on a machine without a C compiler, or as before they existed.", ""]
         lines += part1(sizes, reps, device, ["lstm", "gru", "rnn"]) + [""]
         lines += ["Cell loops (each call a timestep; totals from tensor hooks, every step recorded):", ""]
         lines += part1b(args.quick, reps, device) + [""]

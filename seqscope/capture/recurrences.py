@@ -48,7 +48,7 @@ from typing import Any
 
 import torch
 
-from seqscope.capture import native
+from seqscope.capture import graphs, native
 from seqscope.trace import schema
 
 log = logging.getLogger("seqscope")
@@ -217,10 +217,9 @@ def forward_details(
         i, f, g, o = gates.unbind(2)
         if cell is None:
             ig = i * g
-            cell = torch.empty_like(ig)
-            prev = c0
-            for ig_t, f_t, c_t in zip(ig.unbind(0), f.unbind(0), cell.unbind(0)):
-                prev = torch.addcmul(ig_t, f_t, prev, out=c_t)
+            replayed = graphs.replay("cell-states", _cell_states, [ig, f, c0]) if ig.is_cuda else None
+            cell = (replayed if replayed is not None else _cell_states(ig, f, c0))[0]
+            assert cell is not None
         if c_prev is None:
             c_prev = previous(cell, c0)
         tc = torch.tanh(cell)
@@ -255,6 +254,15 @@ def forward_details(
     if w.kind == schema.KIND_RNN_RELU:
         return ForwardDetails(w.kind, None, None, {"D": masked((h > 0).to(h.dtype))})
     raise ValueError(f"unknown recurrent kind {w.kind!r}")
+
+
+def _cell_states(ig: torch.Tensor, f: torch.Tensor, c0: torch.Tensor) -> tuple[torch.Tensor]:
+    """c_t = f_t c_{t-1} + i_t g_t over time, from ``ig`` = i*g and ``f`` [time, sequence, unit]."""
+    cell = torch.empty_like(ig)
+    prev = c0
+    for ig_t, f_t, c_t in zip(ig.unbind(0), f.unbind(0), cell.unbind(0)):
+        prev = torch.addcmul(ig_t, f_t, prev, out=c_t)
+    return (cell,)
 
 
 def gru_factors(gates: torch.Tensor, gh: torch.Tensor, h_prev: torch.Tensor,
@@ -299,7 +307,29 @@ def backward_scan(
                                         overwrite=overwrite)
         except ValueError as exc:  # a layout the compiled scan does not take: run the eager one
             log.debug("seqscope: %s", exc)
+    if ext_h.is_cuda:
+        replayed = _scan_as_graph(w, details, ext_h, ext_c)
+        if replayed is not None:
+            return replayed
     return eager_backward_scan(w, details, ext_h, ext_c)
+
+
+def _scan_as_graph(w: LayerWeights, details: ForwardDetails, ext_h: torch.Tensor,
+                   ext_c: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """eager_backward_scan replayed as a CUDA graph (capture.graphs), or None."""
+    names = sorted(details.factors)
+    optional = [("w_hr", w.w_hr), ("ext_c", ext_c)]
+    present = [n for n, t in optional if t is not None]
+    inputs = [w.w_hh, ext_h] + [details.factors[n] for n in names] + [t for _, t in optional if t is not None]
+
+    def scan(w_hh: torch.Tensor, e_h: torch.Tensor, *rest: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        factors = dict(zip(names, rest))
+        extra = dict(zip(present, rest[len(names):]))
+        lw = dataclasses.replace(w, w_hh=w_hh, w_hr=extra.get("w_hr"))
+        return eager_backward_scan(lw, ForwardDetails(details.kind, None, None, factors), e_h, extra.get("ext_c"))
+
+    out = graphs.replay(f"scan-{details.kind}-{','.join(present)}", scan, inputs)
+    return None if out is None else (out[0], out[1])  # type: ignore[return-value]
 
 
 def eager_backward_scan(
