@@ -151,3 +151,29 @@ def test_the_compiled_factor_passes_take_non_contiguous_inputs_and_padding():
     _, factors = native.lstm_factors(eager.gates, c0, cell, strided(c_prev), valid)
     for key, value in eager.factors.items():
         torch.testing.assert_close(factors[key], value, rtol=1e-6, atol=1e-7)
+
+
+def test_a_script_that_ends_while_the_passes_load_exits_cleanly(tmp_path):
+    """watch() loads the compiled passes on a background thread. A script that
+    ended while that thread was still inside PyTorch (here: cells called outside
+    the model's forward, so no step ever waits for the passes) aborted at exit
+    with status 134. Run with a warm cache and with a cold one (the build)."""
+    script = textwrap.dedent("""
+        import sys, torch, seqscope
+        model = torch.nn.Module()
+        model.cell = cell = torch.nn.LSTMCell(2, 4)
+        with seqscope.watch(model, sys.argv[1], every=1):
+            state = None
+            for x in torch.randn(6, 3, 2):
+                state = cell(x, state)
+            state[0].sum().backward()
+        print("done")
+    """)
+    cache = tmp_path / "cache"
+    for attempt in range(4):  # the first builds; the others load from the cache
+        run = subprocess.run([sys.executable, "-c", script, str(tmp_path / f"t{attempt}.h5")], cwd=ROOT,
+                             env={**os.environ, "SEQSCOPE_CACHE_DIR": str(cache)}, capture_output=True, text=True,
+                             timeout=300)
+        assert (run.returncode, run.stdout.strip()) == (0, "done"), run.stderr[-2000:]
+        # the build finished (a script that ended first would leave only partial "building-" files)
+        assert len(list(cache.glob("scan-*.so"))) == 2, sorted(p.name for p in cache.iterdir())

@@ -21,6 +21,7 @@ eager versions run: recording never depends on this module.
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import hashlib
 import logging
@@ -45,6 +46,24 @@ _lock = threading.Lock()
 # dtype -> (scan functions by kind name, address of the matching gemm)
 _loaded: dict[torch.dtype, tuple[dict[str, Any], int]] | None = None
 _reason = "not tried yet"
+
+
+_background: threading.Thread | None = None
+
+
+def load_in_background() -> None:
+    """Build (or load from the cache) and self-test the compiled passes on a
+    daemon thread, so that the first recorded step does not wait for the
+    compiler; watch() calls this. The process waits for that thread at exit: a
+    daemon thread still inside PyTorch when the interpreter shuts down aborts the
+    process ("terminate called without an active exception", exit status 134),
+    which a short script that ends before the self-test does would hit."""
+    global _background
+    if _background is not None:
+        return
+    _background = threading.Thread(target=enabled, name="seqscope-native", daemon=True)
+    _background.start()
+    atexit.register(_background.join, 300)  # a compiler that hangs is killed after 120 s per build
 
 
 def status() -> str:

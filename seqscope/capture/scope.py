@@ -17,7 +17,6 @@ import functools
 import logging
 import math
 import os
-import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -155,7 +154,7 @@ class Scope:
         self.writer = TraceWriter(self.path, config, max_bytes=max_bytes)
         # build (or load from the cache) the compiled scans now, off the training
         # thread, so that the first recorded step does not wait for the compiler
-        threading.Thread(target=native.enabled, name="seqscope-native", daemon=True).start()
+        native.load_in_background()
         try:
             self._install()
         except BaseException:
