@@ -173,3 +173,40 @@ def test_records_that_queue_up_are_committed_together_and_in_order(tmp_path):
             np.testing.assert_array_equal(trace.hidden("rnn.l0", step), data[step])
         assert list(trace.scalars()["loss"].values) == [0.0, 0.1, 0.2, 0.3, 0.4]
         assert trace.closed_cleanly
+
+
+def test_the_writer_waits_for_copies_in_flight_before_it_reads_a_record(tmp_path):
+    """A record from a GPU holds arrays whose device-to-host copies may still be
+    running (capture.host); its ``ready`` functions wait for them. The writer
+    must call them before it reads the arrays, and before the deferred scalars
+    (sigma_max from a weight copy) run. Here the data arrive only in ``ready``."""
+    import time
+
+    from seqscope.trace import schema
+    from seqscope.trace.writer import ArrayRecord, StepRecord, TraceWriter
+
+    hidden = np.zeros((2, 4, 3), np.float32)  # what a pinned buffer holds before the copy lands
+    want = np.arange(24, dtype=np.float32).reshape(2, 4, 3)
+    order = []
+
+    def arrive() -> None:
+        time.sleep(0.05)
+        hidden[...] = want
+        order.append("ready")
+
+    def sigma() -> float:
+        order.append("deferred")
+        return float(hidden.sum())
+
+    writer = TraceWriter(tmp_path / "r.h5", {})
+    layer = [(b"rnn.l0", b"rnn", b"rnn_tanh", 0, 0, 2, 3, 3, b"")]
+    arrays = [ArrayRecord(0, 0, schema.FIELD_HIDDEN, hidden),
+              ArrayRecord(0, 0, schema.FIELD_LENGTHS, np.full(2, 4, np.int64)),
+              ArrayRecord(0, 0, schema.FIELD_SEQUENCE_INDEX, np.arange(2, dtype=np.int64))]
+    writer.submit(StepRecord((0, time.time(), 2, 4, 2, schema.PHASE_TRAIN), arrays, [], layer, ["sigma"],
+                             [(0, 0, sigma)], [arrive]))
+    writer.close()
+    assert order == ["ready", "deferred"]
+    with seqscope.open(tmp_path / "r.h5") as trace:
+        np.testing.assert_array_equal(trace.hidden("rnn.l0", 0), want)
+        assert trace.scalars()["sigma"].values[0] == want.sum()

@@ -82,6 +82,7 @@ class LayerCapture:
     # copy taken then (w_hh) on the writer thread for device weights (capture.spectral)
     sigma: float | None
     w_hh: np.ndarray | None
+    w_hh_ready: Callable[[], None] | None  # waits for w_hh's copy (capture.host)
     grad_hidden: torch.Tensor | None = None  # [time, sequence]
     grad_cell: torch.Tensor | None = None
     propagation: torch.Tensor | None = None
@@ -89,8 +90,8 @@ class LayerCapture:
 
 def sigma_fields(w_hh: torch.Tensor | None) -> dict[str, Any]:
     """LayerCapture's sigma / w_hh fields for this recurrent matrix (capture.spectral)."""
-    sigma, host = spectral.at_capture(w_hh)
-    return {"sigma": sigma, "w_hh": host}
+    sigma, host, ready = spectral.at_capture(w_hh)
+    return {"sigma": sigma, "w_hh": host, "w_hh_ready": ready}
 
 
 @dataclasses.dataclass

@@ -38,6 +38,7 @@ from seqscope.capture.fused import (
     module_kind,
     unsupported_reason,
 )
+from seqscope.capture.host import copy_to_host
 from seqscope.errors import UnsupportedModelError
 from seqscope.trace import schema
 from seqscope.trace.writer import ArrayRecord, StepRecord, TraceWriter
@@ -431,7 +432,7 @@ class Scope:
                 value = value.reshape(())
             self._pending_scalars.append((target, name, value))
         if len(self._pending_scalars) >= _PENDING_SCALARS_MAX:
-            self.writer.submit(StepRecord(None, [], self._take_scalars(), self._take_layers(), self._take_names()))
+            self.writer.submit(self._scalars_only())
 
     def close(self) -> None:
         """Write the last step, remove every hook, close the file. Idempotent."""
@@ -459,7 +460,7 @@ class Scope:
                     self._pending_scalars = [p for p in self._pending_scalars if p[0] != old]
                 self._current = None
             if self._pending_scalars or self._new_layers:
-                self.writer.submit(StepRecord(None, [], self._take_scalars(), self._take_layers(), self._take_names()))
+                self.writer.submit(self._scalars_only())
         except Exception as exc:  # noqa: BLE001
             log.warning("seqscope: writing the last step failed: %s", exc)
         finally:
@@ -483,20 +484,40 @@ class Scope:
         rows, self._new_layers = self._new_layers, []
         return rows
 
-    def _take_scalars(self, extra: Iterable[tuple[int, str, Any]] = ()) -> list[tuple[int, int, float]]:
-        """Pending and extra scalars as (step, name id, value) rows; tensors are
-        copied to the host in one transfer per device."""
+    def _scalars_only(self) -> StepRecord:
+        """A record of the pending scalars (and new layers or names) alone."""
+        rows, ready = self._take_scalars()
+        return StepRecord(None, [], rows, self._take_layers(), self._take_names(), ready=ready)
+
+    def _take_scalars(self, extra: Iterable[tuple[int, str, Any]] = ()
+                      ) -> tuple[list[tuple[int, int, float]], list[Callable[[], None]]]:
+        """Pending and extra scalars as (step, name id, value) rows, and the
+        functions that fill in the values of device tensors: those are copied to
+        the host in one transfer per device without waiting (capture.host); the
+        writer thread calls the functions before it reads the rows."""
         items = list(self._pending_scalars) + list(extra)
         self._pending_scalars = []
-        values: list[Any] = [v for (_, _, v) in items]
+        rows = [(int(s), self._scalar_id(name), v if isinstance(v, torch.Tensor) else float(v))
+                for (s, name, v) in items]
         by_device: dict[torch.device, list[int]] = {}
-        for i, v in enumerate(values):
+        for i, (_, _, v) in enumerate(items):
             if isinstance(v, torch.Tensor):
                 by_device.setdefault(v.device, []).append(i)
+        ready: list[Callable[[], None]] = []
         for idx in by_device.values():
-            for i, host in zip(idx, torch.stack([values[i].double() for i in idx]).cpu().tolist()):
-                values[i] = host
-        return [(int(s), self._scalar_id(name), float(v)) for (s, name, _), v in zip(items, values)]
+            host, wait = copy_to_host(torch.stack([items[i][2].double() for i in idx]))
+
+            def fill(idx: list[int] = idx, host: torch.Tensor = host, wait: Callable[[], None] | None = wait) -> None:
+                if wait is not None:
+                    wait()
+                for i, value in zip(idx, host.tolist()):
+                    rows[i] = (rows[i][0], rows[i][1], value)
+
+            if wait is None:
+                fill()
+            else:
+                ready.append(fill)
+        return rows, ready  # type: ignore[return-value]  # tensors until ready has run
 
     def _storage_dtype(self, capture: LayerCapture, field: str, model_dtype: torch.dtype) -> torch.dtype:
         full = model_dtype if model_dtype in (torch.float32, torch.float64) else torch.float32
@@ -577,7 +598,8 @@ class Scope:
         # array, queued before the host copy; exact counts only for a layer whose sums
         # are not finite. Evaluation passes record no scalars.
         probes = [torch.stack([_finite_probe(t) for t in ts]).sum() for ts in checked] if training else []
-        arrays = [ArrayRecord(step.step, lid, field, arr, step.phase) for (lid, field, arr) in _to_host(items)]
+        on_host, ready = _to_host(items)
+        arrays = [ArrayRecord(step.step, lid, field, arr, step.phase) for (lid, field, arr) in on_host]
         for cap in step.captures:
             for field, ints in ((schema.FIELD_LENGTHS, cap.lengths), (schema.FIELD_SEQUENCE_INDEX, cap.sequence_index)):
                 arrays.append(ArrayRecord(step.step, cap.layer_id, field, ints.numpy().astype(np.int64), step.phase))
@@ -587,7 +609,7 @@ class Scope:
             # an evaluation pass adds arrays only: its scalars would collide with the
             # training step of the same number, and logged scalars belong to training
             step_row = (step.step, step.wall_time, step.batch_size, n_time, n_seq, step.phase)
-            return StepRecord(step_row, arrays, [], self._take_layers(), self._take_names(), [])
+            return StepRecord(step_row, arrays, [], self._take_layers(), self._take_names(), [], ready)
         finite = torch.isfinite(torch.stack([p.to(probes[0].device) for p in probes])).cpu().tolist()
         for cap, ts, ok in zip(step.captures, checked, finite):
             name = self._layer_rows[cap.layer_id][0].decode()
@@ -596,7 +618,7 @@ class Scope:
                 extra.append((step.step, sigma_name, cap.sigma))
             elif cap.w_hh is not None:  # from the host copy, on the writer thread (no device sync here)
                 deferred.append((step.step, self._scalar_id(sigma_name),
-                                 functools.partial(spectral.sigma_max_host, cap.w_hh)))
+                                 functools.partial(spectral.sigma_max_host, cap.w_hh, cap.w_hh_ready)))
             count = 0.0 if ok else float(sum(int(torch.count_nonzero(~torch.isfinite(t))) for t in ts))
             extra.append((step.step, schema.SCALAR_NONFINITE_PREFIX + name, count))
         if self.grad_scaler is not None:
@@ -613,9 +635,10 @@ class Scope:
             extra.append((step.step, schema.SCALAR_GRAD_NORM, total))
             for pname, n in norms.items():
                 extra.append((step.step, schema.SCALAR_PARAM_GRAD_PREFIX + pname, n))
-        scalars = self._take_scalars(extra)
+        scalars, scalars_ready = self._take_scalars(extra)
         step_row = (step.step, step.wall_time, step.batch_size, n_time, n_seq, step.phase)
-        return StepRecord(step_row, arrays, scalars, self._take_layers(), self._take_names(), deferred)
+        return StepRecord(step_row, arrays, scalars, self._take_layers(), self._take_names(), deferred,
+                          ready + scalars_ready)
 
 
 def _unscaled(t: torch.Tensor, scale: Any) -> torch.Tensor:
@@ -629,25 +652,32 @@ def _finite_probe(t: torch.Tensor) -> torch.Tensor:
     return (t.sum(dtype=torch.float32) if low else t.sum()).double()
 
 
-def _to_host(items: list[tuple[int, str, torch.Tensor]]) -> list[tuple[int, str, np.ndarray]]:
-    """Copy device tensors to numpy with one transfer per (device, dtype)."""
+def _to_host(items: list[tuple[int, str, torch.Tensor]]
+             ) -> tuple[list[tuple[int, str, np.ndarray]], list[Callable[[], None]]]:
+    """Copy device tensors to numpy with one transfer per (device, dtype), and
+    the functions that wait for those transfers (capture.host: the writer
+    thread calls them before it reads the arrays)."""
     groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     for i, (_, _, t) in enumerate(items):
         groups.setdefault((t.device, t.dtype), []).append(i)
     out: list[np.ndarray | None] = [None] * len(items)
+    ready: list[Callable[[], None]] = []
     for (device, _), idx in groups.items():
         if device.type == "cpu":
             for i in idx:
                 out[i] = items[i][2].numpy()
             continue
-        flat = torch.cat([items[i][2].reshape(-1) for i in idx]).cpu().numpy()
+        host, wait = copy_to_host(torch.cat([items[i][2].reshape(-1) for i in idx]))
+        if wait is not None:
+            ready.append(wait)
+        flat = host.numpy()
         pos = 0
         for i in idx:
             shape = tuple(items[i][2].shape)
             size = math.prod(shape)
             out[i] = flat[pos : pos + size].reshape(shape)
             pos += size
-    return [(lid, field, arr) for (lid, field, _), arr in zip(items, out) if arr is not None]
+    return [(lid, field, arr) for (lid, field, _), arr in zip(items, out) if arr is not None], ready
 
 
 def watch(

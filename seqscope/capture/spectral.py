@@ -11,21 +11,27 @@ the writer thread, so the training thread never waits for the device.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 from threadpoolctl import ThreadpoolController
 
+from seqscope.capture.host import copy_to_host
 
-def at_capture(w: torch.Tensor | None) -> tuple[float | None, np.ndarray | None]:
-    """(sigma_max now, None) for CPU weights; (None, host copy) for device
-    weights (sigma_max_host on the writer thread); (nan, None) without a matrix."""
+
+def at_capture(w: torch.Tensor | None) -> tuple[float | None, np.ndarray | None, Callable[[], None] | None]:
+    """(sigma_max now, None, None) for CPU weights; (None, host copy, a function
+    that waits for the copy) for device weights (sigma_max_host on the writer
+    thread: the copy is queued now, so it holds the weights as of this forward
+    pass); (nan, None, None) without a matrix."""
     if w is None or w.numel() == 0 or w.dim() != 2:
-        return float("nan"), None
+        return float("nan"), None, None
     if w.device.type == "cpu":
-        return sigma_max(w), None
-    return None, w.detach().to("cpu", copy=True).numpy()
+        return sigma_max(w), None, None
+    host, ready = copy_to_host(w.detach())
+    return None, host.numpy(), ready
 
 
 def sigma_max(w: torch.Tensor) -> float:
@@ -49,7 +55,7 @@ def sigma_max(w: torch.Tensor) -> float:
         return float("nan")
 
 
-def sigma_max_host(matrix: np.ndarray) -> float:
+def sigma_max_host(matrix: np.ndarray, ready: Callable[[], None] | None = None) -> float:
     """Largest singular value of ``matrix`` [rows, cols]: the square root of the
     largest eigenvalue of its Gram matrix (cheaper than a full SVD). The Gram
     product runs in the matrix's own precision (float32: relative error of the
@@ -61,6 +67,8 @@ def sigma_max_host(matrix: np.ndarray) -> float:
     thread team (torch's OpenMP, or OpenBLAS workers that spin after each call)
     measurably slowed the training thread's own kernels (8x on a 2-core machine).
     """
+    if ready is not None:
+        ready()  # the host copy has arrived
     if matrix.size == 0:
         return float("nan")  # a user-written cell without a recurrent weight matrix
     with _blas_controller().limit(limits=1, user_api="blas"):

@@ -77,6 +77,9 @@ class StepRecord:
     # (step, name id, function): scalars computed on the writer thread, off the
     # training thread (for example a singular value of a weight copy)
     deferred_scalars: list[tuple[int, int, Callable[[], float]]] = dataclasses.field(default_factory=list)
+    # functions to call before reading ``arrays``: waits for device-to-host copies still
+    # in flight (capture.host), so that the training thread never waits for them
+    ready: list[Callable[[], None]] = dataclasses.field(default_factory=list)
 
 
 class TraceWriter:
@@ -246,6 +249,9 @@ class TraceWriter:
                     break
             if not records:
                 return
+        for record in records:
+            for wait in record.ready:  # device-to-host copies still in flight
+                wait()
         new_layers = [row for r in records for row in r.new_layers]
         if new_layers:
             self._append("layers", np.array(new_layers, dtype=schema.LAYER_DTYPE), schema.COMMIT_LAYERS)

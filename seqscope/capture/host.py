@@ -1,0 +1,30 @@
+"""Device-to-host copies that do not make the training thread wait."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+
+def copy_to_host(t: torch.Tensor) -> tuple[torch.Tensor, Callable[[], None] | None]:
+    """A CPU copy of ``t`` and a function that waits until the copy holds the
+    data (None when it already does).
+
+    A CUDA tensor is copied into pinned memory without blocking, and an event
+    is recorded behind the copy; the writer thread waits on it before it reads
+    the data. A plain ``.cpu()`` blocks the training thread until the GPU has run
+    everything queued before it, then copies at pageable-memory speed (measured
+    on an H200: ~3.7 ms per recorded step of a B64 T200 H512 LSTM). The copy is
+    queued on the current stream, so it sees the values as of now, before any
+    later in-place update such as an optimizer step. Other accelerators get a
+    plain copy."""
+    if t.device.type == "cpu":
+        return t, None
+    if t.device.type != "cuda":
+        return t.to("cpu"), None
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record(torch.cuda.current_stream(t.device))
+    return host, done.synchronize
