@@ -125,22 +125,36 @@ def eager_scans(fn: Callable[[], None]) -> Callable[[], None]:
     return run
 
 
+def with_graphs(fn: Callable[[], None]) -> Callable[[], None]:
+    """``fn`` with CUDA graphs on (capture.graphs: opt-in, SEQSCOPE_CUDA_GRAPHS=1)."""
+    def run() -> None:
+        off, graphs._off = graphs._off, False
+        try:
+            fn()
+        finally:
+            graphs._off = off
+    return run
+
+
 def part1(sizes, reps: int, device: torch.device, kinds: list[str]) -> list[str]:
+    cuda = device.type == "cuda"
     rows = ["| module | B, T, I, H | plain step | seqscope | seqscope, eager scans | naive unrolled recorder "
-            "| cell loop (no recording) |",
-            "|---|---|---|---|---|---|---|"]
+            "| cell loop (no recording) |" + (" seqscope, CUDA graphs on |" if cuda else ""),
+            "|---|---|---|---|---|---|---|" + ("---|" if cuda else "")]
     tmp = scratch()
     for kind in kinds:
         for (b, t, i, h) in sizes:
             torch.manual_seed(0)
             make = {"lstm": lambda: nn.LSTM(i, h), "gru": lambda: nn.GRU(i, h), "rnn": lambda: nn.RNN(i, h)}[kind]
-            plain_m, rec_m, eager_m = make().to(device), make().to(device), make().to(device)
-            rec_m.load_state_dict(plain_m.state_dict())
-            eager_m.load_state_dict(plain_m.state_dict())
+            plain_m, rec_m, eager_m, graph_m = make().to(device), make().to(device), make().to(device), \
+                make().to(device)
+            for m in (rec_m, eager_m, graph_m):
+                m.load_state_dict(plain_m.state_dict())
             cell = {"lstm": nn.LSTMCell, "gru": nn.GRUCell, "rnn": nn.RNNCell}[kind](i, h).to(device)
             x = torch.randn(t, b, i, device=device)
             scope = seqscope.watch(rec_m, os.path.join(tmp, f"{kind}{b}.h5"), every=1)
             eager_scope = seqscope.watch(eager_m, os.path.join(tmp, f"{kind}{b}-eager.h5"), every=1)
+            graph_scope = seqscope.watch(graph_m, os.path.join(tmp, f"{kind}{b}-graphs.h5"), every=1)
             naive = NaiveRecorder(cell)
 
             def plain() -> None:
@@ -156,6 +170,11 @@ def part1(sizes, reps: int, device: torch.device, kinds: list[str]) -> list[str]
                 out, _ = eager_m(x)
                 out.pow(2).mean().backward()
 
+            @with_graphs
+            def recorded_graphs() -> None:
+                out, _ = graph_m(x)
+                out.pow(2).mean().backward()
+
             def cell_loop() -> None:
                 hh = x.new_zeros(b, h)
                 cc = x.new_zeros(b, h)
@@ -168,14 +187,18 @@ def part1(sizes, reps: int, device: torch.device, kinds: list[str]) -> list[str]
                     outs.append(hh)
                 torch.stack(outs).pow(2).mean().backward()
 
-            res = interleaved({"plain": plain, "rec": recorded, "eager": recorded_eager, "naive": lambda: naive.step(x),
-                               "cell": cell_loop},
-                              reps, device, block=5, after={"rec": scope.writer.drain, "eager": eager_scope.writer.drain})
-            scope.close()
-            eager_scope.close()
+            fns = {"plain": plain, "rec": recorded, "eager": recorded_eager, "naive": lambda: naive.step(x),
+                   "cell": cell_loop}
+            if cuda:
+                fns["graphs"] = recorded_graphs
+            res = interleaved(fns, reps, device, block=5, after={"rec": scope.writer.drain, "eager": eager_scope.writer.drain,
+                                                                  "graphs": graph_scope.writer.drain})
+            for sc in (scope, eager_scope, graph_scope):
+                sc.close()
             p = res["plain"]
             rows.append(f"| nn.{kind.upper()} | {b}, {t}, {i}, {h} | {p * 1e3:.1f} ms | **{res['rec'] / p:.2f}x** | "
-                        f"{res['eager'] / p:.2f}x | {res['naive'] / p:.2f}x | {res['cell'] / p:.2f}x |")
+                        f"{res['eager'] / p:.2f}x | {res['naive'] / p:.2f}x | {res['cell'] / p:.2f}x |"
+                        + (f" {res['graphs'] / p:.2f}x |" if cuda else ""))
             print(rows[-1], flush=True)
     return rows
 

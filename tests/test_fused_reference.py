@@ -187,19 +187,43 @@ def test_recorded_numbers_on_cuda_match_unrolled_reference(tmp_path):
         if cfg.dtype == torch.float32:  # and with cuDNN's TF32 off: float32 tolerances as on the CPU
             with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
                 attempt(cfg.id + "-no-tf32", lambda folder, cfg=cfg: check_against_reference(cfg, folder, cuda))
-    # the same layouts again: the per-timestep loops now replay as CUDA graphs (capture.graphs)
+    # the same layouts again, with CUDA graphs on (opt-in, capture.graphs): the per-timestep
+    # loops now replay as graphs
     graphs.reset()
+    graphs_off, graphs._off = graphs._off, False
     repeated = [c for c in CUDA_CONFIGS if c.packed and c.bidirectional] + [Config("rnn_tanh", layers=2)]
     for rep in range(3):
         for cfg in repeated:
             attempt(f"{cfg.id}-repeat{rep}", lambda folder, cfg=cfg: check_against_reference(cfg, folder, cuda))
     if graphs._off or not graphs._graphs:
         failures.append(f"CUDA graphs were not used (off: {graphs._off}, captured: {len(graphs._graphs)})")
+    # while the writer thread of a scope works (it waits on copies' events): a capture
+    # must not be invalidated by it (seen on an H200 with PyTorch's default global mode)
+    attempt("graphs-while-the-writer-works", lambda folder: check_graphs_while_writing(folder, cuda))
+    graphs.reset()
+    graphs._off = graphs_off
     for kind in ("lstm", "gru", "rnn_tanh"):
         # cell loops (CUDA runs LSTMCell and GRUCell as fused kernels); cuDNN under autocast float16
         attempt(f"cells-{kind}", lambda folder, kind=kind: check_cell_loop(kind, True, 3, folder, cuda))
         attempt(f"autocast-float16-{kind}", lambda folder, kind=kind: check_autocast(kind, folder, cuda, torch.float16))
     assert not failures, "\n".join(failures)
+
+
+def check_graphs_while_writing(tmp_path, device: torch.device) -> None:
+    """Many recorded steps of new layouts back to back, the writer never drained
+    in between, so that captures overlap its work; then the CUDA random number
+    generator must still work (a failed capture leaves it unusable) and graphs
+    must still be on."""
+    graphs.reset()
+    torch.manual_seed(0)
+    for n_time in (5, 6, 7, 8):
+        model = nn.LSTM(IN, HID, num_layers=2).to(device)
+        with seqscope.watch(model, tmp_path / f"w{n_time}.h5", every=1):
+            for _ in range(4):
+                out, _ = model(torch.randn(n_time, B, IN, device=device))
+                out.pow(2).sum().backward()
+    torch.randn(3, device=device)
+    assert not graphs._off and graphs._graphs, "CUDA graphs were turned off by a failed capture"
 
 
 def check_against_reference(cfg: Config, tmp_path, device: torch.device, loss_scale: float = 1.0) -> None:

@@ -13,10 +13,25 @@ from seqscope.capture import recurrences as rec
 
 
 @pytest.fixture(autouse=True)
-def _fresh_cache():
+def _fresh_cache(monkeypatch):
     graphs.reset()
+    monkeypatch.setattr(graphs, "_off", False)  # opt-in (SEQSCOPE_CUDA_GRAPHS=1)
     yield
     graphs.reset()
+
+
+def test_graphs_are_off_unless_asked_for():
+    import os
+    import subprocess
+    import sys
+
+    code = "from seqscope.capture import graphs; print(graphs._off)"
+    for value, off in ((None, "True"), ("0", "True"), ("1", "False")):
+        env = {k: v for k, v in os.environ.items() if k != "SEQSCOPE_CUDA_GRAPHS"}
+        if value is not None:
+            env["SEQSCOPE_CUDA_GRAPHS"] = value
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == off
 
 
 def _layer(kind: str, proj: int = 0):
@@ -108,7 +123,6 @@ def test_a_failing_capture_turns_graphs_off_and_the_caller_runs_eagerly(monkeypa
     monkeypatch.setattr(graphs, "_Graph", broken)
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    monkeypatch.setattr(graphs, "_off", False)
     x = torch.ones(2)
     assert graphs.replay("f", lambda t: (t,), [x]) is None
     with caplog.at_level("WARNING", logger="seqscope"):

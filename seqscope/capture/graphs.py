@@ -12,8 +12,15 @@ second time that layout is seen: a layout seen once (a sequence length that
 changes every batch) runs eagerly, as before. Graphs are kept for the 8 most
 recent layouts and replayed on static copies of the inputs; the results are
 copied out. The kernels are the eager ones, so the numbers are the same. Any
-failure turns graphs off for the process (the eager loop runs);
-``SEQSCOPE_CUDA_GRAPHS=0`` turns them off.
+failure turns graphs off for the process (the eager loop runs).
+
+**Off unless ``SEQSCOPE_CUDA_GRAPHS=1``.** On the H200 a capture was once
+invalidated by another thread's CUDA call (the writer thread waiting on a copy's
+event; PyTorch captures in "global" mode by default), and PyTorch then left its
+CUDA random number generator in capture state: the training script's next
+``torch.randn`` on the GPU raised. Captures now run in "thread_local" mode, where
+other threads' calls cannot invalidate them, but that fix has not run on a GPU
+yet; until it has, graphs are opt-in (benchmarks/profiling.md, session 6).
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ log = logging.getLogger("seqscope")
 _MAX_GRAPHS = 8
 _seen: collections.Counter[Hashable] = collections.Counter()
 _graphs: collections.OrderedDict[Hashable, _Graph] = collections.OrderedDict()
-_off = os.environ.get("SEQSCOPE_CUDA_GRAPHS", "1") == "0"
+_off = os.environ.get("SEQSCOPE_CUDA_GRAPHS", "0").strip() != "1"
 
 Outputs = tuple[torch.Tensor | None, ...]
 
@@ -47,7 +54,9 @@ class _Graph:
             fn(*self.inputs)
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # thread_local: CUDA calls of other threads (seqscope's writer waiting on a copy,
+        # a DataLoader's pinning thread) must not invalidate this capture
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.outputs = fn(*self.inputs)
 
     def run(self, inputs: Sequence[torch.Tensor]) -> Outputs:
