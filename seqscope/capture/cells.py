@@ -128,32 +128,27 @@ def _same_node(h: torch.Tensor, c: torch.Tensor) -> bool:
     return node is not None and node is _origin(c)
 
 
-def _complete_cell_gradients(calls: _CallsBase, c: torch.Tensor, output_gate: torch.Tensor) -> None:
-    """dL/dc_t for calls whose h_t and c_t came from one autograd node: the hook's
-    gradient (from later calls) plus the part through h_t = o_t * tanh(c_t), which
-    that node handles inside: dL/dh_t * o_t * (1 - tanh(c_t)^2). ``c`` and
-    ``output_gate``: [time, sequence, unit], as the cell computed them."""
-    for t, shared in enumerate(calls.c_shares_node):
-        g_h = calls.grad_h[t]
-        if not shared or g_h is None:
-            continue
-        tc = torch.tanh(c[t])
-        through_h = g_h.to(c.dtype) * output_gate[t] * (1 - tc * tc)
-        g_c = calls.grad_c[t]
-        calls.grad_c[t] = through_h if g_c is None else g_c.to(c.dtype) + through_h
-
-
 def _gradient_norms(calls: _CallsBase, h: torch.Tensor, c: torch.Tensor | None,
-                    capture: LayerCapture) -> torch.Tensor | None:
+                    capture: LayerCapture, output_gate: torch.Tensor | None = None) -> torch.Tensor | None:
     """Fill the capture's norms from the hooked gradients; returns dL/dh_t
     [time, sequence, unit] (None when no backward pass reached the cell). A call
-    whose output received no gradient contributed nothing: zero."""
+    whose output received no gradient contributed nothing: zero.
+
+    ``output_gate`` (an LSTM cell's o_t [time, sequence, unit]): for calls whose
+    h_t and c_t came from one autograd node, c_t's hook saw only the gradient from
+    later calls; the part through h_t = o_t tanh(c_t), which that node handles
+    inside, is added: dL/dh_t o_t (1 - tanh(c_t)^2)."""
     if not any(g is not None for g in calls.grad_h):
         return None
     grads = torch.stack([g if g is not None else torch.zeros_like(h[0]) for g in calls.grad_h])
     capture.grad_hidden = rec.norms(grads)
     if c is not None:
         gc = torch.stack([g if g is not None else torch.zeros_like(c[0]) for g in calls.grad_c])
+        if output_gate is not None and any(calls.c_shares_node):
+            shared = torch.tensor(calls.c_shares_node, device=c.device).view(-1, 1, 1)
+            tc = torch.tanh(c)
+            through_h = grads.to(c.dtype) * output_gate * (1 - tc * tc)
+            gc = gc.to(c.dtype) + torch.where(shared, through_h, torch.zeros_like(through_h))
         capture.grad_cell = rec.norms(gc)
     return grads
 
@@ -274,9 +269,8 @@ class CellRecorder(_HookedCell):
                 sequence_index=calls.select.clone(),
                 **sigma_fields(m.weight_hh.detach()),
             )
-            if c is not None and details.gates is not None and any(calls.c_shares_node):
-                _complete_cell_gradients(calls, c, details.gates[:, :, 3])
-            grads = _gradient_norms(calls, h, c, capture)
+            output_gate = details.gates[:, :, 3] if is_lstm and details.gates is not None else None
+            grads = _gradient_norms(calls, h, c, capture, output_gate)
             if grads is not None:
                 # propagation: a unit gradient at the last call, walked back through the recurrence
                 ext = torch.zeros((n_time, 1, n_seq, h.shape[-1]), dtype=calc, device=h.device)
