@@ -163,6 +163,9 @@ def test_custom_cell_errors(tmp_path):
         seqscope.watch(Model(MinimalGRU()), tmp_path / "a.h5", cells=[MinimalGRU()])
     with pytest.raises(UnsupportedModelError, match="cell modules themselves"):
         seqscope.watch(Model(MinimalGRU()), tmp_path / "b.h5", cells=["cell"])
+    cell = MinimalGRU()  # the model itself as its cell: each call would be a step, and its replay recursed
+    with pytest.raises(UnsupportedModelError, match="the watched model itself"):
+        seqscope.watch(cell, tmp_path / "c.h5", cells=[cell])
 
 
 def test_unsupported_state_is_reported_and_training_goes_on(tmp_path, caplog):

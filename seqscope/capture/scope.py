@@ -206,6 +206,13 @@ class Scope:
                     f"cells=: a {type(cell).__name__} that is not a submodule of the watched model; "
                     "pass the module object that the model calls (e.g. model.my_cell)"
                 )
+            if cell is self.model:
+                # each call of the watched model starts a training step, and re-running the
+                # cell for its propagation profile would start steps inside a step
+                raise UnsupportedModelError(
+                    "cells=: the watched model itself; watch the module whose forward runs the loop "
+                    "over timesteps (each call of the watched model is one training step)"
+                )
             display = names[id(cell)] or type(cell).__name__.lower()
             self._custom_recorders.append(CustomCellRecorder(self, display, cell, fn))
         if problems:
