@@ -164,7 +164,8 @@ CUDA_CONFIGS = [c for c in CONFIGS if c.dtype == torch.float64 and (c.layers == 
 def test_recorded_numbers_on_cuda_match_unrolled_reference(tmp_path):
     """The module and the recording on the GPU (cuDNN), the reference on the CPU
     in the module's dtype, over a subset of the configurations, LSTMCell/GRUCell/
-    RNNCell loops, and LSTM/GRU/RNN under autocast float16 (check_autocast) (one test, so that
+    RNNCell loops, LSTM/GRU/RNN under autocast float16 (check_autocast), a GradScaler
+    (check_grad_scaler), and CUDA graphs (one test, so that
     a machine without CUDA shows one skip). SEQSCOPE_REQUIRE_CUDA=1 (set by
     benchmarks/gpu_check.sh) turns the skip into a failure."""
     if not torch.cuda.is_available():
@@ -206,6 +207,7 @@ def test_recorded_numbers_on_cuda_match_unrolled_reference(tmp_path):
         # cell loops (CUDA runs LSTMCell and GRUCell as fused kernels); cuDNN under autocast float16
         attempt(f"cells-{kind}", lambda folder, kind=kind: check_cell_loop(kind, True, 3, folder, cuda))
         attempt(f"autocast-float16-{kind}", lambda folder, kind=kind: check_autocast(kind, folder, cuda, torch.float16))
+    attempt("grad-scaler", lambda folder: check_grad_scaler(folder, cuda))
     assert not failures, "\n".join(failures)
 
 
@@ -577,15 +579,22 @@ def test_grad_scaler_gradients_are_recorded_unscaled_and_skipped_steps_noted(tmp
     """watch(grad_scaler=...): the recorded gradient norms are those of the unscaled
     gradients (against the unrolled reference without any scaling), the scale and
     the steps whose optimizer step the scaler skipped are in the trace."""
-    cfg, module, seqs, h0, c0, terms = two_layer_lstm_problem()
-    reference_module = copy.deepcopy(module)
+    check_grad_scaler(tmp_path, torch.device("cpu"))
+
+
+def check_grad_scaler(tmp_path, device: torch.device) -> None:
+    """The GradScaler test on ``device`` (the reference on the CPU)."""
+    cfg, reference_module, seqs, h0, c0, terms = two_layer_lstm_problem()
+    module = copy.deepcopy(reference_module).to(device)
+    seqs_dev = [x.to(device) for x in seqs]
+    terms_dev = tuple(t.to(device) for t in terms)
     opt = torch.optim.SGD(module.parameters(), lr=0.0)  # the same weights at every step
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    scaler = torch.amp.GradScaler(device.type, init_scale=2.0**10)
     path = tmp_path / "trace.h5"
     with seqscope.watch(module, path, every=1, sequences=B, precision="full", grad_scaler=scaler):
         for step in range(3):
-            output, (h_n, c_n) = module(module_input(cfg, seqs))
-            loss = loss_of(per_sequence_outputs(cfg, output), h_n, c_n, terms)
+            output, (h_n, c_n) = module(module_input(cfg, seqs_dev))
+            loss = loss_of(per_sequence_outputs(cfg, output), h_n, c_n, terms_dev)
             if step == 1:
                 loss = loss * 1e307  # times the scale: not finite; the scaler skips this step
             scaler.scale(loss).backward()
@@ -598,6 +607,7 @@ def test_grad_scaler_gradients_are_recorded_unscaled_and_skipped_steps_noted(tmp
     ref_params = {f"{names[key]}_l{k}": ref.norm(w.grad).item()
                   for (k, _), layer in layers.items() for key, w in layer.weights.items()}
     assert len(ref_params) == len(list(module.parameters())) == 8
+    rtol = 1e-10 if device.type == "cpu" else 1e-8  # cuDNN's float64 sums in another order
     with seqscope.open(path) as trace:
         scalars = trace.scalars()
         assert list(scalars["amp/grad_scale"].values) == [1024.0, 1024.0, 512.0]
@@ -608,11 +618,11 @@ def test_grad_scaler_gradients_are_recorded_unscaled_and_skipped_steps_noted(tmp
                 grads = trace.grad_norms(f"lstm.l{k}", step)
                 for b in range(B):
                     want = [ref.norm(h.grad).item() for h in layers[(k, 0)].h[b]]
-                    np.testing.assert_allclose(grads["hidden"][b].data, want, rtol=1e-10)
+                    np.testing.assert_allclose(grads["hidden"][b].data, want, rtol=rtol)
                     want_c = [ref.norm(c.grad).item() for c in layers[(k, 0)].c[b]]
-                    np.testing.assert_allclose(grads["cell"][b].data, want_c, rtol=1e-10)
+                    np.testing.assert_allclose(grads["cell"][b].data, want_c, rtol=rtol)
             for name, want in ref_params.items():
-                assert scalars["grad_norm/" + name].values[step] == pytest.approx(want, rel=1e-10)
+                assert scalars["grad_norm/" + name].values[step] == pytest.approx(want, rel=rtol)
 
 
 def test_gradient_accumulation_records_each_pass_own_parameter_gradients(tmp_path):
