@@ -25,6 +25,8 @@ def copy_to_host(t: torch.Tensor) -> tuple[torch.Tensor, Callable[[], None] | No
         return t.to("cpu"), None
     host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
     host.copy_(t, non_blocking=True)
-    done = torch.cuda.Event()
+    # blocking: a thread that waits on it sleeps instead of spinning on a core that the
+    # training thread (launch-bound on a GPU) needs
+    done = torch.cuda.Event(blocking=True)
     done.record(torch.cuda.current_stream(t.device))
     return host, done.synchronize
