@@ -67,11 +67,6 @@ class _Graph:
         return tuple(None if o is None else o.clone() for o in self.outputs)
 
 
-def active() -> bool:
-    """Whether replay() may use graphs (SEQSCOPE_CUDA_GRAPHS=1 and none failed)."""
-    return not _off
-
-
 def replay(name: str, fn: Callable[..., Outputs], inputs: Sequence[torch.Tensor]) -> Outputs | None:
     """``fn(*inputs)`` from a CUDA graph of it, or None where the caller should
     run ``fn`` itself: not on a GPU, graphs off, the layout's first sighting, or

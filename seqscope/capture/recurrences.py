@@ -217,8 +217,7 @@ def forward_details(
         i, f, g, o = gates.unbind(2)
         if cell is None:
             ig = i * g
-            replayed = graphs.replay("cell-states", _cell_states, [ig, f, c0]) if ig.is_cuda and graphs.active() \
-                else None
+            replayed = graphs.replay("cell-states", _cell_states, [ig, f, c0])
             cell = (replayed if replayed is not None else _cell_states(ig, f, c0))[0]
             assert cell is not None
         if c_prev is None:
@@ -308,7 +307,7 @@ def backward_scan(
                                         overwrite=overwrite)
         except ValueError as exc:  # a layout the compiled scan does not take: run the eager one
             log.debug("seqscope: %s", exc)
-    if ext_h.is_cuda and graphs.active():
+    if ext_h.is_cuda:
         replayed = _scan_as_graph(w, details, ext_h, ext_c)
         if replayed is not None:
             return replayed
