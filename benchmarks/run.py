@@ -259,8 +259,8 @@ def part2(quick: bool, reps: int, device: torch.device) -> list[str]:
             return self.head(self.rnn(self.emb(x))[0])
 
     tmp = scratch()
-    # 50 steps per measurement: each holds exactly one step that every=50 records
-    # (five for every=10), and short blocks interleave the four loops finely
+    # 50 steps per block: each holds exactly one step that every=50 records (its
+    # first; five for every=10), and short blocks interleave the four loops finely
     steps = 20 if quick else 50
     data = torch.randint(0, vocab, (steps + 5, batch, length + 1), device=device)
     configs: dict[str, object] = {"none": None, "idle": (lambda s: False), "every=50": 50, "every=10": 10}
@@ -272,11 +272,25 @@ def part2(quick: bool, reps: int, device: torch.device) -> list[str]:
         scope = seqscope.watch(m, os.path.join(tmp, f"lm{len(models)}.h5"), every=every) if every is not None else None
         models[name] = (m, opt, scope)
 
-    def loop(name: str) -> Callable[[], None]:
-        m, opt, scope = models[name]
-
-        def run() -> None:
+    # Every step timed on its own. The four loops take turns in blocks of `steps` steps,
+    # in an order that rotates every round (no loop always runs after the same one).
+    # A block's recorded steps sit at the same positions in every round (every=50: its
+    # first step), so the median of each position over the rounds is that position's
+    # typical time: the recorded step, the steps after it while the writer thread
+    # still runs, and the idle ones. Their sum over the block against the plain
+    # loop's sum of medians is the loop's overhead; per-step medians keep a stray
+    # slow step (this machine's noise is +-10% on a whole block) out of the estimate.
+    rounds = 3 if quick else max(reps, 15)
+    names = list(configs)
+    per_step: dict[str, list[list[float]]] = {k: [] for k in names}
+    for r in range(-1, rounds):  # round -1: warm-up
+        order = names[r % len(names):] + names[:r % len(names)] if r >= 0 else names
+        for k in order:
+            m, opt, scope = models[k]
+            times = []
             for s in range(steps):
+                sync(device)
+                t0 = time.perf_counter()
                 window = data[s]
                 logits = m(window[:, :-1])
                 loss = nn.functional.cross_entropy(logits.reshape(-1, vocab), window[:, 1:].reshape(-1))
@@ -285,25 +299,42 @@ def part2(quick: bool, reps: int, device: torch.device) -> list[str]:
                     scope.log(loss=loss)
                 opt.step()
                 opt.zero_grad()
-        return run
-
-    drains = {k: models[k][2].writer.drain for k in configs if models[k][2] is not None}
-    raw: dict[str, list[float]] = {}
-    res = interleaved({k: loop(k) for k in configs}, max(3, reps), device, warmup=1, after=drains, raw=raw)
+                if s == steps - 1 and scope is not None:
+                    scope.writer.drain()  # a record still being written is charged to this block
+                sync(device)
+                times.append(time.perf_counter() - t0)
+            if r >= 0:
+                per_step[k].append(times)
     for _, _, scope in models.values():
         if scope is not None:
             scope.close()
-    base = res["none"]
+
+    def position_medians(k: str) -> list[float]:
+        return [statistics.median(block[p] for block in per_step[k]) for p in range(steps)]
+
+    plain_pos = position_medians("none")
+    base = sum(plain_pos)
     idle_us = idle_cost_us(device)
-    rows = [f"Training loop: 2-layer LSTM LM, B={batch}, T={length}, H={hidden}, Adam step included, "
-            f"{steps} steps per measurement, {len(raw['none'])} measurements of each loop interleaved; "
-            f"{base / steps * 1e3:.1f} ms per plain step. Paired: each measurement against the plain one "
-            "run just before it (cancels slow drift of the machine); median and range over the pairs.", "",
-            "| seqscope | time / plain (medians) | overhead, paired median | paired range |", "|---|---|---|---|"]
+    rows = [f"Training loop: 2-layer LSTM LM, B={batch}, T={length}, H={hidden}, Adam step included. The four "
+            f"loops take turns in blocks of {steps} steps, in an order that rotates every round, {rounds} rounds; "
+            f"every step is timed on its own ({base / steps * 1e3:.1f} ms per plain step). Overhead: the sum over "
+            "a block's step positions of each position's median over the rounds, against the same sum for the "
+            "plain loop (the recorded step, the steps during which the writer thread still runs and the idle "
+            "ones, each at its typical time). Whole blocks: the median over rounds of the block's total "
+            "against the plain block of the same round.", "",
+            "| seqscope | overhead (per-step medians) | recorded steps (median) | whole blocks, median | "
+            "whole blocks, range |", "|---|---|---|---|---|"]
     for k in ("idle", "every=50", "every=10"):
-        paired = [a / b - 1 for a, b in zip(raw[k], raw["none"])]
-        rows.append(f"| {k} | {res[k] / base:.3f}x | {100 * statistics.median(paired):+.1f}% | "
-                    f"{100 * min(paired):+.1f}% .. {100 * max(paired):+.1f}% |")
+        pos = position_medians(k)
+        every = {"idle": 0, "every=50": 50, "every=10": 10}[k]
+        # the steps this loop recorded (round -1 was the warm-up: its steps are numbered from 0)
+        recorded = [block[p] / plain_pos[p] for r, block in enumerate(per_step[k]) for p in range(steps)
+                     if every and ((r + 1) * steps + p) % every == 0]
+        rec_ratio = f"{statistics.median(recorded):.2f}x a plain step" if recorded else "none"
+        blocks = [sum(a) / sum(b) - 1 for a, b in zip(per_step[k], per_step["none"])]
+        rows.append(f"| {k} | **{100 * (sum(pos) / base - 1):+.1f}%** | {rec_ratio} | "
+                    f"{100 * statistics.median(blocks):+.1f}% | "
+                    f"{100 * min(blocks):+.1f}% .. {100 * max(blocks):+.1f}% |")
     rows += ["", f"Hooks installed but idle, measured directly (a 1-unit LSTM, so the hooks' own time is "
              f"not lost in the noise of a real step): **{idle_us:.0f} us per training step** "
              f"({100 * idle_us * 1e-6 / (base / steps):.2f}% of the plain LM step above)."]
