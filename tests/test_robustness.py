@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import seqscope
+from seqscope.capture import scope as scope_module
 from seqscope.cli import main as cli_main
 from seqscope.diagnose import diagnose
 from seqscope.errors import TraceError
@@ -107,7 +108,12 @@ def test_keyboard_interrupt_closes_everything(tmp_path):
         assert trace.closed_cleanly
 
 
-def test_nonfinite_values_are_recorded_and_training_goes_on(tmp_path):
+@pytest.mark.parametrize("count_on_device", [False, True], ids=["host-probe", "device-count"])
+def test_nonfinite_values_are_recorded_and_training_goes_on(tmp_path, monkeypatch, count_on_device):
+    # device-count: the path of layers on an accelerator (the exact count computed where
+    # the arrays are and copied with the other scalars, no device sync), run on the CPU
+    if count_on_device:
+        monkeypatch.setattr(scope_module, "_count_on_device", lambda device: True)
     torch.manual_seed(0)
     model = nn.LSTM(2, 4)
     head = nn.Linear(4, 1)

@@ -601,10 +601,14 @@ class Scope:
             checked.append([t for _, t in present])
             n_time = max(n_time, cap.hidden.shape[0])
             n_seq = max(n_seq, cap.hidden.shape[1])
-        # NaN/Inf in the model's own values (before any float16 storage): one sum per
-        # array, queued before the host copy; exact counts only for a layer whose sums
-        # are not finite. Evaluation passes record no scalars.
-        probes = [torch.stack([_finite_probe(t) for t in ts]).sum() for ts in checked] if training else []
+        # NaN/Inf in the model's own values (before any float16 storage). Evaluation
+        # passes record no scalars. On the CPU: one sum per array, exact counts only for
+        # a layer whose sums are not finite. On a device the exact count is computed
+        # there and copied with the other scalars without waiting (no device sync).
+        on_device = [training and _count_on_device(ts[0].device) for ts in checked]
+        probes = [None if dev else torch.stack([_finite_probe(t) for t in ts]).sum()
+                  for ts, dev in zip(checked, on_device)] if training else []
+        counts = [_nonfinite_count(ts) if dev else None for ts, dev in zip(checked, on_device)]
         on_host, ready = _to_host(items)
         arrays = [ArrayRecord(step.step, lid, field, arr, step.phase) for (lid, field, arr) in on_host]
         for cap in step.captures:
@@ -617,8 +621,9 @@ class Scope:
             # training step of the same number, and logged scalars belong to training
             step_row = (step.step, step.wall_time, step.batch_size, n_time, n_seq, step.phase)
             return StepRecord(step_row, arrays, [], self._take_layers(), self._take_names(), [], ready)
-        finite = torch.isfinite(torch.stack([p.to(probes[0].device) for p in probes])).cpu().tolist()
-        for cap, ts, ok in zip(step.captures, checked, finite):
+        host_probes = [p for p in probes if p is not None]
+        finite_iter = iter(torch.isfinite(torch.stack(host_probes)).tolist() if host_probes else [])
+        for cap, ts, probe, device_count in zip(step.captures, checked, probes, counts):
             name = self._layer_rows[cap.layer_id][0].decode()
             sigma_name = schema.SCALAR_SIGMA_PREFIX + name
             if cap.sigma is not None:  # computed at capture time (weights on the CPU)
@@ -626,7 +631,10 @@ class Scope:
             elif cap.w_hh is not None:  # from the host copy, on the writer thread (no device sync here)
                 deferred.append((step.step, self._scalar_id(sigma_name),
                                  functools.partial(spectral.sigma_max_host, cap.w_hh, cap.w_hh_ready)))
-            count = 0.0 if ok else float(sum(int(torch.count_nonzero(~torch.isfinite(t))) for t in ts))
+            count: Any = device_count
+            if probe is not None:
+                count = 0.0 if next(finite_iter) else float(sum(int(torch.count_nonzero(~torch.isfinite(t)))
+                                                                for t in ts))
             extra.append((step.step, schema.SCALAR_NONFINITE_PREFIX + name, count))
         if self.grad_scaler is not None:
             # the scale this step's gradients were divided by, and whether the optimizer
@@ -650,6 +658,18 @@ class Scope:
 
 def _unscaled(t: torch.Tensor, scale: Any) -> torch.Tensor:
     return t / (scale.to(t.device) if isinstance(scale, torch.Tensor) else scale)
+
+
+def _count_on_device(device: torch.device) -> bool:
+    """Whether a layer's NaN/Inf count is computed where its arrays are (no device
+    sync: the count travels to the host with the step's other scalars)."""
+    return device.type != "cpu"
+
+
+def _nonfinite_count(ts: list[torch.Tensor]) -> torch.Tensor:
+    """How many entries of ``ts`` are NaN or infinite, as a float64 tensor on their device."""
+    total = sum(t.numel() for t in ts)
+    return (total - torch.stack([torch.isfinite(t).sum() for t in ts]).sum()).double()
 
 
 def _finite_probe(t: torch.Tensor) -> torch.Tensor:
