@@ -25,6 +25,7 @@ from torch import nn
 
 from seqscope.capture import recurrences as rec
 from seqscope.capture.fused import LayerCapture, module_kind, sigma_fields
+from seqscope.capture.host import copy_to_device
 from seqscope.trace import schema
 
 if TYPE_CHECKING:
@@ -83,7 +84,7 @@ def _open_calls(recorder: Any, step: StepState, batch: int, device: torch.device
         calls.broken = f"batch size changed from {calls.batch} to {batch} between calls"
         return None
     if calls.select_dev is None or calls.select_dev.device != device:
-        calls.select_dev = calls.select.to(device)
+        calls.select_dev = copy_to_device(calls.select, device)
     if calls.autocast is None:
         calls.autocast = (device.type, rec.autocast_dtype(device))
     return calls, calls.select_dev
@@ -145,7 +146,7 @@ def _gradient_norms(calls: _CallsBase, h: torch.Tensor, c: torch.Tensor | None,
     if c is not None:
         gc = torch.stack([g if g is not None else torch.zeros_like(c[0]) for g in calls.grad_c])
         if output_gate is not None and any(calls.c_shares_node):
-            shared = torch.tensor(calls.c_shares_node, device=c.device).view(-1, 1, 1)
+            shared = copy_to_device(torch.tensor(calls.c_shares_node), c.device).view(-1, 1, 1)
             tc = torch.tanh(c)
             through_h = grads.to(c.dtype) * output_gate * (1 - tc * tc)
             gc = gc.to(c.dtype) + torch.where(shared, through_h, torch.zeros_like(through_h))

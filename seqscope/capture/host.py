@@ -30,3 +30,14 @@ def copy_to_host(t: torch.Tensor) -> tuple[torch.Tensor, Callable[[], None] | No
     done = torch.cuda.Event(blocking=True)
     done.record(torch.cuda.current_stream(t.device))
     return host, done.synchronize
+
+
+def copy_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t``, a small CPU tensor (indices, lengths), on ``device``. For CUDA it
+    is staged in pinned memory and copied without blocking: a copy from pageable
+    memory (``t.to(device)``) makes the training thread wait until the GPU has run
+    everything queued before it. PyTorch's pinned-memory allocator keeps the
+    staging buffer until the copy has run."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
