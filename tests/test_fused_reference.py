@@ -8,6 +8,7 @@ import copy
 import dataclasses
 import os
 import types
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from torch.nn.utils.rnn import pack_sequence, pad_packed_sequence
 
 import seqscope
 from seqscope.capture import graphs
+from seqscope.capture import scope as scope_module
+from seqscope.diagnose import diagnose
 from tests import reference as ref
 from tests.test_cells_reference import check_cell_loop
 
@@ -165,7 +168,7 @@ def test_recorded_numbers_on_cuda_match_unrolled_reference(tmp_path):
     """The module and the recording on the GPU (cuDNN), the reference on the CPU
     in the module's dtype, over a subset of the configurations, LSTMCell/GRUCell/
     RNNCell loops, LSTM/GRU/RNN under autocast float16 (check_autocast), a GradScaler
-    (check_grad_scaler), and CUDA graphs (one test, so that
+    (check_grad_scaler), NaN/Inf counts (check_nonfinite), and CUDA graphs (one test, so that
     a machine without CUDA shows one skip). SEQSCOPE_REQUIRE_CUDA=1 (set by
     benchmarks/gpu_check.sh) turns the skip into a failure."""
     if not torch.cuda.is_available():
@@ -208,6 +211,7 @@ def test_recorded_numbers_on_cuda_match_unrolled_reference(tmp_path):
         attempt(f"cells-{kind}", lambda folder, kind=kind: check_cell_loop(kind, True, 3, folder, cuda))
         attempt(f"autocast-float16-{kind}", lambda folder, kind=kind: check_autocast(kind, folder, cuda, torch.float16))
     attempt("grad-scaler", lambda folder: check_grad_scaler(folder, cuda))
+    attempt("nonfinite-count", lambda folder: check_nonfinite(folder, cuda))  # counted on the GPU, no sync
     assert not failures, "\n".join(failures)
 
 
@@ -753,3 +757,50 @@ def test_activation_checkpointing_records_the_reference_gradients(reentrant, who
                                            rtol=1e-10)
                 np.testing.assert_allclose(prop[b].data, ref.propagation(layer, b, 0).numpy(), rtol=1e-10,
                                            atol=1e-300)
+
+
+@pytest.mark.parametrize("count_on_device", [False, True], ids=["host-probe", "device-count"])
+def test_nonfinite_values_are_recorded_and_training_goes_on(tmp_path, monkeypatch, count_on_device):
+    # device-count: the path of layers on a CUDA device (the exact count computed where
+    # the arrays are and copied with the other scalars, no device sync), run on the CPU
+    if count_on_device:
+        monkeypatch.setattr(scope_module, "_count_on_device", lambda device: True)
+    check_nonfinite(tmp_path, torch.device("cpu"))
+
+
+def check_nonfinite(tmp_path, device: torch.device) -> None:
+    """A NaN in one input: recorded where it spreads, counted per layer and step
+    (against a count of the stored arrays), found by diagnose; training goes on.
+    Also run on CUDA by the GPU check (above)."""
+    torch.manual_seed(0)
+    model = nn.LSTM(2, 4).to(device)
+    head = nn.Linear(4, 1).to(device)
+    opt = torch.optim.SGD(list(model.parameters()) + list(head.parameters()), lr=0.1)
+    with seqscope.watch(model, tmp_path / "t.h5", every=1, precision="float32") as scope:
+        for step in range(4):
+            x = torch.randn(5, 3, 2)
+            if step == 1:
+                x[2, 0, 1] = float("nan")
+            loss = head(model(x.to(device))[0]).pow(2).mean()
+            loss.backward()
+            scope.log(loss=loss)
+            opt.step()
+            opt.zero_grad()
+    with seqscope.open(tmp_path / "t.h5") as trace:
+        assert list(trace.steps) == [0, 1, 2, 3]
+        h = trace.hidden("lstm.l0", 1)
+        assert np.isnan(h[0, 2:]).all() and np.isfinite(h[1:]).all()  # NaN from t=2 on in sequence 0 only
+        assert np.isfinite(trace.hidden("lstm.l0", 0)).all()
+        assert np.isnan(trace.scalars()["loss"].values[1])
+        assert trace.scalars()["nonfinite/lstm.l0"].values[1] > 0
+        for step in range(4):
+            # the count covers every stored array (float32 storage: the model's own values)
+            stored = [trace.hidden("lstm.l0", step), trace.cell("lstm.l0", step), trace.propagation("lstm.l0", step)]
+            stored += list(trace.gates("lstm.l0", step).values()) + list(trace.grad_norms("lstm.l0", step).values())
+            want = sum(int(np.size(a) - np.isfinite(np.ma.getdata(a)).sum()) for a in stored)
+            assert trace.scalars()["nonfinite/lstm.l0"].values[step] == want
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # NaN data: findings, not numpy warnings
+            found = diagnose(trace)
+    first = [f for f in found if f.kind == "nonfinite"]
+    assert first and min(f.first_step for f in first) == 1

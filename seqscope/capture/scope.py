@@ -622,7 +622,7 @@ class Scope:
             step_row = (step.step, step.wall_time, step.batch_size, n_time, n_seq, step.phase)
             return StepRecord(step_row, arrays, [], self._take_layers(), self._take_names(), [], ready)
         host_probes = [p for p in probes if p is not None]
-        finite_iter = iter(torch.isfinite(torch.stack(host_probes)).tolist() if host_probes else [])
+        finite_iter = iter(torch.isfinite(torch.stack([p.cpu() for p in host_probes])).tolist() if host_probes else [])
         for cap, ts, probe, device_count in zip(step.captures, checked, probes, counts):
             name = self._layer_rows[cap.layer_id][0].decode()
             sigma_name = schema.SCALAR_SIGMA_PREFIX + name
@@ -662,8 +662,9 @@ def _unscaled(t: torch.Tensor, scale: Any) -> torch.Tensor:
 
 def _count_on_device(device: torch.device) -> bool:
     """Whether a layer's NaN/Inf count is computed where its arrays are (no device
-    sync: the count travels to the host with the step's other scalars)."""
-    return device.type != "cpu"
+    sync: the count travels to the host with the step's other scalars). CUDA only:
+    other devices keep the probe, read on the training thread as before."""
+    return device.type == "cuda"
 
 
 def _nonfinite_count(ts: list[torch.Tensor]) -> torch.Tensor:
