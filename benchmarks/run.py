@@ -320,8 +320,10 @@ def part2(quick: bool, reps: int, device: torch.device) -> list[str]:
             f"every step is timed on its own ({base / steps * 1e3:.1f} ms per plain step). Overhead: the sum over "
             "a block's step positions of each position's median over the rounds, against the same sum for the "
             "plain loop (the recorded step, the steps during which the writer thread still runs and the idle "
-            "ones, each at its typical time). Whole blocks: the median over rounds of the block's total "
-            "against the plain block of the same round.", "",
+            "ones, each at its typical time). 'Recorded steps': the recorded step's own time; seqscope "
+            "finishes its record (BPTT scan, host copies) when the next step begins, so that cost shows in the "
+            "next position, which the overhead includes. Whole blocks: the median over rounds of the block's "
+            "total against the plain block of the same round.", "",
             "| seqscope | overhead (per-step medians) | recorded steps (median) | whole blocks, median | "
             "whole blocks, range |", "|---|---|---|---|---|"]
     for k in ("idle", "every=50", "every=10"):
