@@ -605,10 +605,8 @@ class Scope:
         # passes record no scalars. On the CPU: one sum per array, exact counts only for
         # a layer whose sums are not finite. On a device the exact count is computed
         # there and copied with the other scalars without waiting (no device sync).
-        on_device = [training and _count_on_device(ts[0].device) for ts in checked]
-        probes = [None if dev else torch.stack([_finite_probe(t) for t in ts]).sum()
-                  for ts, dev in zip(checked, on_device)] if training else []
-        counts = [_nonfinite_count(ts) if dev else None for ts, dev in zip(checked, on_device)]
+        probes = [None if _count_on_device(ts[0].device) else torch.stack([_finite_probe(t) for t in ts]).sum()
+                  for ts in checked] if training else []
         on_host, ready = _to_host(items)
         arrays = [ArrayRecord(step.step, lid, field, arr, step.phase) for (lid, field, arr) in on_host]
         for cap in step.captures:
@@ -621,9 +619,9 @@ class Scope:
             # training step of the same number, and logged scalars belong to training
             step_row = (step.step, step.wall_time, step.batch_size, n_time, n_seq, step.phase)
             return StepRecord(step_row, arrays, [], self._take_layers(), self._take_names(), [], ready)
-        host_probes = [p for p in probes if p is not None]
-        finite_iter = iter(torch.isfinite(torch.stack([p.cpu() for p in host_probes])).tolist() if host_probes else [])
-        for cap, ts, probe, device_count in zip(step.captures, checked, probes, counts):
+        host_probes = [p.cpu() for p in probes if p is not None]
+        finite = iter(torch.isfinite(torch.stack(host_probes)).tolist() if host_probes else [])
+        for cap, ts, probe in zip(step.captures, checked, probes):
             name = self._layer_rows[cap.layer_id][0].decode()
             sigma_name = schema.SCALAR_SIGMA_PREFIX + name
             if cap.sigma is not None:  # computed at capture time (weights on the CPU)
@@ -631,10 +629,9 @@ class Scope:
             elif cap.w_hh is not None:  # from the host copy, on the writer thread (no device sync here)
                 deferred.append((step.step, self._scalar_id(sigma_name),
                                  functools.partial(spectral.sigma_max_host, cap.w_hh, cap.w_hh_ready)))
-            count: Any = device_count
-            if probe is not None:
-                count = 0.0 if next(finite_iter) else float(sum(int(torch.count_nonzero(~torch.isfinite(t)))
-                                                                for t in ts))
+            # on a device: the count as a tensor, copied with the other scalars (no sync)
+            count: Any = _nonfinite_count(ts) if probe is None else (
+                0.0 if next(finite) else float(_nonfinite_count(ts)))
             extra.append((step.step, schema.SCALAR_NONFINITE_PREFIX + name, count))
         if self.grad_scaler is not None:
             # the scale this step's gradients were divided by, and whether the optimizer
