@@ -51,13 +51,11 @@ def sync(device: torch.device) -> None:
 
 
 def interleaved(fns: dict[str, Callable[[], None]], reps: int, device: torch.device, warmup: int = 2,
-                block: int = 1, after: dict[str, Callable[[], None]] | None = None,
-                raw: dict[str, list[float]] | None = None) -> dict[str, float]:
+                block: int = 1, after: dict[str, Callable[[], None]] | None = None) -> dict[str, float]:
     """Median seconds per call of each function: blocks of ``block`` calls,
     blocks of the functions interleaved. ``after[name]`` runs inside the timed
     block (seqscope's writer drain: its disk work is charged to the recorded run,
-    not to whichever function happens to run next). ``raw`` receives every
-    repetition's time, in order."""
+    not to whichever function happens to run next)."""
     after = after or {}
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(warmup):
@@ -73,8 +71,6 @@ def interleaved(fns: dict[str, Callable[[], None]], reps: int, device: torch.dev
                 after[name]()
             sync(device)
             times[name].append((time.perf_counter() - t0) / block)
-    if raw is not None:
-        raw.update(times)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
