@@ -343,9 +343,10 @@ def eager_backward_scan(
     rows = reps * n_seq
     # rows = (R, sequence) flattened, so every product in the loop is a 2-D mm
     ext = ext_h.reshape(n_time, rows, -1)
+    # dh_t starts as the external gradient; each step adds its recurrent part in place
+    # (addmm_ into dh_{t-1}: no copy of ext_{t-1} first, one kernel fewer per timestep)
     dh_all = ext.clone()
     dh_t = dh_all.unbind(0)
-    ext_t = ext.unbind(0)
     w_hh = w.w_hh
 
     def per_row(factor: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -373,7 +374,7 @@ def eager_backward_scan(
             torch.mul(dm, bo_t[t], out=dpre_o)
             if t > 0:
                 dc_t[t - 1].addcmul_(f_t[t], dc)
-                torch.addmm(ext_t[t - 1], dpre_flat, w_hh, out=dh_t[t - 1])
+                dh_t[t - 1].addmm_(dpre_flat, w_hh)
         return dh_all.view(ext_h.shape), dc_all.view(n_time, reps, n_seq, hidden)
     if details.kind == schema.KIND_GRU:
         hidden = f["Z"].shape[-1]
@@ -383,14 +384,14 @@ def eager_backward_scan(
         for t in range(n_time - 1, 0, -1):
             dh = dh_t[t]
             torch.mul(f3_t[t], dh.unsqueeze(1), out=dpre)
-            torch.addmm(ext_t[t - 1], dpre_flat, w_hh, out=dh_t[t - 1]).addcmul_(dh, z_t[t])
+            dh_t[t - 1].addmm_(dpre_flat, w_hh).addcmul_(dh, z_t[t])
         return dh_all.view(ext_h.shape), None
     # plain RNN
     d_t = per_row(f["D"])
     da = ext.new_empty((rows, w_hh.shape[0]))
     for t in range(n_time - 1, 0, -1):
         torch.mul(dh_t[t], d_t[t], out=da)
-        torch.addmm(ext_t[t - 1], da, w_hh, out=dh_t[t - 1])
+        dh_t[t - 1].addmm_(da, w_hh)
     return dh_all.view(ext_h.shape), None
 
 
