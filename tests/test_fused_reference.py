@@ -707,7 +707,8 @@ CHECKPOINTING = [(True, False, True), (True, False, False), (False, False, True)
 @pytest.mark.parametrize("reentrant,whole,states", CHECKPOINTING,
                          ids=["reentrant-layer", "reentrant-layer-output-only", "non-reentrant-layer",
                               "non-reentrant-whole-model"])
-def test_activation_checkpointing_records_the_reference_gradients(reentrant, whole, states, tmp_path, scan_path):
+def test_activation_checkpointing_records_the_reference_gradients(reentrant, whole, states, tmp_path, scan_path,
+                                                                  caplog):
     """The recurrent module inside torch.utils.checkpoint: its forward runs again
     during backward (the first time under no_grad with use_reentrant=True), and the
     gradients reach the recomputed outputs in a nested backward pass. ``whole``:
@@ -733,13 +734,16 @@ def test_activation_checkpointing_records_the_reference_gradients(reentrant, who
 
     path = tmp_path / "trace.h5"
     watched = module if whole else Model()
-    with seqscope.watch(watched, path, every=1, sequences=B, precision="full"):
+    with caplog.at_level("WARNING", logger="seqscope"), \
+            seqscope.watch(watched, path, every=1, sequences=B, precision="full"):
         result = checkpoint(run, x, use_reentrant=reentrant) if whole else watched(x)
         output, h_n, c_n = result if states else (result, None, None)
         if not states:  # no final-state terms in the loss
             h_n = torch.zeros(cfg.layers, B, HID, dtype=cfg.dtype)
             c_n = torch.zeros(cfg.layers, B, HID, dtype=cfg.dtype)
         loss_of(per_sequence_outputs(cfg, output), h_n, c_n, terms).backward()
+    # the recomputation inside backward is the same call again, not a second call of the step
+    assert not [r for r in caplog.records if "ran more than once" in r.getMessage()]
     layers, ref_out, ref_hn, ref_cn = ref.run_reference(module, seqs)
     if not states:
         ref_hn, ref_cn = h_n, c_n

@@ -221,6 +221,74 @@ def test_lbfgs_closure_is_one_step_recorded_once(tmp_path):
         assert list(trace.scalars()["loss"].steps) == [0, 1, 2]
 
 
+def test_a_fused_layer_called_once_per_timestep_says_that_only_its_first_call_is_recorded(tmp_path, caplog):
+    """A decoder loop that calls nn.LSTM on one timestep at a time: seqscope records the
+    first call of each step (its numbers are the unrolled loop's at that timestep) and
+    says once, naming the layer, that the other calls are not recorded and how to record
+    them. A closure's repeated passes (LBFGS) are no such call."""
+    torch.manual_seed(0)
+    lstm = nn.LSTM(3, 5).double()
+    x = torch.randn(6, 2, 3, dtype=torch.float64)
+
+    class Decoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = lstm
+
+        def forward(self, x):
+            state, outs = None, []
+            for t in range(x.shape[0]):
+                out, state = self.rnn(x[t : t + 1], state)
+                outs.append(out)
+            return torch.cat(outs)
+
+    model = Decoder()
+    path = tmp_path / "t.h5"
+    with caplog.at_level("WARNING", logger="seqscope"):
+        with seqscope.watch(model, path, every=1, precision="full"):
+            for _ in range(3):
+                model(x).pow(2).mean().backward()
+    said = [r.getMessage() for r in caplog.records if "ran more than once" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("seqscope: rnn ") and "nn.LSTMCell" in said[0]
+
+    # the reference: the same weights as an unrolled nn.LSTMCell loop with autograd
+    cell = nn.LSTMCell(3, 5).double()
+    with torch.no_grad():
+        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            getattr(cell, name).copy_(getattr(lstm, name + "_l0"))
+    h = c = torch.zeros(2, 5, dtype=torch.float64)
+    hs, cs = [], []
+    for t in range(x.shape[0]):
+        h, c = cell(x[t], (h, c))
+        h.retain_grad()
+        c.retain_grad()
+        hs.append(h)
+        cs.append(c)
+    torch.stack(hs).pow(2).mean().backward()
+    with seqscope.open(path) as trace:
+        assert list(trace.steps) == [0, 1, 2]
+        hidden = trace.hidden("rnn.l0", 2)
+        grads = trace.grad_norms("rnn.l0", 2)
+        assert hidden.shape == (2, 1, 5)  # the first call's one timestep
+        np.testing.assert_allclose(hidden[:, 0].data, hs[0].detach().numpy(), rtol=1e-12)
+        np.testing.assert_allclose(grads["hidden"][:, 0].data, hs[0].grad.norm(dim=1).numpy(), rtol=1e-10)
+        np.testing.assert_allclose(grads["cell"][:, 0].data, cs[0].grad.norm(dim=1).numpy(), rtol=1e-10)
+
+    caplog.clear()
+    opt = torch.optim.LBFGS(lstm.parameters(), max_iter=3)
+
+    def closure():
+        opt.zero_grad()
+        loss = lstm(x)[0].pow(2).mean()
+        loss.backward()
+        return loss
+
+    with caplog.at_level("WARNING", logger="seqscope"):
+        with seqscope.watch(lstm, tmp_path / "lbfgs.h5", every=1):
+            opt.step(closure)
+    assert not [r for r in caplog.records if "ran more than once" in r.getMessage()]
+
+
 def test_user_step_numbers_and_schedules(tmp_path):
     rnn = nn.RNN(2, 3)
     x = torch.randn(4, 1, 2)

@@ -138,6 +138,7 @@ class Scope:
         self._current: StepState | None = None
         self._eval: StepState | None = None  # an evaluation pass (forward under no_grad) in flight
         self._eval_recorded_for: int | None = None
+        self._called_again: set[int] = set()  # fused modules warned about: a second call in one step
         self._opt_depth = 0
         self._opt_has_pass = False
         self._handles: list[RemovableHandle] = []
@@ -366,6 +367,15 @@ class Scope:
         if step is None or not step.recorded or step.failed or self._closed:
             return None
         if id(recorder) in step.recorded_modules:
+            # an LBFGS closure's next pass, or a recomputation inside backward (checkpointing),
+            # is the same call again; anything else is data this step does not keep
+            if not step.repeated_pass and not rec.in_backward() and id(recorder) not in self._called_again:
+                self._called_again.add(id(recorder))
+                cell = {schema.KIND_LSTM: "LSTMCell", schema.KIND_GRU: "GRUCell"}.get(recorder.kind, "RNNCell")
+                log.warning(
+                    "seqscope: %s ran more than once in one step; only its first call of each step is "
+                    "recorded (a layer called once per timestep, as in a decoder loop, is recorded in full "
+                    "as an nn.%s in the loop, or when called once on the whole sequence)", recorder.name, cell)
             return None
         step.recorded_modules.add(id(recorder))
         return step
