@@ -132,7 +132,7 @@ def with_graphs(fn: Callable[[], None]) -> Callable[[], None]:
     return run
 
 
-def arithmetic_floor(kind: str, module: nn.RNNBase, x: torch.Tensor, n_seq: int = 8) -> Callable[[], None]:
+def arithmetic_floor(module: nn.RNNBase, x: torch.Tensor, n_seq: int = 8) -> Callable[[], None]:
     """The recording's own arithmetic for one layer and step, and nothing else, with
     seqscope's own functions on ``n_seq`` stored sequences (its default): the gate
     recomputation (forward_details: products, activations, cell states, the scan's
@@ -141,19 +141,20 @@ def arithmetic_floor(kind: str, module: nn.RNNBase, x: torch.Tensor, n_seq: int 
     writer: a recorded step cannot cost less than a plain one plus this."""
     from seqscope.capture import recurrences as rec
     from seqscope.capture import spectral
+    from seqscope.capture.fused import module_kind
     from seqscope.trace import schema
 
-    kinds = {"lstm": schema.KIND_LSTM, "gru": schema.KIND_GRU, "rnn": schema.KIND_RNN_TANH}
     p = {name: t.detach() for name, t in module.named_parameters()}
-    w = rec.LayerWeights(kinds[kind], p["weight_ih_l0"], p["weight_hh_l0"], p["bias_ih_l0"], p["bias_hh_l0"])
+    w = rec.LayerWeights(module_kind(module), p["weight_ih_l0"], p["weight_hh_l0"], p["bias_ih_l0"], p["bias_hh_l0"])
+    lstm = w.kind == schema.KIND_LSTM
     xs = x[:, :n_seq].contiguous()
     with torch.no_grad():
         hs = module(xs)[0].contiguous()
     n_time, s, hidden = hs.shape
     h0 = hs.new_zeros(s, hidden)
-    c0 = h0 if kind == "lstm" else None
+    c0 = h0 if lstm else None
     ext_h = torch.randn(n_time, 2, s, hidden, device=x.device)
-    ext_c = torch.randn(n_time, 2, s, hidden, device=x.device) if kind == "lstm" else None
+    ext_c = torch.randn(n_time, 2, s, hidden, device=x.device) if lstm else None
 
     def run() -> None:
         details = rec.forward_details(w, xs, hs, h0, c0, None)
@@ -220,7 +221,7 @@ def part1(sizes, reps: int, device: torch.device, kinds: list[str]) -> list[str]
                 torch.stack(outs).pow(2).mean().backward()
 
             fns = {"plain": plain, "rec": recorded, "eager": recorded_eager, "naive": lambda: naive.step(x),
-                   "cell": cell_loop, "floor": arithmetic_floor(kind, plain_m, x)}
+                   "cell": cell_loop, "floor": arithmetic_floor(plain_m, x)}
             if cuda:
                 fns["graphs"] = recorded_graphs
             res = interleaved(fns, reps, device, block=5,

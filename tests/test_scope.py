@@ -11,6 +11,7 @@ from torch import nn
 
 import seqscope
 from seqscope.errors import UnsupportedModelError
+from tests import reference as ref
 
 
 class Tagger(nn.Module):
@@ -251,28 +252,19 @@ def test_a_fused_layer_called_once_per_timestep_says_that_only_its_first_call_is
     said = [r.getMessage() for r in caplog.records if "ran more than once" in r.getMessage()]
     assert len(said) == 1 and said[0].startswith("seqscope: rnn ") and "nn.LSTMCell" in said[0]
 
-    # the reference: the same weights as an unrolled nn.LSTMCell loop with autograd
-    cell = nn.LSTMCell(3, 5).double()
-    with torch.no_grad():
-        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
-            getattr(cell, name).copy_(getattr(lstm, name + "_l0"))
-    h = c = torch.zeros(2, 5, dtype=torch.float64)
-    hs, cs = [], []
-    for t in range(x.shape[0]):
-        h, c = cell(x[t], (h, c))
-        h.retain_grad()
-        c.retain_grad()
-        hs.append(h)
-        cs.append(c)
-    torch.stack(hs).pow(2).mean().backward()
+    # the reference: the layer unrolled over the whole sequence with autograd, same loss
+    layers, outputs, _, _ = ref.run_reference(lstm, [x[:, b] for b in range(x.shape[1])])
+    torch.stack(outputs).pow(2).mean().backward()
+    first = layers[(0, 0)]
     with seqscope.open(path) as trace:
         assert list(trace.steps) == [0, 1, 2]
         hidden = trace.hidden("rnn.l0", 2)
         grads = trace.grad_norms("rnn.l0", 2)
         assert hidden.shape == (2, 1, 5)  # the first call's one timestep
-        np.testing.assert_allclose(hidden[:, 0].data, hs[0].detach().numpy(), rtol=1e-12)
-        np.testing.assert_allclose(grads["hidden"][:, 0].data, hs[0].grad.norm(dim=1).numpy(), rtol=1e-10)
-        np.testing.assert_allclose(grads["cell"][:, 0].data, cs[0].grad.norm(dim=1).numpy(), rtol=1e-10)
+        for b in range(x.shape[1]):
+            np.testing.assert_allclose(hidden[b, 0].data, first.h[b][0].detach().numpy(), rtol=1e-12)
+            np.testing.assert_allclose(grads["hidden"][b, 0], ref.norm(first.h[b][0].grad).item(), rtol=1e-10)
+            np.testing.assert_allclose(grads["cell"][b, 0], ref.norm(first.c[b][0].grad).item(), rtol=1e-10)
 
     caplog.clear()
     opt = torch.optim.LBFGS(lstm.parameters(), max_iter=3)
