@@ -121,17 +121,6 @@ def eager_scans(fn: Callable[[], None]) -> Callable[[], None]:
     return run
 
 
-def with_graphs(fn: Callable[[], None]) -> Callable[[], None]:
-    """``fn`` with CUDA graphs on (capture.graphs: opt-in, SEQSCOPE_CUDA_GRAPHS=1)."""
-    def run() -> None:
-        off, graphs._off = graphs._off, False
-        try:
-            fn()
-        finally:
-            graphs._off = off
-    return run
-
-
 def arithmetic_floor(module: nn.RNNBase, x: torch.Tensor, n_seq: int = 8) -> Callable[[], None]:
     """The recording's own arithmetic for one layer and step, and nothing else, with
     seqscope's own functions on ``n_seq`` stored sequences (its default): the gate
@@ -167,27 +156,22 @@ def arithmetic_floor(module: nn.RNNBase, x: torch.Tensor, n_seq: int = 8) -> Cal
 
 
 def part1(sizes, reps: int, device: torch.device, kinds: list[str]) -> list[str]:
-    cuda = device.type == "cuda"
     rows = ["| module | B, T, I, H | plain step | seqscope | seqscope, eager scans | naive unrolled recorder "
-            "| cell loop (no recording) | recording arithmetic alone (floor) |"
-            + (" seqscope, CUDA graphs on |" if cuda else ""),
-            "|---|---|---|---|---|---|---|---|" + ("---|" if cuda else "")]
+            "| cell loop (no recording) | recording arithmetic alone (floor) |",
+            "|---|---|---|---|---|---|---|---|"]
     tmp = scratch()
     for kind in kinds:
         for (b, t, i, h) in sizes:
             torch.manual_seed(0)
             make = {"lstm": lambda: nn.LSTM(i, h), "gru": lambda: nn.GRU(i, h), "rnn": lambda: nn.RNN(i, h)}[kind]
-            plain_m, rec_m, eager_m, graph_m = make().to(device), make().to(device), make().to(device), \
-                make().to(device)
-            for m in (rec_m, eager_m, graph_m):
+            plain_m, rec_m, eager_m = make().to(device), make().to(device), make().to(device)
+            for m in (rec_m, eager_m):
                 m.load_state_dict(plain_m.state_dict())
             cell = {"lstm": nn.LSTMCell, "gru": nn.GRUCell, "rnn": nn.RNNCell}[kind](i, h).to(device)
             x = torch.randn(t, b, i, device=device)
             scope = seqscope.watch(rec_m, os.path.join(tmp, f"{kind}{b}.h5"), every=1)
             eager_scope = seqscope.watch(eager_m, os.path.join(tmp, f"{kind}{b}-eager.h5"), every=1)
             scopes = [scope, eager_scope]
-            if cuda:  # the 'CUDA graphs on' column
-                scopes.append(seqscope.watch(graph_m, os.path.join(tmp, f"{kind}{b}-graphs.h5"), every=1))
             naive = NaiveRecorder(cell)
 
             def plain() -> None:
@@ -201,11 +185,6 @@ def part1(sizes, reps: int, device: torch.device, kinds: list[str]) -> list[str]
             @eager_scans
             def recorded_eager() -> None:
                 out, _ = eager_m(x)
-                out.pow(2).mean().backward()
-
-            @with_graphs
-            def recorded_graphs() -> None:
-                out, _ = graph_m(x)
                 out.pow(2).mean().backward()
 
             def cell_loop() -> None:
@@ -222,16 +201,14 @@ def part1(sizes, reps: int, device: torch.device, kinds: list[str]) -> list[str]
 
             fns = {"plain": plain, "rec": recorded, "eager": recorded_eager, "naive": lambda: naive.step(x),
                    "cell": cell_loop, "floor": arithmetic_floor(plain_m, x)}
-            if cuda:
-                fns["graphs"] = recorded_graphs
             res = interleaved(fns, reps, device, block=5,
-                              after=dict(zip(("rec", "eager", "graphs"), (sc.writer.drain for sc in scopes))))
+                              after=dict(zip(("rec", "eager"), (sc.writer.drain for sc in scopes))))
             for sc in scopes:
                 sc.close()
             p = res["plain"]
             rows.append(f"| nn.{kind.upper()} | {b}, {t}, {i}, {h} | {p * 1e3:.1f} ms | **{res['rec'] / p:.2f}x** | "
                         f"{res['eager'] / p:.2f}x | {res['naive'] / p:.2f}x | {res['cell'] / p:.2f}x | "
-                        f"{1 + res['floor'] / p:.2f}x |" + (f" {res['graphs'] / p:.2f}x |" if cuda else ""))
+                        f"{1 + res['floor'] / p:.2f}x |")
             print(rows[-1], flush=True)
     return rows
 
@@ -709,6 +686,7 @@ def run_parts(args: argparse.Namespace, argv: list[str], device: torch.device,
         lines += ["## 1. Recorded step / plain fused step (forward + backward), every step recorded", "",
                   "Ratios to the plain fused module's step, medians of interleaved repetitions. seqscope stores "
                   "8 sequences per step (default); the naive recorder computes norms for the whole batch. "
+                  "'seqscope': its defaults (on a GPU, the per-timestep loops replayed as CUDA graphs). "
                   "'eager scans': the same recording with the compiled passes (capture/_native.c) and CUDA graphs "
                   "(capture/graphs.py) turned off, as on a machine without a C compiler, or as before they existed. "
                   "'Recording arithmetic alone': 1 + (the time of the recording's own arithmetic for the layer: gate "

@@ -186,15 +186,18 @@ def test_recorded_numbers_on_cuda_match_unrolled_reference(tmp_path):
             failures.append(f"{label}: {type(exc).__name__}: " + " | ".join(lines[:6]))
 
     cuda = torch.device("cuda")
+    # every layout first with the eager per-timestep loops (CUDA graphs off: SEQSCOPE_CUDA_GRAPHS=0)
+    graphs.reset()
+    graphs_default, graphs._off = graphs._off, True
     for cfg in CUDA_CONFIGS:
         attempt(cfg.id, lambda folder, cfg=cfg: check_against_reference(cfg, folder, cuda))
         if cfg.dtype == torch.float32:  # and with cuDNN's TF32 off: float32 tolerances as on the CPU
             with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
                 attempt(cfg.id + "-no-tf32", lambda folder, cfg=cfg: check_against_reference(cfg, folder, cuda))
-    # the same layouts again, with CUDA graphs on (opt-in, capture.graphs): the per-timestep
-    # loops now replay as graphs
+    # the same layouts again, with CUDA graphs on (the default, capture.graphs): the
+    # per-timestep loops now replay as graphs
     graphs.reset()
-    graphs_off, graphs._off = graphs._off, False
+    graphs._off = False
     repeated = [c for c in CUDA_CONFIGS if c.packed and c.bidirectional] + [Config("rnn_tanh", layers=2)]
     for rep in range(3):
         for cfg in repeated:
@@ -205,7 +208,7 @@ def test_recorded_numbers_on_cuda_match_unrolled_reference(tmp_path):
     # must not be invalidated by it (seen on an H200 with PyTorch's default global mode)
     attempt("graphs-while-the-writer-works", lambda folder: check_graphs_while_writing(folder, cuda))
     graphs.reset()
-    graphs._off = graphs_off
+    graphs._off = graphs_default  # the rest with seqscope's defaults
     for kind in ("lstm", "gru", "rnn_tanh"):
         # cell loops (CUDA runs LSTMCell and GRUCell as fused kernels); cuDNN under autocast float16
         attempt(f"cells-{kind}", lambda folder, kind=kind: check_cell_loop(kind, True, 3, folder, cuda))
