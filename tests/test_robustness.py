@@ -49,11 +49,14 @@ TRAINER = textwrap.dedent("""
 
 @pytest.mark.parametrize("seed", range(5))
 def test_sigkill_at_a_random_moment_leaves_a_readable_trace(tmp_path, seed):
+    from seqscope.trace import writer as writer_mod
+
     path = tmp_path / "killed.h5"
     proc = subprocess.Popen([sys.executable, "-c", TRAINER, str(path)], stdout=subprocess.PIPE, text=True)
     losses: dict[int, float] = {}
     target = random.Random(seed).randint(3, 60)  # steps before the kill
-    delay = random.Random(seed + 100).random() * 0.05
+    # after the writer's group window (20 ms): the step just printed has had time to commit
+    delay = writer_mod._WINDOW + random.Random(seed + 100).random() * 0.05
     try:
         for line in proc.stdout:
             step, value = line.split()

@@ -210,3 +210,75 @@ def test_the_writer_waits_for_copies_in_flight_before_it_reads_a_record(tmp_path
     with seqscope.open(tmp_path / "r.h5") as trace:
         np.testing.assert_array_equal(trace.hidden("rnn.l0", 0), want)
         assert trace.scalars()["sigma"].values[0] == want.sum()
+
+
+def _small_record(step: int, data: np.ndarray):
+    from seqscope.trace import schema
+    from seqscope.trace.writer import ArrayRecord, StepRecord
+    arrays = [ArrayRecord(step, 0, schema.FIELD_HIDDEN, data),
+              ArrayRecord(step, 0, schema.FIELD_LENGTHS, np.full(data.shape[0], data.shape[1], np.int64)),
+              ArrayRecord(step, 0, schema.FIELD_SEQUENCE_INDEX, np.arange(data.shape[0], dtype=np.int64))]
+    layer = [(b"rnn.l0", b"rnn", b"rnn_tanh", 0, 0, 2, 3, 3, b"")] if step == 0 else []
+    import time
+    return StepRecord((step, time.time(), 2, 4, 2, schema.PHASE_TRAIN), arrays, [(step, 0, step / 10)], layer,
+                      ["loss"] if step == 0 else [])
+
+
+def test_records_within_the_group_window_are_committed_together_and_drain_does_not_wait(tmp_path, monkeypatch):
+    """Records that arrive within the writer's window of a group's first record go
+    to the file as one group (one commit); drain() writes at once instead of
+    waiting for the window to close."""
+    import time
+
+    from seqscope.trace import writer as writer_mod
+
+    monkeypatch.setattr(writer_mod, "_WINDOW", 60.0)  # a window no test run outlasts
+    writer = writer_mod.TraceWriter(tmp_path / "w.h5", {})
+    groups: list[list[int]] = []
+    real = writer._write
+
+    def counting(records):
+        groups.append([r.step_row[0] for r in records])
+        return real(records)
+
+    writer._write = counting
+    rng = np.random.default_rng(0)
+    data = {step: rng.normal(size=(2, 4, 3)).astype(np.float32) for step in range(6)}
+    for step in range(3):
+        writer.submit(_small_record(step, data[step]))
+    start = time.monotonic()
+    writer.drain()
+    assert time.monotonic() - start < 30, "drain() waited for the window"
+    assert groups == [[0, 1, 2]]
+    for step in range(3, 6):
+        writer.submit(_small_record(step, data[step]))
+    writer.close()  # also ends an open window at once
+    assert groups == [[0, 1, 2], [3, 4, 5]]
+    with seqscope.open(tmp_path / "w.h5") as trace:
+        assert list(trace.steps) == list(range(6))
+        for step in range(6):
+            np.testing.assert_array_equal(trace.hidden("rnn.l0", step), data[step])
+        assert trace.closed_cleanly
+
+
+def test_a_lone_record_is_committed_when_the_window_closes(tmp_path, monkeypatch):
+    """Without drain() or close(), a record (recording every 50 steps: nothing else
+    arrives) is committed once its window closes, and a reader sees it."""
+    import time
+
+    from seqscope.trace import writer as writer_mod
+
+    monkeypatch.setattr(writer_mod, "_WINDOW", 0.2)
+    writer = writer_mod.TraceWriter(tmp_path / "l.h5", {})
+    try:
+        want = np.arange(24, dtype=np.float32).reshape(2, 4, 3)
+        writer.submit(_small_record(0, want))
+        with seqscope.open(tmp_path / "l.h5") as trace:
+            deadline = time.monotonic() + 30
+            while not len(trace.steps) and time.monotonic() < deadline:
+                time.sleep(0.05)
+                trace.refresh()
+            assert list(trace.steps) == [0]
+            np.testing.assert_array_equal(trace.hidden("rnn.l0", 0), want)
+    finally:
+        writer.close()

@@ -1,10 +1,11 @@
 """Append recorded steps to a trace file from a background thread.
 
 The training thread hands over numpy arrays (already on the host) and returns;
-a single writer thread owns the HDF5 file. Each record (or each group of
-records that queued up while the previous group was written) is appended,
-flushed, and only then counted in ``/commit`` (flushed again), so a process
-killed at any moment leaves a file whose committed part is complete.
+a single writer thread owns the HDF5 file. Each group of records (those that
+queued up while the previous group was written, or arrived within ``_WINDOW``
+seconds of the group's first) is appended, flushed, and only then counted in
+``/commit`` (flushed again), so a process killed at any moment leaves a file
+whose committed part is complete.
 """
 
 from __future__ import annotations
@@ -32,6 +33,13 @@ log = logging.getLogger("seqscope")
 
 _LIBVER = ("v110", "v114")  # SWMR-capable, and readable by HDF5 >= 1.10
 _GROUP_MAX = 16  # records committed together at most
+# Group commit window: records that arrive within this many seconds of a group's first
+# record are written with it (one append per table and one pair of flushes per group).
+# With every step recorded this halves the writer's CPU time per record at H=64, time that
+# a 2-core machine takes from training (benchmarks/profiling.md, session 9). A process
+# killed outright loses at most this window's records on top of the queue's.
+_WINDOW = 0.02
+_FLUSH: Any = object()  # queued by drain(): write what is waiting now, without the window
 
 
 def _keep_open(handles: list[Any]) -> None:
@@ -180,19 +188,23 @@ class TraceWriter:
     # ---- writer thread -------------------------------------------------------------
     def drain(self) -> None:
         """Block until every submitted record is written (for benchmarks and tests)."""
+        self._queue.put(_FLUSH)  # ends the writer's wait for more records now
         self._queue.join()
 
     def _run(self) -> None:
         while True:
-            # group commit: whatever queued up while the last group was written goes
-            # to the file together, with one pair of flushes
+            # group commit: whatever queued up while the last group was written, or
+            # arrives within WINDOW seconds of a group's first record, goes to the file
+            # together, with one pair of flushes
             batch = [self._queue.get()]
-            while batch[-1] is not None and len(batch) < _GROUP_MAX:
+            deadline = time.monotonic() + _WINDOW
+            while batch[-1] is not None and batch[-1] is not _FLUSH and len(batch) < _GROUP_MAX:
+                wait = deadline - time.monotonic()
                 try:
-                    batch.append(self._queue.get_nowait())
+                    batch.append(self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait())
                 except queue.Empty:
                     break
-            records = [r for r in batch if r is not None]
+            records = [r for r in batch if r is not None and r is not _FLUSH]
             try:
                 if records and self.failed is None:
                     self._write(records)
