@@ -343,3 +343,15 @@ def test_sigma_max_matches_a_float64_svd_even_for_exploding_weights(scale, where
     # a wide matrix (more columns than rows) takes the other Gram product
     assert sigma(np.ascontiguousarray(w.T)) == pytest.approx(want, rel=1e-6)
     assert np.isinf(sigma(np.full((3, 2), 1e300)))
+
+
+@pytest.mark.parametrize("cores,threads", [(1, 1), (2, 1), (7, 1), (8, 2), (16, 4), (128, 8)])
+def test_the_writers_eigensolver_uses_spare_cores_only(cores, threads, monkeypatch):
+    """sigma_max on the writer thread (weights on a GPU): one BLAS thread on a small
+    machine, where a second thread team slows training; a few where cores are spare."""
+    import os
+
+    from seqscope.capture import spectral
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    assert spectral.writer_blas_threads.__wrapped__() == threads

@@ -11,6 +11,7 @@ the writer thread, so the training thread never waits for the device.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -63,15 +64,18 @@ def sigma_max_host(matrix: np.ndarray, ready: Callable[[], None] | None = None) 
     scaled matrices; float64 where float32 overflows), the eigensolver in float64.
 
     For weights on an accelerator: runs on the writer thread, from a host copy
-    taken at forward time, with numpy's BLAS held to one thread: a second
-    thread team (torch's OpenMP, or OpenBLAS workers that spin after each call)
-    measurably slowed the training thread's own kernels (8x on a 2-core machine).
+    taken at forward time, with numpy's BLAS held to ``writer_blas_threads()``
+    threads: one on a small machine, where a second thread team (torch's OpenMP,
+    or OpenBLAS workers that spin after each call) measurably slowed the training
+    thread's own kernels (8x on a 2-core machine); a few on a machine with cores
+    to spare, where the float64 eigensolver at H=512 (~18 ms on one core) otherwise
+    bounds how fast recorded GPU steps can follow each other.
     """
     if ready is not None:
         ready()  # the host copy has arrived
     if matrix.size == 0:
         return float("nan")  # a user-written cell without a recurrent weight matrix
-    with _blas_controller().limit(limits=1, user_api="blas"):
+    with _blas_controller().limit(limits=writer_blas_threads(), user_api="blas"):
         # float32 overflows for exploding weights: then float64 throughout
         precisions: tuple[type[np.floating[Any]], ...] = (
             (np.float64,) if matrix.dtype == np.float64 else (np.float32, np.float64))
@@ -82,6 +86,18 @@ def sigma_max_host(matrix: np.ndarray, ready: Callable[[], None] | None = None) 
             if np.isfinite(gram).all():
                 return float(np.sqrt(max(np.linalg.eigvalsh(gram.astype(np.float64))[-1], 0.0)))
     return float("inf") if np.isfinite(matrix).all() else float("nan")
+
+
+@functools.lru_cache(maxsize=1)
+def writer_blas_threads() -> int:
+    """BLAS threads for the writer thread's eigensolver: 1 below 8 usable cores,
+    else a quarter of them, at most 8 (a GPU machine's training thread needs one
+    core to launch kernels, and its DataLoader workers some more)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cores = os.cpu_count() or 1
+    return 1 if cores < 8 else min(8, cores // 4)
 
 
 @functools.lru_cache(maxsize=1)
