@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_sequence, pad_packed_sequence
 
 import seqscope
-from seqscope.capture import graphs
+from seqscope.capture import graphs, recurrences
 from seqscope.capture import scope as scope_module
 from seqscope.diagnose import diagnose
 from tests import reference as ref
@@ -811,3 +811,14 @@ def check_nonfinite(tmp_path, device: torch.device) -> None:
             found = diagnose(trace)
     first = [f for f in found if f.kind == "nonfinite"]
     assert first and min(f.first_step for f in first) == 1
+
+
+def test_the_propagation_seed_is_the_last_gradients_direction_or_uniform():
+    """unit_seed: the direction of each sequence's last gradient; the uniform unit
+    vector where that gradient is zero, NaN or infinite (the profile always exists)."""
+    g = torch.tensor([[3.0, 4.0], [0.0, 0.0], [float("nan"), 1.0], [float("inf"), 1.0], [-1e-30, 0.0]])
+    want = torch.tensor([[0.6, 0.8], [2 ** -0.5, 2 ** -0.5], [2 ** -0.5, 2 ** -0.5], [2 ** -0.5, 2 ** -0.5],
+                         [-1.0, 0.0]])
+    seed = recurrences.unit_seed(g)
+    assert seed.dtype == g.dtype
+    torch.testing.assert_close(seed, want, rtol=1e-7, atol=0)

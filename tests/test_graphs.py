@@ -60,8 +60,8 @@ def test_the_graph_inputs_rebuild_the_same_scan(kind, proj, with_c, monkeypatch)
     ext_c = ext_c if with_c else None
     calls = []
 
-    def run_directly(name, fn, inputs):  # a graph replays fn on copies of inputs
-        calls.append(name)
+    def run_directly(name, fn, inputs, copy_out=True):  # a graph replays fn on copies of inputs
+        calls.append((name, copy_out))
         return fn(*[t.clone() for t in inputs])
 
     monkeypatch.setattr(graphs, "replay", run_directly)
@@ -90,7 +90,7 @@ class _FakeGraph:
         _FakeGraph.captured += 1
         self.fn = fn
 
-    def run(self, inputs):
+    def run(self, inputs, copy_out):
         return self.fn(*inputs)
 
 

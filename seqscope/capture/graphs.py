@@ -60,19 +60,26 @@ class _Graph:
         with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.outputs = fn(*self.inputs)
 
-    def run(self, inputs: Sequence[torch.Tensor]) -> Outputs:
+    def run(self, inputs: Sequence[torch.Tensor], copy_out: bool) -> Outputs:
         for static, t in zip(self.inputs, inputs):
             static.copy_(t)
         self.graph.replay()
+        if not copy_out:
+            return self.outputs
         # copied out: the next replay overwrites the graph's own buffers
         return tuple(None if o is None else o.clone() for o in self.outputs)
 
 
-def replay(name: str, fn: Callable[..., Outputs], inputs: Sequence[torch.Tensor]) -> Outputs | None:
+def replay(name: str, fn: Callable[..., Outputs], inputs: Sequence[torch.Tensor],
+           copy_out: bool = True) -> Outputs | None:
     """``fn(*inputs)`` from a CUDA graph of it, or None where the caller should
     run ``fn`` itself: not on a GPU, graphs off, the layout's first sighting, or
     inside a capture of the caller's own. ``fn`` must be capturable: kernels
-    only, no host synchronisation, its control flow fixed by the shapes."""
+    only, no host synchronisation, its control flow fixed by the shapes.
+
+    ``copy_out=False``: the outputs are the graph's own buffers, not copies (one
+    copy kernel fewer per output): the caller must be done with them, in stream
+    order, before the same layout is replayed again."""
     global _off
     if _off or not inputs or not all(t.is_cuda for t in inputs):
         return None
@@ -92,7 +99,7 @@ def replay(name: str, fn: Callable[..., Outputs], inputs: Sequence[torch.Tensor]
             if len(_graphs) > _MAX_GRAPHS:
                 _graphs.popitem(last=False)
         _graphs.move_to_end(key)
-        return graph.run(inputs)
+        return graph.run(inputs, copy_out)
     except Exception as exc:  # noqa: BLE001 - the eager loop is always there
         _off = True
         _graphs.clear()

@@ -44,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 from typing import Any
 
 import torch
@@ -299,7 +300,9 @@ def backward_scan(
     copy); their contents are undefined afterwards.
 
     On the CPU the compiled scan (capture.native) runs the same recurrence when it
-    is available; this eager one is the fallback and the tests' second path.
+    is available; this eager one is the fallback and the tests' second path. On a
+    GPU the results can be a CUDA graph's own buffers (capture.graphs): use them
+    before the next backward_scan of the same shapes.
     """
     if native.supports(ext_h):
         try:
@@ -328,7 +331,8 @@ def _scan_as_graph(w: LayerWeights, details: ForwardDetails, ext_h: torch.Tensor
         lw = dataclasses.replace(w, w_hh=w_hh, w_hr=extra.get("w_hr"))
         return eager_backward_scan(lw, ForwardDetails(details.kind, None, None, factors), e_h, extra.get("ext_c"))
 
-    out = graphs.replay(f"scan-{details.kind}-{','.join(present)}", scan, inputs)
+    # not copied out: backward_scan's callers reduce dh and dc to norms at once
+    out = graphs.replay(f"scan-{details.kind}-{','.join(present)}", scan, inputs, copy_out=False)
     return None if out is None else (out[0], out[1])  # type: ignore[return-value]
 
 
@@ -409,7 +413,8 @@ def unit_seed(last_grad: torch.Tensor) -> torch.Tensor:
     in float64, returned in the gradient's dtype."""
     g = last_grad.double()
     norm = torch.linalg.vector_norm(g, dim=-1, keepdim=True)
-    ok = (norm > 0) & torch.isfinite(norm)
+    # 0 < norm < inf: false for NaN too (one kernel fewer per comparison than isfinite)
+    ok = (norm > 0) & (norm < math.inf)
     # g / norm is NaN or Inf exactly where ok is False, and where() drops it there
     return torch.where(ok, g / norm, last_grad.shape[-1] ** -0.5).to(last_grad.dtype)
 
