@@ -593,7 +593,8 @@ class Scope:
                 cap.grad_hidden = None if cap.grad_hidden is None else _unscaled(cap.grad_hidden, scale)
                 cap.grad_cell = None if cap.grad_cell is None else _unscaled(cap.grad_cell, scale)
             step.param_grad_norms = {k: _unscaled(v, scale) for k, v in step.param_grad_norms.items()}
-        items: list[tuple[int, str, torch.Tensor]] = []  # (layer id, field, [sequence, time, ...] tensor)
+        # (layer id, field, time-major tensor, the dtype it is stored in)
+        items: list[tuple[int, str, torch.Tensor, torch.dtype]] = []
         checked: list[list[torch.Tensor]] = []  # per capture: its arrays in the model's own dtype
         n_time = n_seq = 0
         for cap in step.captures:
@@ -603,11 +604,8 @@ class Scope:
                       (schema.FIELD_PROPAGATION, cap.propagation))
             present = [(field, t) for field, t in fields if t is not None]
             for field, t in present:
-                if field in schema.BULK_FIELDS:
-                    t = t.to(self._storage_dtype(cap, field, dtype))
-                else:
-                    t = t.double()
-                items.append((cap.layer_id, field, t.transpose(0, 1).contiguous()))  # time-major -> [sequence, time]
+                stored = self._storage_dtype(cap, field, dtype) if field in schema.BULK_FIELDS else torch.float64
+                items.append((cap.layer_id, field, t, stored))
             checked.append([t for _, t in present])
             n_time = max(n_time, cap.hidden.shape[0])
             n_seq = max(n_seq, cap.hidden.shape[1])
@@ -675,9 +673,10 @@ def _count_on_device(device: torch.device) -> bool:
 
 
 def _nonfinite_count(ts: list[torch.Tensor]) -> torch.Tensor:
-    """How many entries of ``ts`` are NaN or infinite, as a float64 tensor on their device."""
-    total = sum(t.numel() for t in ts)
-    return (total - torch.stack([torch.isfinite(t).sum() for t in ts]).sum()).double()
+    """How many entries of ``ts`` are NaN or infinite, as a float64 tensor on their device.
+    ``t * 0`` is NaN exactly there (0 * inf and 0 * NaN are NaN, 0 * a finite value is
+    +-0): two kernels per array where ``isfinite(t).sum()`` launches five on a GPU."""
+    return torch.stack([torch.count_nonzero(t * 0) for t in ts]).sum().double()
 
 
 def _finite_probe(t: torch.Tensor) -> torch.Tensor:
@@ -687,32 +686,46 @@ def _finite_probe(t: torch.Tensor) -> torch.Tensor:
     return (t.sum(dtype=torch.float32) if low else t.sum()).double()
 
 
-def _to_host(items: list[tuple[int, str, torch.Tensor]]
+def _to_host(items: list[tuple[int, str, torch.Tensor, torch.dtype]]
              ) -> tuple[list[tuple[int, str, np.ndarray]], list[Callable[[], None]]]:
-    """Copy device tensors to numpy with one transfer per (device, dtype), and
-    the functions that wait for those transfers (capture.host: the writer
-    thread calls them before it reads the arrays)."""
+    """The arrays as numpy ``[sequence, time, ...]`` in their storage dtypes, from
+    time-major tensors, and the functions that wait for device-to-host transfers
+    (capture.host: the writer thread calls them before it reads the arrays).
+
+    Each array takes one copy kernel (transposed and converted at once); on a
+    device they land in one buffer per (device, dtype), which crosses to the host
+    in one transfer."""
     groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-    for i, (_, _, t) in enumerate(items):
-        groups.setdefault((t.device, t.dtype), []).append(i)
+    for i, (_, _, t, dtype) in enumerate(items):
+        groups.setdefault((t.device, dtype), []).append(i)
     out: list[np.ndarray | None] = [None] * len(items)
     ready: list[Callable[[], None]] = []
-    for (device, _), idx in groups.items():
+
+    def stored_shape(t: torch.Tensor) -> tuple[int, ...]:
+        return (t.shape[1], t.shape[0], *t.shape[2:])
+    for (device, dtype), idx in groups.items():
         if device.type == "cpu":
             for i in idx:
-                out[i] = items[i][2].numpy()
+                t = items[i][2]
+                out[i] = torch.empty(stored_shape(t), dtype=dtype).copy_(t.transpose(0, 1)).numpy()
             continue
-        host, wait = copy_to_host(torch.cat([items[i][2].reshape(-1) for i in idx]))
+        shapes = [stored_shape(items[i][2]) for i in idx]
+        buffer = torch.empty(sum(math.prod(s) for s in shapes), dtype=dtype, device=device)
+        pos = 0
+        for i, shape in zip(idx, shapes):
+            size = math.prod(shape)
+            buffer[pos : pos + size].view(shape).copy_(items[i][2].transpose(0, 1))
+            pos += size
+        host, wait = copy_to_host(buffer)
         if wait is not None:
             ready.append(wait)
         flat = host.numpy()
         pos = 0
-        for i in idx:
-            shape = tuple(items[i][2].shape)
+        for i, shape in zip(idx, shapes):
             size = math.prod(shape)
             out[i] = flat[pos : pos + size].reshape(shape)
             pos += size
-    return [(lid, field, arr) for (lid, field, _), arr in zip(items, out) if arr is not None], ready
+    return [(lid, field, arr) for (lid, field, _, _), arr in zip(items, out) if arr is not None], ready
 
 
 def watch(
