@@ -136,16 +136,15 @@ def test_records_that_queue_up_are_committed_together_and_in_order(tmp_path):
     from seqscope.trace.writer import ArrayRecord, StepRecord, TraceWriter
 
     release, entered = threading.Event(), threading.Event()
-
-    def hold() -> float:
-        entered.set()
-        return float(release.wait(10))
     writer = TraceWriter(tmp_path / "g.h5", {}, queue_size=8)
     groups: list[list[int]] = []
     real = writer._write
 
     def counting(records):
         groups.append([r.step_row[0] for r in records])
+        if len(groups) == 1:  # the first write holds the writer until the other four are queued
+            entered.set()
+            release.wait(10)
         return real(records)
 
     writer._write = counting
@@ -158,10 +157,8 @@ def test_records_that_queue_up_are_committed_together_and_in_order(tmp_path):
             ArrayRecord(step, 0, schema.FIELD_LENGTHS, np.full(2, 4, np.int64)),
             ArrayRecord(step, 0, schema.FIELD_SEQUENCE_INDEX, np.arange(2, dtype=np.int64)),
         ]
-        # the first record's deferred scalar holds the writer until the other four are queued
-        deferred = [(step, 1, hold)] if step == 0 else []
         writer.submit(StepRecord((step, time.time(), 2, 4, 2, schema.PHASE_TRAIN), arrays, [(step, 0, step / 10)],
-                                 layer if step == 0 else [], ["loss", "held"] if step == 0 else [], deferred))
+                                 layer if step == 0 else [], ["loss"] if step == 0 else []))
         if step == 0:
             assert entered.wait(10)
     release.set()
@@ -282,3 +279,29 @@ def test_a_lone_record_is_committed_when_the_window_closes(tmp_path, monkeypatch
             np.testing.assert_array_equal(trace.hidden("rnn.l0", 0), want)
     finally:
         writer.close()
+
+
+def test_a_records_own_work_does_not_wait_for_the_group_window(tmp_path, monkeypatch):
+    """The window delays only the append and the flushes: a record's deferred scalar
+    (sigma_max of a GPU layer's weights, the writer's costliest work) runs as soon
+    as the record arrives, so the writer is never idle while there is work."""
+    import threading
+
+    from seqscope.trace import writer as writer_mod
+
+    monkeypatch.setattr(writer_mod, "_WINDOW", 60.0)
+    ran = threading.Event()
+
+    def deferred() -> float:
+        ran.set()
+        return 2.5
+    writer = writer_mod.TraceWriter(tmp_path / "d.h5", {})
+    record = _small_record(0, np.zeros((2, 4, 3), np.float32))
+    record.new_scalar_names.append("sigma")
+    record.deferred_scalars.append((0, 1, deferred))
+    writer.submit(record)
+    assert ran.wait(20), "the deferred scalar waited for the window"
+    writer.drain()
+    writer.close()
+    with seqscope.open(tmp_path / "d.h5") as trace:
+        assert list(trace.scalars()["sigma"].values) == [2.5]

@@ -34,7 +34,8 @@ log = logging.getLogger("seqscope")
 _LIBVER = ("v110", "v114")  # SWMR-capable, and readable by HDF5 >= 1.10
 _GROUP_MAX = 16  # records committed together at most
 # Group commit window: records that arrive within this many seconds of a group's first
-# record are written with it (one append per table and one pair of flushes per group).
+# record are written with it (one append per table and one pair of flushes per group;
+# each record's own work, such as sigma_max of a GPU layer's weights, is not delayed).
 # With every step recorded this halves the writer's CPU time per record at H=64, time that
 # a 2-core machine takes from training (benchmarks/profiling.md, session 9). A process
 # killed outright loses at most this window's records on top of the queue's.
@@ -193,19 +194,10 @@ class TraceWriter:
 
     def _run(self) -> None:
         while True:
-            # group commit: whatever queued up while the last group was written, or
-            # arrives within WINDOW seconds of a group's first record, goes to the file
-            # together, with one pair of flushes
             batch = [self._queue.get()]
-            deadline = time.monotonic() + _WINDOW
-            while batch[-1] is not None and batch[-1] is not _FLUSH and len(batch) < _GROUP_MAX:
-                wait = deadline - time.monotonic()
-                try:
-                    batch.append(self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            records = [r for r in batch if r is not None and r is not _FLUSH]
             try:
+                self._gather(batch)
+                records = [r for r in batch if isinstance(r, StepRecord)]
                 if records and self.failed is None:
                     self._write(records)
             except Exception as exc:  # noqa: BLE001 - disk full, I/O errors: stop recording
@@ -221,6 +213,41 @@ class TraceWriter:
                     self._queue.task_done()
             if batch[-1] is None:
                 return
+
+    def _gather(self, batch: list[Any]) -> None:
+        """Group commit: the records that queued up while the last group was written,
+        and those that arrive within ``_WINDOW`` seconds of the group's first, go to the
+        file together, with one pair of flushes. Each record's own work (waiting for
+        its device copies, computing its deferred scalars) runs as it arrives: the
+        window never leaves this thread idle while there is work, which matters where
+        that work is what bounds the recording rate (sigma_max at H=512 on a GPU)."""
+        deadline = time.monotonic() + _WINDOW
+        while True:
+            if self.failed is None:  # after a failure nothing more is written
+                self._prepare(batch[-1])
+            if batch[-1] is None or batch[-1] is _FLUSH or len(batch) >= _GROUP_MAX:
+                return
+            wait = deadline - time.monotonic()
+            try:
+                batch.append(self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait())
+            except queue.Empty:
+                return
+
+    def _prepare(self, record: Any) -> None:
+        """Wait for a record's device-to-host copies, then compute its deferred
+        scalars (in that order: they read the copies). Once per record."""
+        if not isinstance(record, StepRecord):
+            return
+        for wait in record.ready:  # device-to-host copies still in flight
+            wait()
+        record.ready = []
+        for step, name_id, compute in record.deferred_scalars:
+            try:
+                value = float(compute())
+            except Exception:  # noqa: BLE001 - a failed statistic is recorded as NaN
+                value = float("nan")
+            record.scalars.append((step, name_id, value))
+        record.deferred_scalars = []
 
     def _append(self, name: str, rows: np.ndarray, counter: int | None) -> int:
         """Append rows to a 1-D dataset through h5py's low-level API (a quarter
@@ -262,8 +289,7 @@ class TraceWriter:
             if not records:
                 return
         for record in records:
-            for wait in record.ready:  # device-to-host copies still in flight
-                wait()
+            self._prepare(record)  # where _gather has not
         new_layers = [row for r in records for row in r.new_layers]
         if new_layers:
             self._append("layers", np.array(new_layers, dtype=schema.LAYER_DTYPE), schema.COMMIT_LAYERS)
@@ -274,13 +300,6 @@ class TraceWriter:
         if len(index_rows):
             self._append("index", index_rows, schema.COMMIT_INDEX)
         scalars = [row for r in records for row in r.scalars]
-        for record in records:
-            for step, name_id, compute in record.deferred_scalars:
-                try:
-                    value = float(compute())
-                except Exception:  # noqa: BLE001 - a failed statistic is recorded as NaN
-                    value = float("nan")
-                scalars.append((step, name_id, value))
         if scalars:
             self._append("scalars", np.array(scalars, schema.SCALAR_DTYPE), schema.COMMIT_SCALARS)
         step_rows = [r.step_row for r in records if r.step_row is not None]
