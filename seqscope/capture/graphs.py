@@ -11,8 +11,9 @@ A graph is captured for a layout (the loop, its tensors' shapes and dtypes) the
 second time that layout is seen: a layout seen once (a sequence length that
 changes every batch) runs eagerly, as before. Graphs are kept for the 8 most
 recent layouts and replayed on static copies of the inputs; the results are
-copied out. The kernels are the eager ones, so the numbers are the same. Any
-failure turns graphs off for the process (the eager loop runs).
+copied out, except the scan's, which its callers reduce to norms at once. The
+kernels are the eager ones, so the numbers are the same. Any failure turns
+graphs off for the process (the eager loop runs).
 
 **On by default; ``SEQSCOPE_CUDA_GRAPHS=0`` turns them off.** On an H200 (session
 6) a capture was once invalidated by another thread's CUDA call (the writer

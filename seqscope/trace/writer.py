@@ -189,6 +189,8 @@ class TraceWriter:
     # ---- writer thread -------------------------------------------------------------
     def drain(self) -> None:
         """Block until every submitted record is written (for benchmarks and tests)."""
+        if self._closed:
+            return  # close() wrote everything; no thread would take the flush
         self._queue.put(_FLUSH)  # ends the writer's wait for more records now
         self._queue.join()
 
