@@ -126,14 +126,26 @@ def test_cli_output_into_a_closed_pipe_is_not_a_traceback(small_trace):
     assert proc.stderr == ""
 
 
+def _small_record(step: int, data: np.ndarray):
+    """One writer record of layer rnn.l0: ``data`` [sequence, time, unit] and a loss of step / 10."""
+    import time
+
+    from seqscope.trace import schema
+    from seqscope.trace.writer import ArrayRecord, StepRecord
+    arrays = [ArrayRecord(step, 0, schema.FIELD_HIDDEN, data),
+              ArrayRecord(step, 0, schema.FIELD_LENGTHS, np.full(data.shape[0], data.shape[1], np.int64)),
+              ArrayRecord(step, 0, schema.FIELD_SEQUENCE_INDEX, np.arange(data.shape[0], dtype=np.int64))]
+    layer = [(b"rnn.l0", b"rnn", b"rnn_tanh", 0, 0, 2, 3, 3, b"")] if step == 0 else []
+    return StepRecord((step, time.time(), 2, 4, 2, schema.PHASE_TRAIN), arrays, [(step, 0, step / 10)], layer,
+                      ["loss"] if step == 0 else [])
+
+
 def test_records_that_queue_up_are_committed_together_and_in_order(tmp_path):
     """While the writer is busy, later records wait in the queue; the next write
     takes all of them (one commit) and every one of them reads back exactly."""
     import threading
-    import time
 
-    from seqscope.trace import schema
-    from seqscope.trace.writer import ArrayRecord, StepRecord, TraceWriter
+    from seqscope.trace.writer import TraceWriter
 
     release, entered = threading.Event(), threading.Event()
     writer = TraceWriter(tmp_path / "g.h5", {}, queue_size=8)
@@ -148,17 +160,10 @@ def test_records_that_queue_up_are_committed_together_and_in_order(tmp_path):
         return real(records)
 
     writer._write = counting
-    layer = [(b"rnn.l0", b"rnn", b"rnn_tanh", 0, 0, 2, 3, 3, b"")]
     rng = np.random.default_rng(0)
     data = {step: rng.normal(size=(2, 4, 3)).astype(np.float32) for step in range(5)}
     for step in range(5):
-        arrays = [
-            ArrayRecord(step, 0, schema.FIELD_HIDDEN, data[step]),
-            ArrayRecord(step, 0, schema.FIELD_LENGTHS, np.full(2, 4, np.int64)),
-            ArrayRecord(step, 0, schema.FIELD_SEQUENCE_INDEX, np.arange(2, dtype=np.int64)),
-        ]
-        writer.submit(StepRecord((step, time.time(), 2, 4, 2, schema.PHASE_TRAIN), arrays, [(step, 0, step / 10)],
-                                 layer if step == 0 else [], ["loss"] if step == 0 else []))
+        writer.submit(_small_record(step, data[step]))
         if step == 0:
             assert entered.wait(10)
     release.set()
@@ -207,18 +212,6 @@ def test_the_writer_waits_for_copies_in_flight_before_it_reads_a_record(tmp_path
     with seqscope.open(tmp_path / "r.h5") as trace:
         np.testing.assert_array_equal(trace.hidden("rnn.l0", 0), want)
         assert trace.scalars()["sigma"].values[0] == want.sum()
-
-
-def _small_record(step: int, data: np.ndarray):
-    from seqscope.trace import schema
-    from seqscope.trace.writer import ArrayRecord, StepRecord
-    arrays = [ArrayRecord(step, 0, schema.FIELD_HIDDEN, data),
-              ArrayRecord(step, 0, schema.FIELD_LENGTHS, np.full(data.shape[0], data.shape[1], np.int64)),
-              ArrayRecord(step, 0, schema.FIELD_SEQUENCE_INDEX, np.arange(data.shape[0], dtype=np.int64))]
-    layer = [(b"rnn.l0", b"rnn", b"rnn_tanh", 0, 0, 2, 3, 3, b"")] if step == 0 else []
-    import time
-    return StepRecord((step, time.time(), 2, 4, 2, schema.PHASE_TRAIN), arrays, [(step, 0, step / 10)], layer,
-                      ["loss"] if step == 0 else [])
 
 
 def test_records_within_the_group_window_are_committed_together_and_drain_does_not_wait(tmp_path, monkeypatch):

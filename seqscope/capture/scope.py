@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import logging
 import math
 import os
@@ -710,21 +711,17 @@ def _to_host(items: list[tuple[int, str, torch.Tensor, torch.dtype]]
                 out[i] = torch.empty(stored_shape(t), dtype=dtype).copy_(t.transpose(0, 1)).numpy()
             continue
         shapes = [stored_shape(items[i][2]) for i in idx]
-        buffer = torch.empty(sum(math.prod(s) for s in shapes), dtype=dtype, device=device)
-        pos = 0
-        for i, shape in zip(idx, shapes):
-            size = math.prod(shape)
-            buffer[pos : pos + size].view(shape).copy_(items[i][2].transpose(0, 1))
-            pos += size
+        ends = list(itertools.accumulate(math.prod(shape) for shape in shapes))
+        spans = list(zip(idx, shapes, [0, *ends[:-1]], ends))
+        buffer = torch.empty(ends[-1], dtype=dtype, device=device)
+        for i, shape, start, end in spans:
+            buffer[start:end].view(shape).copy_(items[i][2].transpose(0, 1))
         host, wait = copy_to_host(buffer)
         if wait is not None:
             ready.append(wait)
         flat = host.numpy()
-        pos = 0
-        for i, shape in zip(idx, shapes):
-            size = math.prod(shape)
-            out[i] = flat[pos : pos + size].reshape(shape)
-            pos += size
+        for i, shape, start, end in spans:
+            out[i] = flat[start:end].reshape(shape)
     return [(lid, field, arr) for (lid, field, _, _), arr in zip(items, out) if arr is not None], ready
 
 
