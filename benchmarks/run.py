@@ -534,7 +534,7 @@ def part4(quick: bool) -> list[str]:
     if isinstance(measured, str):
         rows.append(f"| slider in a real browser | not measured: {measured} | < 300 ms |")
     else:
-        browser, per_figure = measured
+        browser, per_figure, unchanged = measured
         browser.sort()
         rows += [f"| slider in headless Chromium, key press to the step's figures drawn, median "
                  f"| {browser[len(browser) // 2] * 1e3:.0f} ms | |",
@@ -545,14 +545,24 @@ def part4(quick: bool) -> list[str]:
             total = sum(statistics.median(ms) for ms in per_figure.values())
             rows += ["", f"Where a move's browser time goes: Plotly.react per figure, median ms over the moves: {parts} "
                          f"(sum {total:.0f} ms); the rest is the request, the step callback and Dash's rendering."]
+        if unchanged:
+            parts = ", ".join(f"{name} {ms:.0f}" for name, ms in unchanged.items() if name in per_figure)
+            total = sum(ms for name, ms in unchanged.items() if name in per_figure)
+            rows += ["", f"Plotly.react on each of those figures unchanged (its own data and layout again, nothing to "
+                         f"redraw), median ms: {parts} (sum {total:.0f} ms): plotly.js's fixed work per figure and "
+                         "subplot, part of every move whatever the server sends."]
     return rows
 
 
-def browser_latency(app: object, n_steps: int, moves: int) -> tuple[list[float], dict[str, list[float]]] | str:
+def browser_latency(app: object, n_steps: int, moves: int
+                    ) -> tuple[list[float], dict[str, list[float]], dict[str, float]] | str:
     """Seconds from a slider key press in headless Chromium until the page shows
     the new step (label and propagation figure drawn by Plotly), over HTTP to the
-    dashboard's own server, and the milliseconds each figure's Plotly.react took
-    per move (by the graph's id); or why it could not be measured."""
+    dashboard's own server, the milliseconds each figure's Plotly.react took
+    per move (by the graph's id), and the median milliseconds of Plotly.react on
+    each figure unchanged (its own data and layout again: plotly.js's fixed work
+    per figure, which no change on the server can remove); or why it could not
+    be measured."""
     import socket
     import threading
 
@@ -598,8 +608,9 @@ def browser_latency(app: object, n_steps: int, moves: int) -> tuple[list[float],
                 moved[name] = moved.get(name, 0.0) + ms
             for name, ms in moved.items():
                 per_figure.setdefault(name, []).append(ms)
+        unchanged = page.evaluate(_TIME_UNCHANGED)
         browser.close()
-    return out, per_figure
+    return out, per_figure, unchanged
 
 
 # Wraps Plotly.react in the page: each call's synchronous time (Plotly draws within
@@ -614,6 +625,25 @@ _TIME_PLOTLY_REACT = """() => {
     window.__seqscopeReact.push([owner ? owner.id : '?', performance.now() - t0]);
     return result;
   };
+}"""
+
+
+# Plotly.react on each figure with its own data and a copy of its own layout (nothing
+# changed: no data revision, no attribute), 9 times: the median ms, by graph id
+_TIME_UNCHANGED = """async () => {
+  const out = {};
+  for (const gd of document.querySelectorAll('.js-plotly-plot')) {
+    const owner = gd.parentElement && gd.parentElement.closest('[id]');
+    const ms = [];
+    for (let i = 0; i < 9; i++) {
+      const t0 = performance.now();
+      await window.Plotly.react(gd, gd.data, {...gd.layout});
+      ms.push(performance.now() - t0);
+    }
+    ms.sort((a, b) => a - b);
+    out[owner ? owner.id : '?'] = ms[4];
+  }
+  return out;
 }"""
 
 
