@@ -140,6 +140,22 @@ def _small_record(step: int, data: np.ndarray):
                       ["loss"] if step == 0 else [])
 
 
+def _record_groups(writer, on_write=None) -> list[list[int]]:
+    """The steps of each group that ``writer`` commits, in order (filled as it
+    writes); ``on_write(groups)`` runs before each group is written."""
+    groups: list[list[int]] = []
+    real = writer._write
+
+    def counting(records):
+        groups.append([r.step_row[0] for r in records])
+        if on_write is not None:
+            on_write(groups)
+        return real(records)
+
+    writer._write = counting
+    return groups
+
+
 def test_records_that_queue_up_are_committed_together_and_in_order(tmp_path):
     """While the writer is busy, later records wait in the queue; the next write
     takes all of them (one commit) and every one of them reads back exactly."""
@@ -149,17 +165,12 @@ def test_records_that_queue_up_are_committed_together_and_in_order(tmp_path):
 
     release, entered = threading.Event(), threading.Event()
     writer = TraceWriter(tmp_path / "g.h5", {}, queue_size=8)
-    groups: list[list[int]] = []
-    real = writer._write
 
-    def counting(records):
-        groups.append([r.step_row[0] for r in records])
+    def hold_first(groups):
         if len(groups) == 1:  # the first write holds the writer until the other four are queued
             entered.set()
             release.wait(10)
-        return real(records)
-
-    writer._write = counting
+    groups = _record_groups(writer, hold_first)
     rng = np.random.default_rng(0)
     data = {step: rng.normal(size=(2, 4, 3)).astype(np.float32) for step in range(5)}
     for step in range(5):
@@ -224,14 +235,7 @@ def test_records_within_the_group_window_are_committed_together_and_drain_does_n
 
     monkeypatch.setattr(writer_mod, "_WINDOW", 60.0)  # a window no test run outlasts
     writer = writer_mod.TraceWriter(tmp_path / "w.h5", {})
-    groups: list[list[int]] = []
-    real = writer._write
-
-    def counting(records):
-        groups.append([r.step_row[0] for r in records])
-        return real(records)
-
-    writer._write = counting
+    groups = _record_groups(writer)
     rng = np.random.default_rng(0)
     data = {step: rng.normal(size=(2, 4, 3)).astype(np.float32) for step in range(6)}
     for step in range(3):
