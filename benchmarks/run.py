@@ -51,13 +51,16 @@ def sync(device: torch.device) -> None:
 
 
 def interleaved(fns: dict[str, Callable[[], None]], reps: int, device: torch.device, warmup: int = 2,
-                block: int = 1, after: dict[str, Callable[[], None]] | None = None) -> dict[str, float]:
+                block: int = 1, after: dict[str, Callable[[], None]] | None = None,
+                samples: dict[str, list[float]] | None = None) -> dict[str, float]:
     """Median seconds per call of each function: blocks of ``block`` calls,
     blocks of the functions interleaved. ``after[name]`` runs inside the timed
     block (seqscope's writer drain: its disk work is charged to the recorded run,
-    not to whichever function happens to run next)."""
+    not to whichever function happens to run next). ``samples``, if given, receives
+    each function's seconds per call in every round, in round order."""
     after = after or {}
-    times: dict[str, list[float]] = {k: [] for k in fns}
+    times: dict[str, list[float]] = samples if samples is not None else {}
+    times.update({k: [] for k in fns})
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -155,6 +158,14 @@ def arithmetic_floor(module: nn.RNNBase, x: torch.Tensor, n_seq: int = 8) -> Cal
     return run
 
 
+def middle_half(ratios: list[float]) -> str:
+    """The interquartile range of per-round ratios, as "1.38-1.50"."""
+    if len(ratios) < 2:
+        return "one round"
+    q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return f"{q1:.2f}-{q3:.2f}"
+
+
 def part1(sizes, reps: int, device: torch.device, kinds: list[str]) -> list[str]:
     rows = ["| module | B, T, I, H | plain step | seqscope | seqscope, eager scans | naive unrolled recorder "
             "| cell loop (no recording) | recording arithmetic alone (floor) |",
@@ -201,12 +212,14 @@ def part1(sizes, reps: int, device: torch.device, kinds: list[str]) -> list[str]
 
             fns = {"plain": plain, "rec": recorded, "eager": recorded_eager, "naive": lambda: naive.step(x),
                    "cell": cell_loop, "floor": arithmetic_floor(plain_m, x)}
+            rounds: dict[str, list[float]] = {}
             res = interleaved(fns, reps, device, block=5,
-                              after=dict(zip(("rec", "eager"), (sc.writer.drain for sc in scopes))))
+                              after=dict(zip(("rec", "eager"), (sc.writer.drain for sc in scopes))), samples=rounds)
+            spread = middle_half([r / q for r, q in zip(rounds["rec"], rounds["plain"])])
             for sc in scopes:
                 sc.close()
             p = res["plain"]
-            rows.append(f"| nn.{kind.upper()} | {b}, {t}, {i}, {h} | {p * 1e3:.1f} ms | **{res['rec'] / p:.2f}x** | "
+            rows.append(f"| nn.{kind.upper()} | {b}, {t}, {i}, {h} | {p * 1e3:.1f} ms | **{res['rec'] / p:.2f}x** ({spread}) | "
                         f"{res['eager'] / p:.2f}x | {res['naive'] / p:.2f}x | {res['cell'] / p:.2f}x | "
                         f"{1 + res['floor'] / p:.2f}x |")
             print(rows[-1], flush=True)
@@ -716,7 +729,10 @@ def run_parts(args: argparse.Namespace, argv: list[str], device: torch.device,
              f"Command: `{' '.join(['python benchmarks/run.py', *argv])}`", ""]
     if args.only in (None, "recorder"):
         lines += ["## 1. Recorded step / plain fused step (forward + backward), every step recorded", "",
-                  "Ratios to the plain fused module's step, medians of interleaved repetitions. seqscope stores "
+                  "Ratios to the plain fused module's step, medians of interleaved repetitions. In brackets after "
+                  "seqscope's ratio: the middle half (interquartile range) of the ratios of its block to the plain "
+                  "block of the same round, a measure of this run's noise; where it straddles 1.5x, the row meets or "
+                  "misses the target only within that noise. seqscope stores "
                   "8 sequences per step (default); the naive recorder computes norms for the whole batch. "
                   "'seqscope': its defaults (on a GPU, the per-timestep loops replayed as CUDA graphs). "
                   "'eager scans': the same recording with the compiled passes (capture/_native.c) and CUDA graphs "
