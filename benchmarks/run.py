@@ -59,8 +59,7 @@ def interleaved(fns: dict[str, Callable[[], None]], reps: int, device: torch.dev
     not to whichever function happens to run next). ``samples``, if given, receives
     each function's seconds per call in every round, in round order."""
     after = after or {}
-    times: dict[str, list[float]] = samples if samples is not None else {}
-    times.update({k: [] for k in fns})
+    times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -74,6 +73,8 @@ def interleaved(fns: dict[str, Callable[[], None]], reps: int, device: torch.dev
                 after[name]()
             sync(device)
             times[name].append((time.perf_counter() - t0) / block)
+    if samples is not None:
+        samples.update(times)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -559,8 +560,9 @@ def part4(quick: bool) -> list[str]:
             rows += ["", f"Where a move's browser time goes: Plotly.react per figure, median ms over the moves: {parts} "
                          f"(sum {total:.0f} ms); the rest is the request, the step callback and Dash's rendering."]
         if unchanged:
-            parts = ", ".join(f"{name} {ms:.0f}" for name, ms in unchanged.items() if name in per_figure)
-            total = sum(ms for name, ms in unchanged.items() if name in per_figure)
+            shown = {name: ms for name, ms in unchanged.items() if name in per_figure}
+            parts = ", ".join(f"{name} {ms:.0f}" for name, ms in shown.items())
+            total = sum(shown.values())
             rows += ["", f"Plotly.react on each of those figures unchanged (its own data and layout again, nothing to "
                          f"redraw), median ms: {parts} (sum {total:.0f} ms): plotly.js's fixed work per figure and "
                          "subplot, part of every move whatever the server sends."]
