@@ -11,6 +11,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -177,3 +178,81 @@ def test_a_script_that_ends_while_the_passes_load_exits_cleanly(tmp_path):
         assert (run.returncode, run.stdout.strip()) == (0, "done"), run.stderr[-2000:]
         # the build finished (a script that ended first would leave only partial "building-" files)
         assert len(list(cache.glob("scan-*.so"))) == 2, sorted(p.name for p in cache.iterdir())
+
+
+def _eigen_cases() -> list[tuple[str, np.ndarray]]:
+    """Weight matrices whose Gram matrices (W^T W) the top-eigenvalue test takes."""
+    rng = np.random.default_rng(3)
+    torch.manual_seed(3)
+
+    def orthogonal(n: int) -> np.ndarray:
+        return np.linalg.qr(rng.standard_normal((n, n)))[0]
+
+    cases = [(f"{mk.__name__} default init H={h}", mk(4, h).weight_hh_l0.detach().numpy())
+             for mk in (torch.nn.LSTM, torch.nn.GRU, torch.nn.RNN) for h in (1, 2, 7, 64, 200)]
+    cases += [
+        ("orthogonal (a cluster of equal singular values)", orthogonal(96)),
+        ("four stacked orthogonal blocks", np.vstack([orthogonal(40) for _ in range(4)])),
+        ("orthogonal, slightly perturbed", orthogonal(80) + 1e-4 * rng.standard_normal((80, 80))),
+        ("low rank plus noise", rng.standard_normal((70, 3)) @ rng.standard_normal((3, 70))
+         + 1e-3 * rng.standard_normal((70, 70))),
+        ("rank one", np.outer(rng.standard_normal(50), rng.standard_normal(50))),
+        ("two equal top singular values", np.diag(np.r_[2.0, 2.0, rng.uniform(0, 1.9, 60)])),
+        ("top two 1e-9 apart", np.diag(np.r_[2.0, 2.0 - 1e-9, rng.uniform(0, 1.9, 60)])),
+        ("exploding (1e15)", 1e15 * rng.standard_normal((64, 64))),
+        ("vanishing (1e-20)", 1e-20 * rng.standard_normal((64, 64))),
+        ("zero", np.zeros((32, 32))),
+        ("wide (more columns than rows)", rng.standard_normal((20, 90))),
+    ]
+    return cases
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_compiled_top_eigenvalue_matches_a_dense_float64_eigensolver(dtype):
+    """native.top_eigenvalue (Lanczos, proven by a Cholesky factorization) against
+    numpy's dense float64 eigensolver on the same matrix, over matrices that a
+    recurrent layer's W_hh can be: PyTorch's default initializations, orthogonal
+    ones (all singular values equal), clustered or repeated top singular values,
+    low rank, badly scaled, zero. It must give an answer (not hand over to the
+    dense solver) on every one of them, and that answer must be within 1e-8."""
+    if not native.enabled():
+        pytest.skip(native.status())
+    for name, w in _eigen_cases():
+        m = torch.from_numpy(np.ascontiguousarray(w)).to(dtype)
+        gram = m.T @ m
+        want = np.linalg.eigvalsh(gram.double().numpy())[-1]
+        got = native.top_eigenvalue(gram)
+        assert got is not None, name
+        assert got == pytest.approx(want, rel=1e-8, abs=1e-300), name
+
+
+def _lanczos_start(n: int) -> np.ndarray:
+    """The start vector of _native.c's Lanczos iteration (its generator, replayed)."""
+    s, out = 0x9E3779B97F4A7C15, []
+    for _ in range(n):
+        s = (s * 6364136223846793005 + 1442695040888963407) % 2**64
+        out.append((s >> 11) / 2.0**53 - 0.5)
+    return np.array(out)
+
+
+def test_a_top_eigenvalue_the_iteration_cannot_prove_goes_to_the_dense_eigensolver():
+    """A matrix whose top eigenvector is orthogonal to the iteration's start vector:
+    Lanczos then never sees the top eigenvalue (it finds 1, the top is 3). The
+    proof fails, top_eigenvalue says so (None), and sigma_max still gives the
+    true value through torch.linalg.eigvalsh. A NaN gives NaN; without the
+    compiled code top_eigenvalue says nothing."""
+    if not native.enabled():
+        pytest.skip(native.status())
+    from seqscope.capture import spectral
+
+    n = 48
+    start = _lanczos_start(n)
+    u = np.random.default_rng(0).standard_normal(n)
+    u -= (u @ start) / (start @ start) * start
+    u /= np.linalg.norm(u)
+    gram = np.eye(n) + 2 * np.outer(u, u)  # eigenvalues 3 (along u) and 1
+    assert native.top_eigenvalue(torch.from_numpy(gram)) is None
+    w = np.eye(n) + (np.sqrt(3) - 1) * np.outer(u, u)  # W^T W = gram
+    assert spectral.sigma_max(torch.from_numpy(w)) == pytest.approx(np.sqrt(3), rel=1e-12)
+    assert np.isnan(native.top_eigenvalue(torch.tensor([[1.0, np.nan], [np.nan, 1.0]])))
+    assert native._top_eigenvalue_with({}, torch.eye(3)) is None

@@ -1,4 +1,5 @@
-/* Backpropagation-through-time scans of recurrences.py, compiled.
+/* Backpropagation-through-time scans of recurrences.py, compiled (and, at the
+ * end of this file, the largest eigenvalue of a Gram matrix for sigma_max).
  *
  * The same recurrences as recurrences.backward_scan (its docstring has the
  * equations), in the same order of operations per timestep: the elementwise
@@ -212,5 +213,158 @@ int NAME(seqscope_gru_factors)(int T, int S, int H, const real *gates, const rea
             gru_factors_row(H, gates + ts * 3 * H, gh + ts * 3 * H + 2 * H, h_prev + ts * H, f3, zo);
         }
     }
+    return 0;
+}
+
+/* ---- sigma_max(W_hh): the largest eigenvalue of the Gram matrix -----------------
+ *
+ * A dense eigensolver reduces the whole matrix to tridiagonal form (4/3 n^3
+ * flops, half of them matrix-vector work) to find all n eigenvalues; only the
+ * largest is wanted. Lanczos with full reorthogonalization finds it in k << n
+ * matrix-vector products (k ~ 20-60 for the Gram matrices of recurrent layers,
+ * n = 64 to 512), and a Cholesky factorization of theta (1 + eps) I - G proves
+ * it: the factorization exists only when every eigenvalue of G lies below
+ * theta (1 + eps), and theta, a Ritz value, lies at or below the largest one.
+ * When that proof fails (Lanczos stopped early, or converged to a lower
+ * eigenvalue because the start vector missed the top one) the caller runs the
+ * dense eigensolver. Everything here is in double precision, whatever SCALAR
+ * is; the BLAS (dgemv, dpotrf) is PyTorch's own, passed in as pointers. */
+#include <float.h>
+#include <math.h>
+
+typedef void (*dgemv_f)(const char *trans, const int *m, const int *n, const double *alpha, const double *a,
+                        const int *lda, const double *x, const int *incx, const double *beta, double *y,
+                        const int *incy);
+typedef void (*dpotrf_f)(const char *uplo, const int *n, double *a, const int *lda, int *info);
+
+/* y = alpha op(a) x + beta y, a column-major [m, n] with leading dimension lda
+ * (sizes in 64-bit slots, as gemm_rm). */
+static void dgemv_cm(dgemv_f f, const char *trans, int m, int n, int lda, double alpha, const double *a,
+                     const double *x, double beta, double *y) {
+    const long long m64 = m, n64 = n, lda64 = lda, inc = 1;
+    f(trans, (const int *)&m64, (const int *)&n64, &alpha, a, (const int *)&lda64, x, (const int *)&inc, &beta, y,
+      (const int *)&inc);
+}
+
+/* How many eigenvalues of the symmetric tridiagonal matrix (diagonal a[k],
+ * squared off-diagonal b2[k - 1]) lie below x: the negative pivots of the LDL^T
+ * factorization of T - x I (Sylvester's law of inertia). */
+static int below(int k, const double *a, const double *b2, double x, double pivmin) {
+    int count = 0;
+    double d = 1;
+    for (int i = 0; i < k; ++i) {
+        d = a[i] - x - (i > 0 ? b2[i - 1] / d : 0);
+        if (fabs(d) < pivmin) d = -pivmin;
+        if (d < 0) ++count;
+    }
+    return count;
+}
+
+/* The largest eigenvalue of that tridiagonal matrix, by bisection to a few
+ * units of rounding. The bracket is [lo, hi] where the hints hold (one count
+ * each: in the Lanczos iteration the previous Ritz value and a little above it
+ * usually do, and the bisection then takes ~10 steps instead of ~55), else
+ * the Gershgorin bounds. Each count is a chain of k dependent divisions. */
+static double tridiagonal_top(int k, const double *a, const double *b2, double lo_hint, double hi_hint) {
+    double lo = a[0], hi = a[0], bmax = 0;
+    for (int i = 0; i < k; ++i) {
+        const double r = (i > 0 ? sqrt(b2[i - 1]) : 0) + (i + 1 < k ? sqrt(b2[i]) : 0);
+        if (a[i] - r < lo) lo = a[i] - r;
+        if (a[i] + r > hi) hi = a[i] + r;
+        if (i + 1 < k && b2[i] > bmax) bmax = b2[i];
+    }
+    const double pivmin = DBL_MIN * (bmax > 1 ? bmax : 1);
+    if (lo_hint > lo && lo_hint < hi && below(k, a, b2, lo_hint, pivmin) < k) lo = lo_hint;
+    if (hi_hint > lo && hi_hint < hi && below(k, a, b2, hi_hint, pivmin) == k) hi = hi_hint;
+    for (int it = 0; it < 200 && hi - lo > 4 * DBL_EPSILON * fmax(fabs(lo), fabs(hi)) + pivmin; ++it) {
+        const double mid = lo + (hi - lo) / 2;
+        if (below(k, a, b2, mid, pivmin) == k) hi = mid;
+        else lo = mid;
+    }
+    return lo;
+}
+
+/* gram [n, n] (row-major SCALAR; its lower triangle, i >= j, is read, as
+ * torch.linalg.eigvalsh reads it). work: n*n + (kmax+1)*n + n + (kmax+1) + 2*kmax
+ * doubles. On return 0, *top holds the largest eigenvalue theta, proven to
+ * within theta * eps above it. Returns 1 when not proven (the caller uses a
+ * dense eigensolver), 3 when the matrix has a NaN or an infinity, 2 for bad
+ * sizes. */
+int NAME(seqscope_top_eigenvalue)(dgemv_f gemv, dpotrf_f potrf, int n, int kmax, double eps, const real *gram,
+                                  double *work, double *top) {
+    if (n <= 0 || kmax <= 0 || kmax > n) return 2;
+    double *G = work;                          /* [n, n], symmetric */
+    double *Q = G + (size_t)n * n;             /* [kmax + 1, n]: the Lanczos vectors */
+    double *w = Q + (size_t)(kmax + 1) * n;    /* [n] */
+    double *h = w + n;                         /* [kmax + 1] */
+    double *a = h + kmax + 1, *b2 = a + kmax;  /* the tridiagonal matrix */
+    for (int i = 0; i < n; ++i) {
+        for (int j = 0; j <= i; ++j) {
+            const double v = (double)gram[(size_t)i * n + j];
+            if (!isfinite(v)) return 3;
+            G[(size_t)i * n + j] = v;
+            G[(size_t)j * n + i] = v;
+        }
+    }
+    /* a fixed start vector (the same result every run), of pseudo-random entries */
+    unsigned long long s = 0x9E3779B97F4A7C15ULL;
+    double norm = 0;
+    for (int i = 0; i < n; ++i) {
+        s = s * 6364136223846793005ULL + 1442695040888963407ULL;
+        Q[i] = (double)(s >> 11) * (1.0 / 9007199254740992.0) - 0.5;
+        norm += Q[i] * Q[i];
+    }
+    norm = sqrt(norm);
+    for (int i = 0; i < n; ++i) Q[i] /= norm;
+    /* the Ritz value is found every `stride` steps: at small n a step's products
+     * cost less than the bisection */
+    const int stride = n < 128 ? 4 : 2;
+    double theta = 0, previous = 0, change = 0, beta = 0, scale = 0;
+    int k = 0;
+    while (k < kmax) {
+        const double *q = Q + (size_t)k * n;
+        dgemv_cm(gemv, "N", n, n, n, 1, G, q, 0, w); /* w = G q_k (G symmetric: layout-free) */
+        if (k > 0) {
+            const double *q_prev = Q + (size_t)(k - 1) * n;
+            for (int i = 0; i < n; ++i) w[i] -= beta * q_prev[i];
+        }
+        double alpha = 0;
+        for (int i = 0; i < n; ++i) alpha += q[i] * w[i];
+        for (int i = 0; i < n; ++i) w[i] -= alpha * q[i];
+        for (int pass = 0; pass < 2; ++pass) { /* full reorthogonalization, twice */
+            dgemv_cm(gemv, "T", n, k + 1, n, 1, Q, w, 0, h);  /* h = Q^T w */
+            dgemv_cm(gemv, "N", n, k + 1, n, -1, Q, h, 1, w); /* w -= Q h */
+        }
+        a[k] = alpha;
+        ++k;
+        beta = 0;
+        for (int i = 0; i < n; ++i) beta += w[i] * w[i];
+        beta = sqrt(beta);
+        if (fabs(alpha) > scale) scale = fabs(alpha);
+        /* the Krylov space is exhausted (or invariant: beta vanishes against the
+         * matrix's scale; the proof then shows whether it held the top eigenvalue) */
+        const int exhausted = k == n || k == kmax || beta <= 1e-14 * scale;
+        if (k % stride == 0 || exhausted) {
+            /* the Ritz value only grows with k; it grew by `change` over the last stride */
+            theta = tridiagonal_top(k, a, b2, previous, previous + 4 * change + 1e-12 * fabs(previous));
+            change = theta - previous;
+            /* converged: it moved by less than 1e-13 of itself over the last stride
+             * (the proof below, not this test, decides) */
+            if (exhausted || (k > stride && change <= 1e-13 * fabs(theta))) break;
+            previous = theta;
+        }
+        b2[k - 1] = beta * beta;
+        double *next = Q + (size_t)k * n;
+        for (int i = 0; i < n; ++i) next[i] = w[i] / beta;
+    }
+    /* the proof: Cholesky of (theta (1 + eps) + tiny) I - G, in place */
+    const double shift = theta + fabs(theta) * eps + DBL_MIN * n;
+    for (size_t i = 0; i < (size_t)n * n; ++i) G[i] = -G[i];
+    for (int i = 0; i < n; ++i) G[(size_t)i * n + i] += shift;
+    long long info = 0;
+    const long long n64 = n;
+    potrf("L", (const int *)&n64, G, (const int *)&n64, (int *)&info);
+    if (info != 0) return 1;
+    *top = theta;
     return 0;
 }

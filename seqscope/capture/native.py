@@ -2,7 +2,9 @@
 
 The BPTT scans of ``recurrences.backward_scan`` and the elementwise part of
 ``recurrences.forward_details`` after the activations (the LSTM's cell states,
-the LSTM's and the GRU's scan factors), compiled.
+the LSTM's and the GRU's scan factors), compiled; and the largest eigenvalue
+of a Gram matrix for sigma_max(W_hh) (``top_eigenvalue``: Lanczos with a
+proof, in place of a dense eigensolver that finds all n of them).
 The eager PyTorch versions are the reference and the fallback. On the CPU, at
 small layer sizes, most of their time is PyTorch's per-call overhead (four or
 five elementwise calls and one product per timestep, ~20 us a timestep); the
@@ -45,6 +47,8 @@ _TYPES = {torch.float32: ("f32", "float", "sgemm_"), torch.float64: ("f64", "dou
 _lock = threading.Lock()
 # dtype -> (scan functions by kind name, address of the matching gemm)
 _loaded: dict[torch.dtype, tuple[dict[str, Any], int]] | None = None
+# addresses of PyTorch's dgemv_ and dpotrf_ (top_eigenvalue), None where it exports none
+_lapack: tuple[int, int] | None = None
 _reason = "not tried yet"
 
 
@@ -148,13 +152,17 @@ def _build_and_load() -> dict[torch.dtype, tuple[dict[str, Any], int]]:
         # every argument typed: an untyped Python int would be passed as a 32-bit int
         signatures = {"lstm_scan": [p, i, i, i, i, i] + [p] * 10, "gru_scan": [p, i, i, i, i] + [p] * 5,
                       "rnn_scan": [p, i, i, i, i] + [p] * 4, "lstm_cells": [i, i, i, p, p, p],
-                      "lstm_factors": [i, i, i] + [p] * 10, "gru_factors": [i, i, i] + [p] * 6}
+                      "lstm_factors": [i, i, i] + [p] * 10, "gru_factors": [i, i, i] + [p] * 6,
+                      "top_eigenvalue": [p, p, i, i, ctypes.c_double, p, p, p]}
         funcs = {}
         for name, argtypes in signatures.items():
             func = getattr(lib, f"seqscope_{name}_{suffix}")
             func.argtypes, func.restype = argtypes, ctypes.c_int
             funcs[name] = func
         out[dtype] = (funcs, gemm)
+    global _lapack
+    gemv, potrf = (ctypes.cast(getattr(blas, name, None) or 0, ctypes.c_void_p).value for name in ("dgemv_", "dpotrf_"))
+    _lapack = (gemv, potrf) if gemv and potrf else None
     if sys.byteorder != "little":
         raise RuntimeError("compiled scans are built for little-endian machines only")
     _self_test(out)
@@ -201,6 +209,13 @@ def _self_test(loaded: dict[torch.dtype, tuple[dict[str, Any], int]]) -> None:
             for a, b in pairs:
                 if a is not None and b is not None and not torch.allclose(a, b, rtol=1e-4, atol=1e-5):
                     raise RuntimeError(f"compiled {kind} recurrence ({dtype}) disagrees with the eager one")
+        if _lapack is not None:  # top_eigenvalue against the dense eigensolver
+            sample = torch.randn(7, 5, generator=gen, dtype=dtype)
+            gram = sample.T @ sample
+            top = float(torch.linalg.eigvalsh(gram.double())[-1])
+            found = _top_eigenvalue_with(loaded, gram)
+            if found is None or abs(found - top) > 1e-6 * top:
+                raise RuntimeError(f"compiled top eigenvalue ({dtype}) disagrees with the dense eigensolver")
 
 
 def _compile(cc: str, scalar: str, suffix: str, cache: Path, target: Path) -> None:
@@ -386,3 +401,41 @@ def gru_factors(
         0 if mask is None else mask.data_ptr(), check(factors["F3"], per_gate),
         check(factors["Z"], (n_time, n_seq, hidden)))
     return factors
+
+
+_EIG_EPS = 1e-8  # top_eigenvalue's proof: no eigenvalue above theta (1 + this)
+_EIG_STEPS = 160  # Lanczos steps at most; beyond them the dense eigensolver is cheaper
+
+
+def top_eigenvalue(gram: torch.Tensor, wait: bool = False) -> float | None:
+    """The largest eigenvalue of the symmetric CPU float32/float64 matrix
+    ``gram`` (its lower triangle, as torch.linalg.eigvalsh reads it), by the
+    compiled Lanczos iteration of ``_native.c``: a value theta with no
+    eigenvalue above theta (1 + 1e-8), proven, and none below it in exact
+    arithmetic (a Ritz value), so sigma_max = sqrt(theta) is within 5e-9 of its
+    own; a float32 Gram product is good to ~2e-7. NaN when the matrix holds a
+    NaN or an infinity; None when this cannot say (the compiled code is not
+    loaded, or not loaded yet and ``wait`` is false, or the proof failed, as
+    for a top eigenvalue less than 1e-8 apart from the next whose eigenvector
+    the iteration has not yet separated): then the caller runs a dense
+    eigensolver."""
+    return _top_eigenvalue_with(_load() if wait else _loaded, gram)
+
+
+def _top_eigenvalue_with(loaded: dict[torch.dtype, tuple[dict[str, Any], int]] | None,
+                         gram: torch.Tensor) -> float | None:
+    if not loaded or _lapack is None or gram.dtype not in loaded or gram.device.type != "cpu":
+        return None
+    n = gram.shape[0]
+    if gram.dim() != 2 or gram.shape[1] != n or n == 0:
+        return None
+    funcs, _ = loaded[gram.dtype]
+    gram = gram.contiguous()
+    steps = min(n, _EIG_STEPS)
+    work = torch.empty(n * n + (steps + 1) * n + n + (steps + 1) + 2 * steps, dtype=torch.float64)
+    top = ctypes.c_double(0.0)
+    code = funcs["top_eigenvalue"](_lapack[0], _lapack[1], n, steps, _EIG_EPS, gram.data_ptr(), work.data_ptr(),
+                                   ctypes.addressof(top))
+    if code == 3:
+        return float("nan")
+    return top.value if code == 0 else None
