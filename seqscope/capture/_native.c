@@ -357,6 +357,7 @@ int NAME(seqscope_top_eigenvalue)(dgemv_f gemv, dpotrf_f potrf, int n, int kmax,
         double *next = Q + (size_t)k * n;
         for (int i = 0; i < n; ++i) next[i] = w[i] / beta;
     }
+    if (!isfinite(theta)) return 1; /* overflow in the iteration: the dense solver decides */
     /* the proof: Cholesky of (theta (1 + eps) + tiny) I - G, in place */
     const double shift = theta + fabs(theta) * eps + DBL_MIN * n;
     for (size_t i = 0; i < (size_t)n * n; ++i) G[i] = -G[i];
