@@ -13,7 +13,8 @@ from seqscope.capture import native
 @pytest.fixture(params=["compiled", "eager"])
 def scan_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """Runs a test once with the compiled BPTT scan (capture.native) and once
-    with the eager PyTorch one, and checks afterwards that the path asked for
+    with the eager PyTorch one (and sigma_max by torch.linalg.eigvalsh instead
+    of native.top_eigenvalue), and checks afterwards that the path asked for
     is the one that ran. Without a C compiler the compiled run skips locally,
     and fails where SEQSCOPE_REQUIRE_NATIVE=1 (CI)."""
     calls = []
@@ -35,6 +36,8 @@ def scan_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
     else:
         monkeypatch.setattr(native, "supports", lambda ext_h: False)
         monkeypatch.setattr(native, "backward_scan", counting)
+        # sigma_max as without a compiler too: the dense eigensolver
+        monkeypatch.setattr(native, "top_eigenvalue", lambda gram: None)
     yield request.param
     if request.param == "compiled":
         assert calls, "the compiled scan never ran"

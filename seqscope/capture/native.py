@@ -404,22 +404,24 @@ def gru_factors(
 
 
 _EIG_EPS = 1e-8  # top_eigenvalue's proof: no eigenvalue above theta (1 + this)
-_EIG_STEPS = 160  # Lanczos steps at most; beyond them the dense eigensolver is cheaper
+_EIG_STEPS = 160  # Lanczos steps at most, then the dense eigensolver takes over
 
 
-def top_eigenvalue(gram: torch.Tensor, wait: bool = False) -> float | None:
+def top_eigenvalue(gram: torch.Tensor) -> float | None:
     """The largest eigenvalue of the symmetric CPU float32/float64 matrix
     ``gram`` (its lower triangle, as torch.linalg.eigvalsh reads it), by the
-    compiled Lanczos iteration of ``_native.c``: a value theta with no
-    eigenvalue above theta (1 + 1e-8), proven, and none below it in exact
-    arithmetic (a Ritz value), so sigma_max = sqrt(theta) is within 5e-9 of its
-    own; a float32 Gram product is good to ~2e-7. NaN when the matrix holds a
-    NaN or an infinity; None when this cannot say (the compiled code is not
-    loaded, or not loaded yet and ``wait`` is false, or the proof failed, as
-    for a top eigenvalue less than 1e-8 apart from the next whose eigenvector
-    the iteration has not yet separated): then the caller runs a dense
-    eigensolver."""
-    return _top_eigenvalue_with(_load() if wait else _loaded, gram)
+    compiled Lanczos iteration of ``_native.c``. The value theta is a Ritz
+    value, so (in exact arithmetic) no larger than the largest eigenvalue, and
+    a Cholesky factorization proves that no eigenvalue exceeds theta (1 + 1e-8):
+    sigma_max = sqrt(theta) is within 5e-9 of the true one for this matrix (a
+    float32 Gram product itself is good to ~2e-7).
+
+    NaN when the matrix holds a NaN or an infinity. None when this cannot say,
+    and the caller then runs a dense eigensolver: the compiled code is not
+    loaded, or not loaded yet (this never waits for the build), or the proof
+    failed (for example on a top eigenvalue less than 1e-8 apart from the next
+    whose eigenvectors the iteration has not yet separated)."""
+    return _top_eigenvalue_with(_loaded, gram)
 
 
 def _top_eigenvalue_with(loaded: dict[torch.dtype, tuple[dict[str, Any], int]] | None,
