@@ -261,4 +261,4 @@ def test_a_top_eigenvalue_the_iteration_cannot_prove_goes_to_the_dense_eigensolv
     w = np.eye(n) + (np.sqrt(3) - 1) * np.outer(u, u)  # W^T W = gram
     assert spectral.sigma_max(torch.from_numpy(w)) == pytest.approx(np.sqrt(3), rel=1e-12)
     assert np.isnan(native.top_eigenvalue(torch.tensor([[1.0, np.nan], [np.nan, 1.0]])))
-    assert native._top_eigenvalue_with({}, torch.eye(3)) is None
+    assert native.top_eigenvalue(torch.eye(3), loaded={}) is None

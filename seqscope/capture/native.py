@@ -127,6 +127,7 @@ def _cache_dir() -> Path:
 
 
 def _build_and_load() -> dict[torch.dtype, tuple[dict[str, Any], int]]:
+    global _lapack
     if os.environ.get("SEQSCOPE_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
         raise RuntimeError("SEQSCOPE_NATIVE=0")
     blas = _torch_blas()
@@ -160,7 +161,6 @@ def _build_and_load() -> dict[torch.dtype, tuple[dict[str, Any], int]]:
             func.argtypes, func.restype = argtypes, ctypes.c_int
             funcs[name] = func
         out[dtype] = (funcs, gemm)
-    global _lapack
     gemv, potrf = (ctypes.cast(getattr(blas, name, None) or 0, ctypes.c_void_p).value for name in ("dgemv_", "dpotrf_"))
     _lapack = (gemv, potrf) if gemv and potrf else None
     if sys.byteorder != "little":
@@ -213,7 +213,7 @@ def _self_test(loaded: dict[torch.dtype, tuple[dict[str, Any], int]]) -> None:
             sample = torch.randn(7, 5, generator=gen, dtype=dtype)
             gram = sample.T @ sample
             top = float(torch.linalg.eigvalsh(gram.double())[-1])
-            found = _top_eigenvalue_with(loaded, gram)
+            found = top_eigenvalue(gram, loaded)
             if found is None or abs(found - top) > 1e-6 * top:
                 raise RuntimeError(f"compiled top eigenvalue ({dtype}) disagrees with the dense eigensolver")
 
@@ -407,7 +407,8 @@ _EIG_EPS = 1e-8  # top_eigenvalue's proof: no eigenvalue above theta (1 + this)
 _EIG_STEPS = 160  # Lanczos steps at most, then the dense eigensolver takes over
 
 
-def top_eigenvalue(gram: torch.Tensor) -> float | None:
+def top_eigenvalue(gram: torch.Tensor,
+                   loaded: dict[torch.dtype, tuple[dict[str, Any], int]] | None = None) -> float | None:
     """The largest eigenvalue of the symmetric CPU float32/float64 matrix
     ``gram`` (its lower triangle, as torch.linalg.eigvalsh reads it), by the
     compiled Lanczos iteration of ``_native.c``. The value theta is a Ritz
@@ -420,17 +421,14 @@ def top_eigenvalue(gram: torch.Tensor) -> float | None:
     and the caller then runs a dense eigensolver: the compiled code is not
     loaded, or not loaded yet (this never waits for the build), or the proof
     failed (for example on a top eigenvalue less than 1e-8 apart from the next
-    whose eigenvectors the iteration has not yet separated)."""
-    return _top_eigenvalue_with(_loaded, gram)
-
-
-def _top_eigenvalue_with(loaded: dict[torch.dtype, tuple[dict[str, Any], int]] | None,
-                         gram: torch.Tensor) -> float | None:
+    whose eigenvectors the iteration has not yet separated). ``loaded``: the
+    libraries to use (the self-test's, before they are published)."""
+    loaded = loaded if loaded is not None else _loaded
     if not loaded or _lapack is None or gram.dtype not in loaded or gram.device.type != "cpu":
         return None
-    n = gram.shape[0]
-    if gram.dim() != 2 or gram.shape[1] != n or n == 0:
+    if gram.dim() != 2 or gram.shape[0] != gram.shape[1] or gram.shape[0] == 0:
         return None
+    n = gram.shape[0]
     funcs, _ = loaded[gram.dtype]
     gram = gram.contiguous()
     steps = min(n, _EIG_STEPS)
