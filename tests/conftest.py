@@ -37,7 +37,7 @@ def scan_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
         monkeypatch.setattr(native, "supports", lambda ext_h: False)
         monkeypatch.setattr(native, "backward_scan", counting)
         # sigma_max as without a compiler too: the dense eigensolver
-        monkeypatch.setattr(native, "top_eigenvalue", lambda gram, loaded=None: None)
+        monkeypatch.setattr(native, "top_eigenvalue", lambda gram, loaded=None, threads=None: None)
     yield request.param
     if request.param == "compiled":
         assert calls, "the compiled scan never ran"

@@ -262,3 +262,41 @@ def test_a_top_eigenvalue_the_iteration_cannot_prove_goes_to_the_dense_eigensolv
     assert spectral.sigma_max(torch.from_numpy(w)) == pytest.approx(np.sqrt(3), rel=1e-12)
     assert np.isnan(native.top_eigenvalue(torch.tensor([[1.0, np.nan], [np.nan, 1.0]])))
     assert native.top_eigenvalue(torch.eye(3), loaded={}) is None
+
+
+def test_the_writers_top_eigenvalue_limits_its_blas_threads_for_its_own_thread_only():
+    """On the writer thread (weights on a GPU) top_eigenvalue runs with PyTorch's
+    MKL held to the given threads for the calling thread alone, and restores that
+    thread's setting afterwards, also when the call fails. Without MKL it cannot
+    limit them and says nothing (None), so the writer keeps numpy's solver."""
+    import threading
+
+    _need_native()
+    gram = torch.from_numpy(np.diag(np.arange(1.0, 41.0)))
+    if native._mkl_local_threads is None:
+        assert native.top_eigenvalue(gram, threads=1) is None
+        assert native.top_eigenvalue(gram) == pytest.approx(40.0, rel=1e-12)
+        return
+    real = native._mkl_local_threads
+    calls: list[tuple[str, int]] = []
+
+    def recording(n: int) -> int:
+        calls.append((threading.current_thread().name, n))
+        return real(n)
+    results: list[float | None] = []
+    try:
+        native._mkl_local_threads = recording
+        worker = threading.Thread(target=lambda: results.append(native.top_eigenvalue(gram, threads=3)),
+                                  name="writer-like")
+        worker.start()
+        worker.join()
+        assert results == [pytest.approx(40.0, rel=1e-12)]
+        # set to 3, then back to that thread's previous setting (0: the global one)
+        assert calls == [("writer-like", 3), ("writer-like", 0)]
+        calls.clear()
+        assert native.top_eigenvalue(gram) == pytest.approx(40.0, rel=1e-12)
+        assert calls == []  # the training thread's own calls leave MKL's setting alone
+        assert native.top_eigenvalue(torch.tensor([[1.0, np.nan], [np.nan, 1.0]]), threads=2) != 1.0
+        assert calls[-1][1] == 0  # restored after a NaN too
+    finally:
+        native._mkl_local_threads = real

@@ -316,15 +316,35 @@ def test_evaluation_passes_are_not_steps(tmp_path):
         assert trace.has("lstm.l0", 1, "grad_hidden")
 
 
-@pytest.mark.parametrize("where", ["training thread (CPU weights)", "writer thread (host copy of device weights)"])
+@pytest.mark.parametrize("where", ["training thread (CPU weights)", "writer thread, compiled eigenvalue",
+                                   "writer thread, dense eigensolver"])
 @pytest.mark.parametrize("scale", [1e-3, 1.0, 1e21])
-def test_sigma_max_matches_a_float64_svd_even_for_exploding_weights(scale, where):
+def test_sigma_max_matches_a_float64_svd_even_for_exploding_weights(scale, where, monkeypatch):
     """sigma_max(W_hh) uses a float32 Gram product for float32 weights; weights large
     enough to overflow it (an exploding run) fall back to float64. Both the CPU
-    path (torch, at capture time) and the device path (numpy, on the writer)."""
+    path (torch, at capture time) and the device path (numpy, on the writer: its
+    eigenvalue by the compiled Lanczos iteration where PyTorch's BLAS is MKL, else,
+    or where that cannot prove its value, by numpy's dense eigensolver)."""
+    import os
     import warnings
 
-    from seqscope.capture import spectral
+    from seqscope.capture import native, spectral
+
+    answered = []
+    if where.endswith("compiled eigenvalue"):
+        if not native.enabled() or native._mkl_local_threads is None:
+            if os.environ.get("SEQSCOPE_REQUIRE_NATIVE") == "1":
+                pytest.fail(f"no compiled eigenvalue for the writer: {native.status()}")
+            pytest.skip("the writer's compiled eigenvalue needs the compiled library and MKL")
+        compiled = native.top_eigenvalue
+
+        def counting(gram, loaded=None, threads=None):
+            top = compiled(gram, loaded, threads)
+            answered.append(threads if top is not None else None)
+            return top
+        monkeypatch.setattr(native, "top_eigenvalue", counting)
+    elif where.endswith("dense eigensolver"):
+        monkeypatch.setattr(native, "top_eigenvalue", lambda gram, loaded=None, threads=None: None)
 
     def sigma(w: np.ndarray) -> float:
         if where.startswith("training"):
@@ -343,6 +363,8 @@ def test_sigma_max_matches_a_float64_svd_even_for_exploding_weights(scale, where
     # a wide matrix (more columns than rows) takes the other Gram product
     assert sigma(np.ascontiguousarray(w.T)) == pytest.approx(want, rel=1e-6)
     assert np.isinf(sigma(np.full((3, 2), 1e300)))
+    if where.endswith("compiled eigenvalue"):  # it answered, with the writer's BLAS threads
+        assert answered and set(answered) == {spectral.writer_blas_threads()}
 
 
 @pytest.mark.parametrize("cores,threads", [(1, 1), (2, 1), (7, 1), (8, 2), (16, 4), (128, 8)])

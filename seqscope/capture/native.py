@@ -49,6 +49,9 @@ _lock = threading.Lock()
 _loaded: dict[torch.dtype, tuple[dict[str, Any], int]] | None = None
 # addresses of PyTorch's dgemv_ and dpotrf_ (top_eigenvalue), None where it exports none
 _lapack: tuple[int, int] | None = None
+# PyTorch's MKL's per-thread thread count (MKL_Set_Num_Threads_Local, its C interface), None without MKL: with it,
+# top_eigenvalue can run on the writer thread with its BLAS held to a few threads
+_mkl_local_threads: Any = None
 _reason = "not tried yet"
 
 
@@ -127,7 +130,7 @@ def _cache_dir() -> Path:
 
 
 def _build_and_load() -> dict[torch.dtype, tuple[dict[str, Any], int]]:
-    global _lapack
+    global _lapack, _mkl_local_threads
     if os.environ.get("SEQSCOPE_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
         raise RuntimeError("SEQSCOPE_NATIVE=0")
     blas = _torch_blas()
@@ -163,6 +166,10 @@ def _build_and_load() -> dict[torch.dtype, tuple[dict[str, Any], int]]:
         out[dtype] = (funcs, gemm)
     gemv, potrf = (ctypes.cast(getattr(blas, name, None) or 0, ctypes.c_void_p).value for name in ("dgemv_", "dpotrf_"))
     _lapack = (gemv, potrf) if gemv and potrf else None
+    local = getattr(blas, "MKL_Set_Num_Threads_Local", None) if _lapack is not None else None
+    if local is not None:
+        local.argtypes, local.restype = [ctypes.c_int], ctypes.c_int
+    _mkl_local_threads = local
     if sys.byteorder != "little":
         raise RuntimeError("compiled scans are built for little-endian machines only")
     _self_test(out)
@@ -408,7 +415,8 @@ _EIG_STEPS = 160  # Lanczos steps at most, then the dense eigensolver takes over
 
 
 def top_eigenvalue(gram: torch.Tensor,
-                   loaded: dict[torch.dtype, tuple[dict[str, Any], int]] | None = None) -> float | None:
+                   loaded: dict[torch.dtype, tuple[dict[str, Any], int]] | None = None,
+                   threads: int | None = None) -> float | None:
     """The largest eigenvalue of the symmetric CPU float32/float64 matrix
     ``gram`` (its lower triangle, as torch.linalg.eigvalsh reads it), by the
     compiled Lanczos iteration of ``_native.c``. The value theta is a Ritz
@@ -422,9 +430,16 @@ def top_eigenvalue(gram: torch.Tensor,
     loaded, or not loaded yet (this never waits for the build), or the proof
     failed (for example on a top eigenvalue less than 1e-8 apart from the next
     whose eigenvectors the iteration has not yet separated). ``loaded``: the
-    libraries to use (the self-test's, before they are published)."""
+    libraries to use (the self-test's, before they are published).
+
+    ``threads``: for a call off the training thread (the writer's), the BLAS
+    threads this call may use, set for the calling thread only; None where
+    PyTorch's BLAS cannot be limited per thread (it is not MKL), so that no
+    second thread team competes with the training thread's."""
     loaded = loaded if loaded is not None else _loaded
     if not loaded or _lapack is None or gram.dtype not in loaded or gram.device.type != "cpu":
+        return None
+    if threads is not None and _mkl_local_threads is None:
         return None
     if gram.dim() != 2 or gram.shape[0] != gram.shape[1] or gram.shape[0] == 0:
         return None
@@ -434,8 +449,13 @@ def top_eigenvalue(gram: torch.Tensor,
     steps = min(n, _EIG_STEPS)
     work = torch.empty(n * n + (steps + 1) * n + n + (steps + 1) + 2 * steps, dtype=torch.float64)
     top = ctypes.c_double(0.0)
-    code = funcs["top_eigenvalue"](_lapack[0], _lapack[1], n, steps, _EIG_EPS, gram.data_ptr(), work.data_ptr(),
-                                   ctypes.addressof(top))
+    previous = None if threads is None else _mkl_local_threads(max(1, threads))
+    try:
+        code = funcs["top_eigenvalue"](_lapack[0], _lapack[1], n, steps, _EIG_EPS, gram.data_ptr(), work.data_ptr(),
+                                       ctypes.addressof(top))
+    finally:
+        if previous is not None:
+            _mkl_local_threads(previous)  # 0: this thread follows the global setting again
     if code == 3:
         return float("nan")
     return top.value if code == 0 else None
