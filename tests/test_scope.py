@@ -377,3 +377,31 @@ def test_the_writers_eigensolver_uses_spare_cores_only(cores, threads, monkeypat
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
     assert spectral.writer_blas_threads.__wrapped__() == threads
+
+
+def test_the_stored_sequences_indices_are_copied_to_the_device_once_per_value(monkeypatch):
+    """On an accelerator the stored sequences' indices and lengths go to the device
+    once per value, not every step (each copy cost the training thread 50-100 us on
+    an H100 host). A different value gets its own copy; the cache stays small. The
+    'meta' device stands in for a GPU here; the CUDA test records through it."""
+    from seqscope.capture import host
+
+    copies = []
+    real = host.copy_to_device
+
+    def counting(t, device):
+        copies.append(t.tolist())
+        return real(t, device)
+    monkeypatch.setattr(host, "copy_to_device", counting)
+    monkeypatch.setattr(host, "_constants", {})
+    meta = torch.device("meta")
+    a = host.constant_on_device(torch.arange(8), meta)
+    assert host.constant_on_device(torch.arange(8), meta) is a and a.device == meta
+    b = host.constant_on_device(torch.arange(1, 9), meta)
+    assert b is not a and copies == [list(range(8)), list(range(1, 9))]
+    assert host.constant_on_device(torch.arange(8, dtype=torch.int32), meta).dtype == torch.int32  # its own entry
+    cpu = torch.arange(8)
+    assert host.constant_on_device(cpu, torch.device("cpu")) is cpu  # nothing to copy
+    for i in range(300):
+        host.constant_on_device(torch.tensor([i]), meta)
+    assert len(host._constants) <= 256

@@ -25,7 +25,7 @@ from torch import nn
 
 from seqscope.capture import recurrences as rec
 from seqscope.capture.fused import LayerCapture, module_kind, sigma_fields
-from seqscope.capture.host import copy_to_device
+from seqscope.capture.host import constant_on_device, copy_to_device
 from seqscope.trace import schema
 
 if TYPE_CHECKING:
@@ -84,7 +84,7 @@ def _open_calls(recorder: Any, step: StepState, batch: int, device: torch.device
         calls.broken = f"batch size changed from {calls.batch} to {batch} between calls"
         return None
     if calls.select_dev is None or calls.select_dev.device != device:
-        calls.select_dev = copy_to_device(calls.select, device)
+        calls.select_dev = constant_on_device(calls.select, device)
     if calls.autocast is None:
         calls.autocast = (device.type, rec.autocast_dtype(device))
     return calls, calls.select_dev

@@ -25,7 +25,7 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from seqscope.capture import recurrences as rec
 from seqscope.capture import spectral
-from seqscope.capture.host import copy_to_device
+from seqscope.capture.host import constant_on_device
 from seqscope.trace import schema
 
 if TYPE_CHECKING:
@@ -198,9 +198,9 @@ class FusedRecorder:
         step.batch_size = max(step.batch_size, batch)
         amp = rec.autocast_dtype(device)  # the caller's autocast region, if any
         select = self.scope.select_sequences(batch)  # CPU int64, caller's order
-        select_dev = copy_to_device(select, device)
+        select_dev = constant_on_device(select, device)
         lengths = lengths_all[select]
-        lengths_dev = copy_to_device(lengths, device)
+        lengths_dev = constant_on_device(lengths, device)
         # lengths live on the CPU: deciding "no padding" costs no device sync
         full = int(lengths.min()) == n_time  # every stored sequence has every timestep
         valid = None if full else torch.arange(n_time, device=device).unsqueeze(1) < lengths_dev.unsqueeze(0)
