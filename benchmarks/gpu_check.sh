@@ -36,7 +36,7 @@ for h in (64, 256, 512):
         native.top_eigenvalue = compiled
     print(f"H={h} (W {4 * h}x{h}) sigma_max_host: dense {min(times['dense']):.2f} ms, compiled {min(times['compiled']):.2f} ms")
 PY
-timeout 240 python3 benchmarks/run.py --device cuda --only recorder --reps 5 --out "$out/results-cuda.md" \
+timeout 300 python3 benchmarks/run.py --device cuda --only recorder --reps 9 --out "$out/results-cuda.md" \
     2>&1 | grep -v "^USDT" | tail -20
 [ "${SKIP_PROFILE:-0}" = 1 ] || timeout 100 python3 benchmarks/gpu_profile.py "$out" 2>&1 | grep -v "^USDT"
 # the training thread's time by Python function (cProfile; backward hooks run on autograd's device thread and are not in it)
