@@ -10,6 +10,20 @@ import pytest
 from seqscope.capture import native
 
 
+def skip_or_fail(message: str) -> None:
+    """Skips a test that needs what ``message`` says is missing, and fails it
+    instead where SEQSCOPE_REQUIRE_NATIVE=1 (CI, which must run them all)."""
+    if os.environ.get("SEQSCOPE_REQUIRE_NATIVE") == "1":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def need_native() -> None:
+    """skip_or_fail without the compiled library (capture.native)."""
+    if not native.enabled():
+        skip_or_fail(native.status())
+
+
 @pytest.fixture(params=["compiled", "eager"])
 def scan_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """Runs a test once with the compiled BPTT scan (capture.native) and once
@@ -27,11 +41,7 @@ def scan_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
         return compiled(*args, **kwargs)
 
     if request.param == "compiled":
-        if not native.enabled():
-            message = native.status()
-            if os.environ.get("SEQSCOPE_REQUIRE_NATIVE") == "1":
-                pytest.fail(message)
-            pytest.skip(message)
+        need_native()
         monkeypatch.setattr(native, "backward_scan", counting)
     else:
         monkeypatch.setattr(native, "supports", lambda ext_h: False)

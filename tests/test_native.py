@@ -17,6 +17,7 @@ import torch
 
 from seqscope.capture import native
 from seqscope.capture import recurrences as rec
+from tests.conftest import need_native
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -180,14 +181,6 @@ def test_a_script_that_ends_while_the_passes_load_exits_cleanly(tmp_path):
         assert len(list(cache.glob("scan-*.so"))) == 2, sorted(p.name for p in cache.iterdir())
 
 
-def _need_native() -> None:
-    """Skips without the compiled library, fails instead where SEQSCOPE_REQUIRE_NATIVE=1 (CI)."""
-    if not native.enabled():
-        if os.environ.get("SEQSCOPE_REQUIRE_NATIVE") == "1":
-            pytest.fail(native.status())
-        pytest.skip(native.status())
-
-
 def _eigen_cases() -> list[tuple[str, np.ndarray]]:
     """Weight matrices whose Gram matrices (W^T W) the top-eigenvalue test takes."""
     rng = np.random.default_rng(3)
@@ -223,7 +216,7 @@ def test_the_compiled_top_eigenvalue_matches_a_dense_float64_eigensolver(dtype):
     ones (all singular values equal), clustered or repeated top singular values,
     low rank, badly scaled, zero. It must give an answer (not hand over to the
     dense solver) on every one of them, and that answer must be within 1e-8."""
-    _need_native()
+    need_native()
     for name, w in _eigen_cases():
         m = torch.from_numpy(np.ascontiguousarray(w)).to(dtype)
         gram = m.T @ m
@@ -248,7 +241,7 @@ def test_a_top_eigenvalue_the_iteration_cannot_prove_goes_to_the_dense_eigensolv
     proof fails, top_eigenvalue says so (None), and sigma_max still gives the
     true value through torch.linalg.eigvalsh. A NaN gives NaN; without the
     compiled code top_eigenvalue says nothing."""
-    _need_native()
+    need_native()
     from seqscope.capture import spectral
 
     n = 48
@@ -271,7 +264,7 @@ def test_the_writers_top_eigenvalue_limits_its_blas_threads_for_its_own_thread_o
     limit them and says nothing (None), so the writer keeps numpy's solver."""
     import threading
 
-    _need_native()
+    need_native()
     gram = torch.from_numpy(np.diag(np.arange(1.0, 41.0)))
     if native._mkl_local_threads is None:
         assert native.top_eigenvalue(gram, threads=1) is None

@@ -325,17 +325,16 @@ def test_sigma_max_matches_a_float64_svd_even_for_exploding_weights(scale, where
     path (torch, at capture time) and the device path (numpy, on the writer: its
     eigenvalue by the compiled Lanczos iteration where PyTorch's BLAS is MKL, else,
     or where that cannot prove its value, by numpy's dense eigensolver)."""
-    import os
     import warnings
 
     from seqscope.capture import native, spectral
+    from tests.conftest import need_native, skip_or_fail
 
     answered = []
     if where.endswith("compiled eigenvalue"):
-        if not native.enabled() or native._mkl_local_threads is None:
-            if os.environ.get("SEQSCOPE_REQUIRE_NATIVE") == "1":
-                pytest.fail(f"no compiled eigenvalue for the writer: {native.status()}")
-            pytest.skip("the writer's compiled eigenvalue needs the compiled library and MKL")
+        need_native()
+        if native._mkl_local_threads is None:
+            skip_or_fail("no compiled eigenvalue for the writer: PyTorch's BLAS is not MKL")
         compiled = native.top_eigenvalue
 
         def counting(gram, loaded=None, threads=None):

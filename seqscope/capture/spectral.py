@@ -101,7 +101,7 @@ def sigma_max_host(matrix: np.ndarray, ready: Callable[[], None] | None = None) 
                 # the compiled Lanczos iteration with its proof (native.top_eigenvalue, its BLAS
                 # held to the same threads); the dense eigensolver where it cannot say
                 top = native.top_eigenvalue(torch.from_numpy(gram), threads=writer_blas_threads())
-                if top is None or np.isnan(top):
+                if top is None:  # (the matrix is finite here: no NaN comes back)
                     top = float(np.linalg.eigvalsh(gram.astype(np.float64))[-1])
                 return float(np.sqrt(max(top, 0.0)))
     return float("inf") if np.isfinite(matrix).all() else float("nan")
