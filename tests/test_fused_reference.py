@@ -160,6 +160,19 @@ def test_recorded_numbers_match_unrolled_reference(cfg: Config, tmp_path, scan_p
     check_against_reference(cfg, tmp_path, torch.device("cpu"))
 
 
+UPDATED = [Config("lstm", layers=2, bidirectional=True, packed=True), Config("lstm", proj=3, h0=True),
+           Config("gru", layers=2, batch_first=True), Config("rnn_tanh", bidirectional=True),
+           Config("lstm", dtype=torch.float32)]
+
+
+@pytest.mark.parametrize("cfg", UPDATED, ids=[c.id for c in UPDATED])
+def test_parameters_updated_before_the_next_step_do_not_change_the_record(cfg: Config, tmp_path, scan_path):
+    """seqscope finishes a step's record (the BPTT scan) when the next step begins,
+    after the optimizer has changed the weights in place: the scan must use the
+    weights the step's forward pass ran with."""
+    check_against_reference(cfg, tmp_path, torch.device("cpu"), update_between=True)
+
+
 CUDA_CONFIGS = [c for c in CONFIGS if c.dtype == torch.float64 and (c.layers == 2 or c.packed or c.proj)] + [
     Config(kind, dtype=torch.float32) for kind in ("lstm", "gru", "rnn_tanh")]
 
@@ -214,6 +227,9 @@ def test_recorded_numbers_on_cuda_match_unrolled_reference(tmp_path):
         attempt(f"cells-{kind}", lambda folder, kind=kind: check_cell_loop(kind, True, 3, folder, cuda))
         attempt(f"autocast-float16-{kind}", lambda folder, kind=kind: check_autocast(kind, folder, cuda, torch.float16))
     attempt("grad-scaler", lambda folder: check_grad_scaler(folder, cuda))
+    for cfg in UPDATED:  # parameters updated in place before the step's record is finished
+        attempt(cfg.id + "-updated", lambda folder, cfg=cfg: check_against_reference(cfg, folder, cuda,
+                                                                                      update_between=True))
     attempt("nonfinite-count", lambda folder: check_nonfinite(folder, cuda))  # counted on the GPU, no sync
     assert not failures, "\n".join(failures)
 
@@ -235,9 +251,13 @@ def check_graphs_while_writing(tmp_path, device: torch.device) -> None:
     assert not graphs._off and graphs._graphs, "CUDA graphs were turned off by a failed capture"
 
 
-def check_against_reference(cfg: Config, tmp_path, device: torch.device, loss_scale: float = 1.0) -> None:
+def check_against_reference(cfg: Config, tmp_path, device: torch.device, loss_scale: float = 1.0,
+                            update_between: bool = False) -> None:
     """``loss_scale`` multiplies the loss (and so every gradient): gradients far
-    from 1 must keep their norms, which float32 squares would not."""
+    from 1 must keep their norms, which float32 squares would not.
+    ``update_between``: the parameters change in place after the backward pass (as
+    in an optimizer step) and the next step's forward runs, which is when seqscope
+    finishes step 0's record: the record must still hold step 0's numbers."""
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(1)
     module = make_module(cfg)
@@ -256,6 +276,11 @@ def check_against_reference(cfg: Config, tmp_path, device: torch.device, loss_sc
         loss = loss_scale * loss_of(per_sequence_outputs(cfg, output), h_n, c_n, tuple(dev(t) for t in terms))
         loss.backward()
         scope.log(loss=loss)
+        if update_between:
+            with torch.no_grad():
+                for p in on_device.parameters():
+                    p.mul_(-0.5).add_(0.25)
+            on_device(module_input(cfg, [dev(x) for x in seqs]), hx)
 
     layers, ref_out, ref_hn, ref_cn = ref.run_reference(module, seqs, h0, c0)
     ref_loss = loss_scale * loss_of(ref_out, ref_hn, ref_cn, terms)
@@ -276,7 +301,7 @@ def check_against_reference(cfg: Config, tmp_path, device: torch.device, loss_sc
     # the module's own parameter gradients (PyTorch's autograd), their norms in float64
     ref_pg = {name: ref.norm(p.grad.cpu()).item() for name, p in on_device.named_parameters()}
     with seqscope.open(path) as trace:
-        assert list(trace.steps) == [0]
+        assert list(trace.steps) == ([0, 1] if update_between else [0])
         expected_names = [f"{cfg.kind.split('_')[0]}.l{k}" + ("_reverse" if d else "")
                           for k in range(cfg.layers) for d in range(n_dir)]
         assert trace.layers == expected_names

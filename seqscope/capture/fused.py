@@ -95,6 +95,17 @@ def sigma_fields(w_hh: torch.Tensor | None) -> dict[str, Any]:
     return {"sigma": sigma, "w_hh": host, "w_hh_ready": ready}
 
 
+def own_copy(t: torch.Tensor, parameter: torch.Tensor) -> torch.Tensor:
+    """``t`` (a parameter as a kernel used it), copied where it still shares the
+    parameter's memory. What seqscope computes when a step ends (the BPTT scan,
+    a cell's gates) must use the weights of that step's forward pass, and by then
+    the optimizer has usually updated the parameters in place. On a GPU the copy
+    is queued on the current stream, before the optimizer's kernels."""
+    if t.untyped_storage().data_ptr() == parameter.untyped_storage().data_ptr():
+        return t.clone()
+    return t
+
+
 @dataclasses.dataclass
 class _Direction:
     """Per-direction state kept between forward and backward of one step."""
@@ -306,6 +317,10 @@ class FusedRecorder:
                 b_hh=w[3].detach() if m.bias else None,
                 w_hr=w[-1].detach() if getattr(m, "proj_size", 0) > 0 else None,
             ), run, calc)
+            # the BPTT scan runs when the step ends, after an optimizer step may have changed
+            # the parameters in place: it gets the recurrent weights this forward ran with
+            lw.w_hh = own_copy(lw.w_hh, w[1])
+            lw.w_hr = None if lw.w_hr is None else own_copy(lw.w_hr, w[-1])
             xd = x.detach().to(calc)
             hd = out[..., d * out_size : (d + 1) * out_size].detach().to(calc)
             fl = flip if d == 1 else None
