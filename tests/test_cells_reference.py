@@ -195,8 +195,12 @@ def test_lstm_cell_whose_h_and_c_come_from_one_node(stacked, future, tmp_path, m
     assert h.grad_fn is c.grad_fn, "the stand-in no longer makes h and c one node"
 
 
-def check_cell_loop(kind: str, stacked: bool, future: int, tmp_path, device: torch.device) -> None:
-    """The loop on ``device``, recorded; the reference on the CPU."""
+def check_cell_loop(kind: str, stacked: bool, future: int, tmp_path, device: torch.device,
+                    update_between: bool = False) -> None:
+    """The loop on ``device``, recorded; the reference on the CPU. ``update_between``:
+    the parameters change in place after the backward pass (as in an optimizer
+    step) and the next step's forward runs, which is when seqscope finishes step
+    0's record (gates, propagation, sigma_max): it must still hold step 0's numbers."""
     torch.manual_seed(0)
     model = Loop(kind, stacked, future)
     g = torch.Generator().manual_seed(1)
@@ -207,6 +211,11 @@ def check_cell_loop(kind: str, stacked: bool, future: int, tmp_path, device: tor
     with seqscope.watch(on_device, path, every=1, sequences=B, precision="full"):
         out = on_device(x.to(device))
         ((out - target.to(device)) ** 2).sum().backward()
+        if update_between:
+            with torch.no_grad():
+                for p in on_device.parameters():
+                    p.mul_(-0.5).add_(0.25)
+            on_device(x.to(device))
     out = out.cpu()
     ref_out, records, ws = reference_loop(model, x)
     ((ref_out - target) ** 2).sum().backward()
@@ -236,6 +245,16 @@ def check_cell_loop(kind: str, stacked: bool, future: int, tmp_path, device: tor
                     np.testing.assert_allclose(grads["cell"][b].data, want_c, rtol=1e-5)
                 np.testing.assert_allclose(prop[b].data, own_recurrence_profile(kind, w, rec, b),
                                            rtol=1e-5, atol=1e-300)
+            want_sigma = torch.linalg.svdvals(w["w_hh"].detach())[0].item()
+            assert trace.scalars()["sigma_max/" + name].values[0] == pytest.approx(want_sigma, rel=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh"])
+def test_parameters_updated_before_the_next_step_do_not_change_the_cell_record(kind, tmp_path, scan_path):
+    """A cell's gates, propagation profile and sigma_max are computed when the step
+    ends, after the optimizer has changed the weights in place: from the weights
+    the step's calls ran with."""
+    check_cell_loop(kind, True, 3, tmp_path, torch.device("cpu"), update_between=True)
 
 
 EXTREME = [(k, s) for k in ("lstm", "gru", "rnn_tanh") for s in (1e22, 1e-24)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 
 import numpy as np
@@ -96,6 +97,25 @@ def test_custom_cell_matches_autograd(which, dtype, scale, amp, tmp_path):
     float32's range; their norms (float64) must not. ``amp``: the loop runs under
     torch.autocast (bfloat16), the reference too; the re-runs after the step
     (gates, propagation) must run as the cell did."""
+    check_custom_cell(which, dtype, scale, amp, tmp_path)
+
+
+UPDATED_CASES = [(which, amp) for which in ("peephole-tuple-state", "minimal-dataclass-state") for amp in (False, True)]
+
+
+@pytest.mark.parametrize("which,amp", UPDATED_CASES,
+                         ids=[w + ("-autocast" if a else "") for w, a in UPDATED_CASES])
+def test_parameters_updated_before_the_next_step_do_not_change_the_custom_cell_record(which, amp, tmp_path):
+    """The gates, the propagation profile (a re-run of the cell) and sigma_max of a
+    step are computed from the parameters the step's calls ran with, although the
+    optimizer has changed them in place before seqscope finishes the step."""
+    check_custom_cell(which, torch.float64 if not amp else torch.float32, 1.0, amp, tmp_path, update_between=True)
+
+
+def check_custom_cell(which, dtype, scale, amp, tmp_path, update_between: bool = False) -> None:
+    """``update_between``: the parameters change in place after the backward pass
+    (as in an optimizer step) and the next step's forward runs, which is when
+    seqscope finishes step 0's record."""
     region = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if amp else contextlib.nullcontext
     torch.manual_seed(0)
     cell = (PeepholeLSTM() if which.startswith("peephole") else MinimalGRU()).to(dtype)
@@ -103,11 +123,19 @@ def test_custom_cell_matches_autograd(which, dtype, scale, amp, tmp_path):
     x = torch.randn(T, B, IN, dtype=torch.float64).to(dtype)
     cells = {cell: peephole_gates} if which.startswith("peephole") else [cell]
     path = tmp_path / "t.h5"
+    original = copy.deepcopy(cell)  # the reference's cell: the weights of step 0
     with seqscope.watch(model, path, every=1, sequences=B, precision="full", cells=cells):
         with region():
             out = model(x)
         out = out.float() if amp else out
         (scale * (out.pow(2).sum() + out[-1].sum())).backward()
+        if update_between:
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.mul_(-0.5).add_(0.25)
+            with region():
+                model(x)
+    cell = original
     # reference: the same loop, unrolled with retain_grad on every state; norms in float64
     hs, cs, states = [], [], []
     state = (torch.zeros(B, HID, dtype=dtype), torch.zeros(B, HID, dtype=dtype)) \
@@ -146,6 +174,8 @@ def test_custom_cell_matches_autograd(which, dtype, scale, amp, tmp_path):
             back = torch.autograd.grad(hs[-1][b], hs, grad_outputs=v.to(hs[-1].dtype), retain_graph=True)
             want_p = [ref.norm(gr[b]).item() for gr in back]
             np.testing.assert_allclose(trace.propagation("cell", 0)[b].data, want_p, rtol=grads_tol)
+        want_sigma = torch.linalg.svdvals(cell.weight_hh.detach().double())[0].item()
+        assert trace.scalars()["sigma_max/cell"].values[0] == pytest.approx(want_sigma, rel=1e-6)
 
 
 def test_dict_state_is_flattened():

@@ -58,6 +58,9 @@ class _CallsBase:
     # whether the first call came during a backward pass (a reentrant checkpoint's
     # recomputation is then the only pass with autograd on, and is recorded)
     in_backward: bool = False
+    # the cell's parameters as of the step's first call, copied: what is computed when
+    # the step ends (gates, propagation, sigma_max) must not see the optimizer's update
+    weights: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -73,6 +76,8 @@ def _open_calls(recorder: Any, step: StepState, batch: int, device: torch.device
     calls = step.cell_calls.get(id(recorder))
     if calls is None:
         calls = factory(select=recorder.scope.select_sequences(batch), batch=batch, in_backward=rec.in_backward())
+        with torch.no_grad():
+            calls.weights = {name: p.detach().clone() for name, p in recorder.module.named_parameters()}
         step.cell_calls[id(recorder)] = calls
         step.cell_recorders.append(recorder)
         step.batch_size = max(step.batch_size, batch)
@@ -250,12 +255,13 @@ class CellRecorder(_HookedCell):
             is_lstm = self.kind == schema.KIND_LSTM
             c = torch.stack(calls.c).to(calc) if is_lstm else None
             c_prev = torch.stack([t.to(calc) for t in calls.c_prev]) if is_lstm else None
+            weights = calls.weights  # as the step's calls saw them
             w = rec.weights_as_run(rec.LayerWeights(
                 kind=self.kind,
-                w_ih=m.weight_ih.detach(),
-                w_hh=m.weight_hh.detach(),
-                b_ih=m.bias_ih.detach() if m.bias else None,
-                b_hh=m.bias_hh.detach() if m.bias else None,
+                w_ih=weights["weight_ih"],
+                w_hh=weights["weight_hh"],
+                b_ih=weights["bias_ih"] if m.bias else None,
+                b_hh=weights["bias_hh"] if m.bias else None,
             ), run, calc)
             details = rec.forward_details(w, x, h.to(calc), h_prev[0], None if c_prev is None else c_prev[0], None,
                                           h_prev=h_prev, c_prev=c_prev, cell=c, run=run)
@@ -268,7 +274,7 @@ class CellRecorder(_HookedCell):
                 cell=c,
                 lengths=torch.full((n_seq,), n_time, dtype=torch.long),
                 sequence_index=calls.select.clone(),
-                **sigma_fields(m.weight_hh.detach()),
+                **sigma_fields(weights["weight_hh"]),
             )
             output_gate = details.gates[:, :, 3] if is_lstm and details.gates is not None else None
             grads = _gradient_norms(calls, h, c, capture, output_gate)
@@ -324,6 +330,9 @@ def flatten_state(state: Any) -> tuple[list[torch.Tensor], Callable[[list[torch.
 @dataclasses.dataclass
 class _CustomCalls(_CallsBase):
     state_in: list[Any] = dataclasses.field(default_factory=list)  # the K-selected state each call received
+    # per call: the user's gates [sequence, gate, unit], computed at the call (with the
+    # parameters and in the autocast region the call had)
+    gates: list[torch.Tensor] = dataclasses.field(default_factory=list)
 
 
 def _as_called(state: tuple[str, torch.dtype | None] | None, device: torch.device) -> Any:
@@ -403,6 +412,9 @@ class CustomCellRecorder(_HookedCell):
             calls.h.append(h_out.detach().index_select(0, sel))
             if c_out is not None:
                 calls.c.append(c_out.detach().index_select(0, sel))
+            if self.gates_fn is not None:
+                gates = self.gates_fn(self.module, calls.x[-1], calls.state_in[-1])
+                calls.gates.append(torch.stack([g.detach() for g in gates.values()], dim=1))
         _hook_outputs(step, calls, h_out, c_out, sel)
 
     def build_capture(self, step: StepState) -> LayerCapture | None:
@@ -415,16 +427,12 @@ class CustomCellRecorder(_HookedCell):
         with torch.no_grad():
             h = torch.stack(calls.h)
             c = torch.stack(calls.c) if len(calls.c) == len(calls.h) else None
-            gates = None
-            if self.gates_fn is not None:
-                with _as_called(calls.autocast, h.device):
-                    per_call = [self.gates_fn(self.module, x_t, s_t) for x_t, s_t in zip(calls.x, calls.state_in)]
-                gates = torch.stack([torch.stack(list(g.values()), dim=1) for g in per_call])  # [time, seq, gate, unit]
+            gates = torch.stack(calls.gates) if calls.gates else None  # [time, sequence, gate, unit]
         n_time, n_seq = h.shape[:2]
         capture = LayerCapture(
             layer_id=self.layer_id, kind=self.kind, hidden=h, gates=gates, cell=c,
             lengths=torch.full((n_seq,), n_time, dtype=torch.long), sequence_index=calls.select.clone(),
-            **sigma_fields(_recurrent_matrix(self.module)),
+            **sigma_fields(_recurrent_matrix(calls.weights)),
         )
         grads = _gradient_norms(calls, h, c, capture)
         if grads is not None:
@@ -450,7 +458,9 @@ class CustomCellRecorder(_HookedCell):
                     if state is not None:
                         tensors, rebuild = flatten_state(state)
                         state = rebuild([t.detach().requires_grad_(True) if not hs else t for t in tensors])
-                    state = self.module(x_t, state) if state is not None else self.module(x_t)
+                    # the parameters the step's calls ran with (the optimizer may have changed them)
+                    args = (x_t, state) if state is not None else (x_t,)
+                    state = torch.func.functional_call(self.module, calls.weights, args)
                     h_t = flatten_state(state)[0][0]
                     hs.append(h_t)
                 grads = torch.autograd.grad(hs[-1], hs, grad_outputs=v, allow_unused=True)
@@ -460,10 +470,10 @@ class CustomCellRecorder(_HookedCell):
                             for g in grads])
 
 
-def _recurrent_matrix(module: nn.Module) -> torch.Tensor | None:
+def _recurrent_matrix(parameters: dict[str, torch.Tensor]) -> torch.Tensor | None:
     """The first 2-D parameter named like a recurrent weight (weight_hh, W_hh, ...),
     for sigma_max; None when there is none."""
-    for name, p in module.named_parameters():
+    for name, p in parameters.items():
         if p.dim() == 2 and ("hh" in name.lower()):
-            return p.detach()
+            return p
     return None

@@ -20,6 +20,7 @@ import torch
 from threadpoolctl import ThreadpoolController
 
 from seqscope.capture import native
+from seqscope.capture import recurrences as rec
 from seqscope.capture.host import copy_to_host
 
 
@@ -48,6 +49,11 @@ def sigma_max(w: torch.Tensor) -> float:
     (native.top_eigenvalue: 1.8-2.9x faster than the dense eigensolver at n = 256
     and 512) where it can say, else from torch.linalg.eigvalsh."""
     w = w.detach()
+    with rec.no_autocast(w.device):  # a record finished inside the next step's autocast region
+        return _sigma_max(w)
+
+
+def _sigma_max(w: torch.Tensor) -> float:
     precisions = (torch.float64,) if w.dtype == torch.float64 else (torch.float32, torch.float64)
     try:
         for precision in precisions:
