@@ -173,6 +173,74 @@ def test_parameters_updated_before_the_next_step_do_not_change_the_record(cfg: C
     check_against_reference(cfg, tmp_path, torch.device("cpu"), update_between=True)
 
 
+LOOPED = [Config("lstm", layers=2, packed=True), Config("gru", bidirectional=True, h0=True)]
+
+
+@pytest.mark.parametrize("cfg", LOOPED, ids=[c.id for c in LOOPED])
+def test_a_training_loop_records_each_step_as_its_forward_ran(cfg: Config, tmp_path, scan_path):
+    """Adam over five steps, new data each step, every step recorded: each record
+    equals the reference unrolled on the parameters the step's forward pass had
+    (a copy taken just before it), and the parameter gradient norms equal
+    PyTorch's own for that step."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(3)
+    model = make_module(cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    steps = []  # per step: the parameters before its forward, its data, PyTorch's gradient norms
+    path = tmp_path / "trace.h5"
+    with seqscope.watch(model, path, every=1, sequences=B, precision="full"):
+        for _ in range(5):
+            seqs, h0, c0 = make_inputs(cfg, gen)
+            terms = make_loss_terms(cfg, gen)
+            before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            hx = None if h0 is None else ((h0, c0) if cfg.kind == "lstm" else h0)
+            output, state = model(module_input(cfg, seqs), hx)
+            h_n, c_n = state if cfg.kind == "lstm" else (state, None)
+            loss_of(per_sequence_outputs(cfg, output), h_n, c_n, terms).backward()
+            pg = {name: ref.norm(p.grad).item() for name, p in model.named_parameters()}
+            opt.step()
+            opt.zero_grad()
+            steps.append((before, seqs, h0, c0, terms, pg))
+    tol = _tol(cfg)
+    n_dir = 2 if cfg.bidirectional else 1
+    with seqscope.open(path) as trace:
+        assert list(trace.steps) == list(range(5))
+        scalars = trace.scalars()
+        for step, (before, seqs, h0, c0, terms, pg) in enumerate(steps):
+            module = make_module(cfg)
+            module.load_state_dict(before)
+            layers, ref_out, ref_hn, ref_cn = ref.run_reference(module, seqs, h0, c0)
+            loss_of(ref_out, ref_hn, ref_cn, terms).backward(retain_graph=True)
+            # the reference's gradient norms, read before propagation() runs more backward passes
+            ref_gh = {key: [[ref.norm(h.grad).item() for h in hs] for hs in lay.h] for key, lay in layers.items()}
+            ref_gc = {key: [[ref.norm(c.grad).item() for c in cs] for cs in lay.c] for key, lay in layers.items()} \
+                if cfg.kind == "lstm" else {}
+            for name, want in pg.items():
+                assert scalars["grad_norm/" + name].values[step] == pytest.approx(want, rel=1e-6)
+            for (k, d), layer in layers.items():
+                name = f"{cfg.kind.split('_')[0]}.l{k}" + ("_reverse" if d else "")
+                grads = trace.grad_norms(name, step)
+                prop = trace.propagation(name, step)
+                gates = trace.gates(name, step)
+                want_sigma = torch.linalg.svdvals(ref.layer_weights(module, k, d)["w_hh"].detach())[0].item()
+                assert scalars["sigma_max/" + name].values[step] == pytest.approx(want_sigma, rel=1e-5)
+                for b, seq in enumerate(seqs):
+                    n = len(seq)
+                    np.testing.assert_allclose(trace.hidden(name, step)[b, :n].data,
+                                               torch.stack(layer.h[b]).detach().numpy(),
+                                               rtol=tol["states"], atol=tol["atol_states"])
+                    np.testing.assert_allclose(grads["hidden"][b, :n].data, ref_gh[(k, d)][b], rtol=tol["grads"])
+                    np.testing.assert_allclose(prop[b, :n].data, ref.propagation(layer, b, d).numpy(),
+                                               rtol=tol["grads"], atol=1e-300)
+                    for gname, values in gates.items():
+                        want_g = torch.stack([g[gname] for g in layer.gates[b]]).detach().numpy()
+                        np.testing.assert_allclose(values[b, :n].data, want_g, rtol=tol["states"],
+                                                   atol=tol["atol_states"])
+                    if cfg.kind == "lstm":
+                        np.testing.assert_allclose(grads["cell"][b, :n].data, ref_gc[(k, d)][b], rtol=tol["grads"])
+            assert len(layers) == cfg.layers * n_dir
+
+
 CUDA_CONFIGS = [c for c in CONFIGS if c.dtype == torch.float64 and (c.layers == 2 or c.packed or c.proj)] + [
     Config(kind, dtype=torch.float32) for kind in ("lstm", "gru", "rnn_tanh")]
 
