@@ -249,7 +249,8 @@ def test_recorded_numbers_on_cuda_match_unrolled_reference(tmp_path):
     """The module and the recording on the GPU (cuDNN), the reference on the CPU
     in the module's dtype, over a subset of the configurations, LSTMCell/GRUCell/
     RNNCell loops, LSTM/GRU/RNN under autocast float16 (check_autocast), a GradScaler
-    (check_grad_scaler), NaN/Inf counts (check_nonfinite), and CUDA graphs (one test, so that
+    (check_grad_scaler), NaN/Inf counts (check_nonfinite), parameters updated in place before
+    a step's record is finished (update_between), and CUDA graphs (one test, so that
     a machine without CUDA shows one skip). SEQSCOPE_REQUIRE_CUDA=1 (set by
     benchmarks/gpu_check.sh) turns the skip into a failure."""
     if not torch.cuda.is_available():
@@ -293,6 +294,8 @@ def test_recorded_numbers_on_cuda_match_unrolled_reference(tmp_path):
     for kind in ("lstm", "gru", "rnn_tanh"):
         # cell loops (CUDA runs LSTMCell and GRUCell as fused kernels); cuDNN under autocast float16
         attempt(f"cells-{kind}", lambda folder, kind=kind: check_cell_loop(kind, True, 3, folder, cuda))
+        attempt(f"cells-{kind}-updated", lambda folder, kind=kind: check_cell_loop(kind, True, 3, folder, cuda,
+                                                                                    update_between=True))
         attempt(f"autocast-float16-{kind}", lambda folder, kind=kind: check_autocast(kind, folder, cuda, torch.float16))
     attempt("grad-scaler", lambda folder: check_grad_scaler(folder, cuda))
     for cfg in UPDATED:  # parameters updated in place before the step's record is finished
