@@ -404,3 +404,30 @@ def test_the_stored_sequences_indices_are_copied_to_the_device_once_per_value(mo
     for i in range(300):
         host.constant_on_device(torch.tensor([i]), meta)
     assert len(host._constants) <= 256
+
+
+def test_logged_tensors_keep_their_value_at_the_log_call(tmp_path):
+    """scope.log keeps a tensor until the next recorded step (no host sync before):
+    a tensor the loop changes in place afterwards (a learning rate as a tensor,
+    which schedulers update with fill_; a learnable temperature; a running
+    average) must still be recorded with the value it had when it was logged."""
+    model = nn.LSTM(2, 3)
+    running = torch.zeros(())
+    temperature = nn.Parameter(torch.tensor(1.0))
+    opt = torch.optim.SGD([*model.parameters(), temperature], lr=0.1)
+    logged = []
+    with seqscope.watch(model, tmp_path / "t.h5", every=4) as scope:
+        for step in range(9):
+            out, _ = model(torch.randn(5, 2, 2))
+            loss = out.pow(2).mean() * temperature
+            loss.backward()
+            running.mul_(0.5).add_(float(step))
+            scope.log(running=running, temperature=temperature, loss=loss)
+            logged.append((float(running), float(temperature.detach()), float(loss.detach())))
+            opt.step()
+            opt.zero_grad()
+    with seqscope.open(tmp_path / "t.h5") as trace:
+        scalars = trace.scalars()
+        for i, name in enumerate(("running", "temperature", "loss")):
+            assert list(scalars[name].steps) == list(range(9))
+            np.testing.assert_array_equal(scalars[name].values, [row[i] for row in logged])

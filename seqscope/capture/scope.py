@@ -423,9 +423,9 @@ class Scope:
         return None if self._current is None else self._current.step
 
     def log(self, step: int | None = None, **scalars: float | torch.Tensor) -> None:
-        """Log scalars (floats or 0-d tensors; tensors are read without a host
-        sync until the next recorded step) for the step in progress. ``step=n``
-        renames the step in progress to ``n``."""
+        """Log scalars (floats or 0-d tensors; a tensor is copied as it is now and
+        read without a host sync at the next recorded step) for the step in
+        progress. ``step=n`` renames the step in progress to ``n``."""
         if self._closed:
             return
         if step is not None:
@@ -447,7 +447,10 @@ class Scope:
                 value = value.detach()
                 if value.numel() != 1:
                     raise ValueError(f"scope.log({name}=...) needs a scalar, got shape {tuple(value.shape)}")
-                value = value.reshape(())
+                # a copy: the value is read at the next recorded step, and the loop may change
+                # the tensor in place before then (a scheduler's fill_ of a tensor learning
+                # rate, an optimizer step on a logged parameter, a running average)
+                value = value.reshape(()).clone()
             self._pending_scalars.append((target, name, value))
         if len(self._pending_scalars) >= _PENDING_SCALARS_MAX:
             self.writer.submit(self._scalars_only())
