@@ -97,10 +97,11 @@ def sigma_fields(w_hh: torch.Tensor | None) -> dict[str, Any]:
 
 def own_copy(t: torch.Tensor, parameter: torch.Tensor) -> torch.Tensor:
     """``t`` (a parameter as a kernel used it), copied where it still shares the
-    parameter's memory. What seqscope computes when a step ends (the BPTT scan,
-    a cell's gates) must use the weights of that step's forward pass, and by then
-    the optimizer has usually updated the parameters in place. On a GPU the copy
-    is queued on the current stream, before the optimizer's kernels."""
+    parameter's memory. The BPTT scan runs when the step ends and must use the
+    weights of that step's forward pass; by then the optimizer has usually
+    updated the parameters in place. On a GPU the copy is queued on the current
+    stream, before the optimizer's kernels. (Cell loops copy their parameters at
+    the step's first call: capture.cells.)"""
     if t.untyped_storage().data_ptr() == parameter.untyped_storage().data_ptr():
         return t.clone()
     return t
