@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import logging
 import os
 import types
 import warnings
@@ -239,6 +240,45 @@ def test_a_training_loop_records_each_step_as_its_forward_ran(cfg: Config, tmp_p
                     if cfg.kind == "lstm":
                         np.testing.assert_allclose(grads["cell"][b, :n].data, ref_gc[(k, d)][b], rtol=tol["grads"])
             assert len(layers) == cfg.layers * n_dir
+
+
+def test_a_second_backward_pass_is_said_once_and_the_first_is_recorded(tmp_path, caplog):
+    """Two losses, each with its own backward() on one forward pass: .grad holds the
+    sum, which no hook sees whole. seqscope records the first pass (hidden-state
+    and parameter gradients alike, not a mix of passes) and says so once."""
+    cfg = Config("lstm")
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    module = make_module(cfg)
+    seqs, h0, c0 = make_inputs(cfg, gen)
+    terms = make_loss_terms(cfg, gen)
+    watched, alone = copy.deepcopy(module), copy.deepcopy(module)
+    path = tmp_path / "trace.h5"
+    with caplog.at_level(logging.WARNING, logger="seqscope"):
+        with seqscope.watch(watched, path, every=1, sequences=B, precision="full"):
+            for _ in range(2):
+                output, (h_n, c_n) = watched(module_input(cfg, seqs))
+                loss_of(per_sequence_outputs(cfg, output), h_n, c_n, terms).backward(retain_graph=True)
+                output.pow(3).sum().backward()
+    said = [r for r in caplog.records if "more than one backward pass" in r.getMessage()]
+    assert len(said) == 1
+    # the first loss alone: PyTorch's parameter gradients, the reference's BPTT norms
+    output, (h_n, c_n) = alone(module_input(cfg, seqs))
+    loss_of(per_sequence_outputs(cfg, output), h_n, c_n, terms).backward()
+    layers, ref_out, ref_hn, ref_cn = ref.run_reference(module, seqs)
+    loss_of(ref_out, ref_hn, ref_cn, terms).backward()
+    with seqscope.open(path) as trace:
+        for step in (0, 1):
+            for name, p in alone.named_parameters():
+                want = ref.norm(p.grad).item()
+                assert trace.scalars()["grad_norm/" + name].values[step] == pytest.approx(want, rel=1e-9)
+            grads = trace.grad_norms("lstm.l0", step)
+            layer = layers[(0, 0)]
+            for b in range(B):
+                np.testing.assert_allclose(grads["hidden"][b].data, [ref.norm(h.grad).item() for h in layer.h[b]],
+                                           rtol=1e-9)
+                np.testing.assert_allclose(grads["cell"][b].data, [ref.norm(c.grad).item() for c in layer.c[b]],
+                                           rtol=1e-9)
 
 
 CUDA_CONFIGS = [c for c in CONFIGS if c.dtype == torch.float64 and (c.layers == 2 or c.packed or c.proj)] + [

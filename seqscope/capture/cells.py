@@ -95,7 +95,7 @@ def _open_calls(recorder: Any, step: StepState, batch: int, device: torch.device
     return calls, calls.select_dev
 
 
-def _hook_outputs(step: StepState, calls: _CallsBase, h_out: torch.Tensor, c_out: torch.Tensor | None,
+def _hook_outputs(scope: Scope, step: StepState, calls: _CallsBase, h_out: torch.Tensor, c_out: torch.Tensor | None,
                   sel: torch.Tensor, unbatched: bool = False) -> None:
     """Tensor hooks that keep dL/dh_t (and dL/dc_t) of this call for the stored
     sequences: autograd hands them the total over every later use."""
@@ -110,7 +110,9 @@ def _hook_outputs(step: StepState, calls: _CallsBase, h_out: torch.Tensor, c_out
         def hook(grad: torch.Tensor | None, slot: list[torch.Tensor | None] = slot, t: int = t) -> None:
             # grad is None for an output the loss does not use when h and c share one autograd
             # node (CUDA's fused LSTMCell kernel: the last call's c); the first backward wins
-            if grad is not None and slot[t] is None:
+            if grad is not None and slot[t] is not None:
+                scope.note_another_backward(step)
+            elif grad is not None:
                 g = grad.detach().unsqueeze(0) if unbatched else grad.detach()
                 slot[t] = g.index_select(0, sel)
 
@@ -233,7 +235,7 @@ class CellRecorder(_HookedCell):
                 calls.c_prev.append(c_in.detach().index_select(0, sel))
                 c_view = c_out.detach().unsqueeze(0) if unbatched else c_out.detach()
                 calls.c.append(c_view.index_select(0, sel))
-        _hook_outputs(step, calls, h_out, c_out, sel, unbatched)
+        _hook_outputs(self.scope, step, calls, h_out, c_out, sel, unbatched)
 
     # ---- end of step ---------------------------------------------------------------------
     def build_capture(self, step: StepState) -> LayerCapture | None:
@@ -415,7 +417,7 @@ class CustomCellRecorder(_HookedCell):
             if self.gates_fn is not None:
                 gates = self.gates_fn(self.module, calls.x[-1], calls.state_in[-1])
                 calls.gates.append(torch.stack([g.detach() for g in gates.values()], dim=1))
-        _hook_outputs(step, calls, h_out, c_out, sel)
+        _hook_outputs(self.scope, step, calls, h_out, c_out, sel)
 
     def build_capture(self, step: StepState) -> LayerCapture | None:
         calls: _CustomCalls | None = step.cell_calls.get(id(self))

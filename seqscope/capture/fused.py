@@ -378,7 +378,9 @@ class FusedRecorder:
             def hook(g: torch.Tensor | None) -> None:
                 # g is None for an output the loss does not use when the outputs share one
                 # autograd node (cuDNN's RNN: a loss on the output alone leaves h_n undefined)
-                if g is not None and grads[i] is None:
+                if g is not None and grads[i] is not None:
+                    self.scope.note_another_backward(step)
+                elif g is not None:
                     self.scope.note_grad_scale(step)
                     with torch.no_grad():
                         grads[i] = padded(g.detach()) if i == 0 else g.detach()

@@ -145,6 +145,7 @@ class Scope:
         self._handles: list[RemovableHandle] = []
         self._closed = False
         self._warned = False
+        self._warned_backward = False
 
         config = {
             "every": getattr(self.schedule, "__name__", repr(every)),
@@ -334,11 +335,27 @@ class Scope:
             def hook(grad: torch.Tensor | None, name: str = name) -> None:
                 if grad is None:
                     return
+                if name in step.param_grad_norms:  # the first backward pass of the step wins
+                    self.note_another_backward(step)
+                    return
                 self.note_grad_scale(step)
                 # float64 throughout: a float32 norm overflows above ~1.8e19
                 step.param_grad_norms[name] = torch.linalg.vector_norm(grad.detach(), dtype=torch.float64)
 
             step.handles.append(p.register_hook(hook))
+
+    def note_another_backward(self, step: StepState) -> None:
+        """A gradient hook of ``step`` fired again: a second backward pass through the
+        same forward (or an autograd.grad call before the backward). The step keeps
+        its first pass's gradients; said once per scope, except for the repeated
+        closure evaluations of one LBFGS step, which are expected."""
+        if step.repeated_pass or self._warned_backward:
+            return
+        self._warned_backward = True
+        log.warning("seqscope: step %d ran more than one backward pass through the watched model (backward() "
+                    "called again on the same forward, or torch.autograd.grad before it); seqscope records the "
+                    "gradients of a step's first backward pass, while .grad holds their sum. Sum the losses and "
+                    "call backward() once to record the whole gradient (said once)", step.step)
 
     def note_grad_scale(self, step: StepState) -> None:
         """Keep the loss scale of watch(grad_scaler=...) that this step's backward runs
