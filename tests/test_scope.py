@@ -3,6 +3,9 @@ seqscope, hooks go away, steps are numbered sensibly, bad set-ups fail loudly.""
 
 from __future__ import annotations
 
+import copy
+import io
+
 import numpy as np
 import pytest
 import torch
@@ -431,3 +434,60 @@ def test_logged_tensors_keep_their_value_at_the_log_call(tmp_path):
         for i, name in enumerate(("running", "temperature", "loss")):
             assert list(scalars[name].steps) == list(range(9))
             np.testing.assert_array_equal(scalars[name].values, [row[i] for row in logged])
+
+
+class _Tagger(nn.Module):
+    """A fused layer, then a cell loop over its output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(3, 4)
+        self.cell = nn.GRUCell(4, 4)
+
+    def forward(self, x):
+        out, _ = self.rnn(x)
+        h = out[0]
+        for t in range(out.shape[0]):
+            h = self.cell(out[t], h)
+        return h
+
+
+def _no_seqscope_in(module: nn.Module) -> None:
+    for m in module.modules():
+        assert "forward" not in m.__dict__ and "__getstate__" not in m.__dict__
+        for name in ("_forward_pre_hooks", "_forward_hooks"):
+            assert not getattr(m, name), f"{type(m).__name__}.{name} still holds a hook"
+
+
+def test_copies_and_pickles_of_a_watched_model_are_plain_models(tmp_path):
+    """Training loops deep-copy models (an early-stopping snapshot, an EMA teacher)
+    and torch.save them whole; both raised while seqscope watched. A copy is now
+    the plain model: it runs, it is not watched (its steps are not the trace's), it
+    can be watched itself, and a pickle of it names nothing of seqscope."""
+    torch.manual_seed(0)
+    model = _Tagger()
+    x = torch.randn(5, 2, 3)
+    copies, pickles = [], []
+    with seqscope.watch(model, tmp_path / "t.h5", every=2) as scope:
+        for step in range(4):
+            model(x).sum().backward()
+            # during a recorded step the cells and parameters carry hooks too
+            copies.append(copy.deepcopy(model))
+            copies[-1](x).sum().backward()  # the copy runs, and its forward is no step of the scope
+            buffer = io.BytesIO()
+            torch.save(model, buffer)
+            pickles.append(buffer.getvalue())
+            assert scope.step == step
+    _no_seqscope_in(model)  # and nothing is left on the original once the scope is closed
+    for data in pickles:
+        assert b"seqscope" not in data
+    loaded = [torch.load(io.BytesIO(data), weights_only=False) for data in pickles]
+    for m in copies + loaded:
+        _no_seqscope_in(m)
+        torch.testing.assert_close(m(x), model(x))  # the same weights, and it runs
+    with seqscope.open(tmp_path / "t.h5") as trace:
+        assert list(trace.steps) == [0, 2]
+    with seqscope.watch(copies[0], tmp_path / "copy.h5", every=1):  # a copy can be watched itself
+        copies[0](x).sum().backward()
+    with seqscope.open(tmp_path / "copy.h5") as trace:
+        assert list(trace.steps) == [0] and trace.layers == ["rnn.l0", "cell"]

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from seqscope.capture import attach
 from seqscope.capture import recurrences as rec
 from seqscope.capture.fused import LayerCapture, module_kind, sigma_fields
 from seqscope.capture.host import constant_on_device, copy_to_device
@@ -171,12 +172,13 @@ class _HookedCell:
         raise NotImplementedError
 
     def install(self) -> None:
-        if self._handle is None:
-            self._handle = self.module.register_forward_hook(self._on_call, with_kwargs=True)
+        if self._handle is None:  # noted in attach: copies of the module leave it out
+            self._handle = attach.hook_added(self.module, self.module.register_forward_hook(self._on_call,
+                                                                                           with_kwargs=True))
 
     def remove(self) -> None:
         if self._handle is not None:
-            self._handle.remove()
+            attach.hook_removed(self.module, self._handle)
             self._handle = None
 
 

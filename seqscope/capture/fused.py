@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import _VF, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
+from seqscope.capture import attach, spectral
 from seqscope.capture import recurrences as rec
-from seqscope.capture import spectral
 from seqscope.capture.host import constant_on_device
 from seqscope.trace import schema
 
@@ -136,12 +136,15 @@ class FusedRecorder:
             raise UnsupportedModelError(
                 f"{self.name} is already watched by another seqscope scope (or has its own instance forward)"
             )
-        self.module.forward = self._forward  # type: ignore[method-assign]
+        forward = self._forward
+        self.module.forward = forward  # type: ignore[method-assign]
+        attach.forward_replaced(self.module, forward)  # copies of the module leave it out
         self._installed = True
 
     def remove(self) -> None:
         if self._installed and self.module.__dict__.get("forward") == self._forward:
             del self.module.__dict__["forward"]
+            attach.forward_restored(self.module)
         self._installed = False
 
     def _original(self, *args: Any, **kwargs: Any) -> Any:

@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from seqscope import schedules
-from seqscope.capture import native, spectral
+from seqscope.capture import attach, native, spectral
 from seqscope.capture import recurrences as rec
 from seqscope.capture.cells import CELL_TYPES, CellRecorder, CustomCellRecorder, GatesFn
 from seqscope.capture.fused import (
@@ -143,6 +143,7 @@ class Scope:
         self._opt_depth = 0
         self._opt_has_pass = False
         self._handles: list[RemovableHandle] = []
+        self._model_handles: list[RemovableHandle] = []
         self._closed = False
         self._warned = False
         self._warned_backward = False
@@ -230,8 +231,10 @@ class Scope:
         for r in self._recorders:
             r.install()
         # cell hooks are installed per recorded step (_sync_cell_hooks)
-        self._handles.append(self.model.register_forward_pre_hook(self._on_model_forward))
-        self._handles.append(self.model.register_forward_hook(self._on_model_forward_end))
+        # noted in attach: copy.deepcopy(model) and torch.save(model) leave them out
+        m = self.model
+        self._model_handles = [attach.hook_added(m, m.register_forward_pre_hook(self._on_model_forward)),
+                               attach.hook_added(m, m.register_forward_hook(self._on_model_forward_end))]
         from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
         self._handles.append(register_optimizer_step_pre_hook(self._on_optimizer_pre))
@@ -255,6 +258,9 @@ class Scope:
             c.remove()
         for u in self._custom_recorders:
             u.remove()
+        for h in self._model_handles:
+            attach.hook_removed(self.model, h)
+        self._model_handles.clear()
         for h in self._handles:
             h.remove()
         self._handles.clear()
