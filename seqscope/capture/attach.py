@@ -32,10 +32,12 @@ class _StateWithout:
         self.hook_ids: set[int] = set()
         self.forward: Any = None  # seqscope's forward, while it replaces the module's
 
-    def __call__(self) -> dict[str, Any]:
+    def __call__(self) -> Any:
         module = self.module()
         assert module is not None  # called on the module that holds this object
-        state: dict[str, Any] = type(module).__getstate__(module)  # nn.Module's: a copy of __dict__
+        state = type(module).__getstate__(module)  # nn.Module's: a copy of __dict__
+        if not isinstance(state, dict):  # a class with a state of its own kind: left as it is
+            return state  # type: ignore[no-any-return]
         state = dict(state)
         state.pop("__getstate__", None)
         if self.forward is not None and state.get("forward") is self.forward:
