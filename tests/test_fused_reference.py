@@ -281,6 +281,45 @@ def test_a_second_backward_pass_is_said_once_and_the_first_is_recorded(tmp_path,
                                            rtol=1e-9)
 
 
+class _SharedAcrossCheckpoint(nn.Module):
+    """A parameter used before a checkpointed segment and inside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(IN, IN).double()
+        self.rnn = nn.GRU(IN, HID).double()
+
+    def forward(self, x, reentrant: bool):
+        def segment(z):
+            return self.rnn(self.proj(z))[0]
+        return torch.utils.checkpoint.checkpoint(segment, self.proj(x), use_reentrant=reentrant)
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_a_parameter_used_inside_and_outside_a_checkpoint(reentrant, tmp_path, caplog):
+    """Non-reentrant checkpointing is one backward pass: the parameter's recorded
+    gradient norm is PyTorch's. A reentrant checkpoint runs an inner backward pass,
+    so a parameter used inside and outside it gets its gradient in two parts;
+    seqscope records the first and says so once."""
+    torch.manual_seed(0)
+    model = _SharedAcrossCheckpoint()
+    x = torch.randn(T, B, IN, dtype=torch.float64, requires_grad=True)
+    path = tmp_path / "trace.h5"
+    with caplog.at_level(logging.WARNING, logger="seqscope"):
+        with seqscope.watch(model, path, every=1):
+            model(x, reentrant).pow(2).sum().backward()
+    said = [r for r in caplog.records if "more than one backward pass" in r.getMessage()]
+    want = ref.norm(model.proj.weight.grad).item()
+    with seqscope.open(path) as trace:
+        got = trace.scalars()["grad_norm/proj.weight"].values[0]
+    if reentrant:
+        assert len(said) == 1 and "use_reentrant=False" in said[0].getMessage()
+        assert got < want * (1 - 1e-6)  # a part of the gradient, as the warning says
+    else:
+        assert not said
+        assert got == pytest.approx(want, rel=1e-12)
+
+
 CUDA_CONFIGS = [c for c in CONFIGS if c.dtype == torch.float64 and (c.layers == 2 or c.packed or c.proj)] + [
     Config(kind, dtype=torch.float32) for kind in ("lstm", "gru", "rnn_tanh")]
 

@@ -352,16 +352,20 @@ class Scope:
 
     def note_another_backward(self, step: StepState) -> None:
         """A gradient hook of ``step`` fired again: a second backward pass through the
-        same forward (or an autograd.grad call before the backward). The step keeps
-        its first pass's gradients; said once per scope, except for the repeated
-        closure evaluations of one LBFGS step, which are expected."""
+        same forward (or an autograd.grad call before the backward, or the inner
+        backward of a reentrant checkpoint reaching a parameter that the outer one
+        reaches too). The step keeps its first pass's gradients; said once per scope,
+        except for the repeated closure evaluations of one LBFGS step, which are
+        expected."""
         if step.repeated_pass or self._warned_backward:
             return
         self._warned_backward = True
         log.warning("seqscope: step %d ran more than one backward pass through the watched model (backward() "
-                    "called again on the same forward, or torch.autograd.grad before it); seqscope records the "
+                    "called again on the same forward, torch.autograd.grad before it, or a parameter used both "
+                    "inside and outside a torch.utils.checkpoint with use_reentrant=True); seqscope records the "
                     "gradients of a step's first backward pass, while .grad holds their sum. Sum the losses and "
-                    "call backward() once to record the whole gradient (said once)", step.step)
+                    "call backward() once, or checkpoint with use_reentrant=False, to record the whole gradient "
+                    "(said once)", step.step)
 
     def note_grad_scale(self, step: StepState) -> None:
         """Keep the loss scale of watch(grad_scaler=...) that this step's backward runs
