@@ -273,3 +273,94 @@ def test_custom_cell_with_h_and_c_from_one_node(tmp_path, caplog):
         for b in range(B):
             want = [ref.norm(h.grad[b]).item() for h in hs]
             np.testing.assert_allclose(trace.grad_norms("cell", 0)["hidden"][b].data, want, rtol=1e-10)
+
+
+class _CellWith(nn.Module):
+    """An Elman cell with one part that has state or randomness in training mode:
+    batch normalisation of the pre-activation (recurrent batch norm), dropout, or
+    a spectral norm on the recurrent weight (a power iteration at every call)."""
+
+    def __init__(self, extra: str) -> None:
+        super().__init__()
+        self.ih = nn.Linear(IN, HID).double()
+        self.hh = nn.Linear(HID, HID, bias=False).double()
+        self.bn = nn.BatchNorm1d(HID).double() if extra == "batchnorm" else None
+        self.drop = nn.Dropout(0.3) if extra == "dropout" else None
+        if extra in ("spectral_norm", "orthogonal", "weight_norm"):
+            getattr(nn.utils.parametrizations, extra)(self.hh, "weight")
+
+    def pre(self, x, h):
+        a = self.ih(x) + self.hh(h)
+        if self.bn is not None:
+            a = self.bn(a)
+        return self.drop(a) if self.drop is not None else a
+
+    def forward(self, x, h):
+        return torch.tanh(self.pre(x, h))
+
+
+class _ElmanLoop(nn.Module):
+    def __init__(self, extra: str) -> None:
+        super().__init__()
+        self.cell = _CellWith(extra)
+
+    def forward(self, x):
+        h = torch.zeros(x.shape[1], HID, dtype=x.dtype)
+        outs = []
+        for t in range(x.shape[0]):
+            h = self.cell(x[t], h)
+            outs.append(h)
+        return torch.stack(outs)
+
+
+def _pre_gate(cell, x, h):
+    """A gates function that runs the cell's batch norm, dropout or power iteration once more."""
+    return {"pre": torch.sigmoid(cell.pre(x, h))}
+
+
+SIDE_EFFECTS = [(extra, gates) for extra in ("batchnorm", "dropout", "spectral_norm") for gates in (False, True)]
+
+
+@pytest.mark.parametrize("extra,with_gates", SIDE_EFFECTS,
+                         ids=[e + ("-gates-function" if g else "") for e, g in SIDE_EFFECTS])
+def test_watching_a_custom_cell_leaves_its_training_unchanged(extra, with_gates, tmp_path):
+    """seqscope runs a user's cell again after each recorded step (the propagation
+    profile) and calls its gates function at each call. Until session 15 those
+    runs, in training mode, updated the model's batch-norm statistics and its
+    spectral norm's vectors, and drew from the random number generator that
+    training draws its dropout masks from: a watched run trained differently.
+    Four SGD steps, watched and not: bit-identical losses, parameters, buffers and
+    random stream afterwards; and the watched run recorded every step."""
+
+    def train(watched: bool):
+        torch.manual_seed(0)
+        model = _ElmanLoop(extra)
+        x = torch.randn(T, B, IN, dtype=torch.float64)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        cells = {model.cell: _pre_gate} if with_gates else [model.cell]
+        losses = []
+        scope = seqscope.watch(model, tmp_path / "t.h5", every=1, cells=cells) if watched else None
+        with scope if scope is not None else contextlib.nullcontext():
+            for _ in range(4):
+                loss = model(x).pow(2).sum()
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+                losses.append(loss.item())
+        return losses, model.state_dict(), torch.rand(4)
+
+    want_losses, want_state, want_next = train(watched=False)
+    losses, state, following = train(watched=True)
+    assert losses == want_losses
+    assert set(state) == set(want_state)
+    for name, value in want_state.items():
+        assert torch.equal(state[name], value), name
+    assert torch.equal(following, want_next)
+    with seqscope.open(tmp_path / "t.h5") as trace:
+        assert list(trace.steps) == [0, 1, 2, 3]
+        for step in trace.steps:
+            profile = trace.propagation("cell", step)
+            assert np.isfinite(profile).all()
+            np.testing.assert_allclose(profile[:, -1], 1.0, rtol=1e-12)
+            if with_gates:
+                assert set(trace.gates("cell", step)) == {"pre"}

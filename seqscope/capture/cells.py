@@ -14,10 +14,11 @@ gradients, apart from the training step's data (read with ``phase="eval"``).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -62,6 +63,8 @@ class _CallsBase:
     # the cell's parameters as of the step's first call, copied: what is computed when
     # the step ends (gates, propagation, sigma_max) must not see the optimizer's update
     weights: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    # its buffers then, copied: a re-run of a custom cell updates these, not the model's
+    buffers: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -79,6 +82,7 @@ def _open_calls(recorder: Any, step: StepState, batch: int, device: torch.device
         calls = factory(select=recorder.scope.select_sequences(batch), batch=batch, in_backward=rec.in_backward())
         with torch.no_grad():
             calls.weights = {name: p.detach().clone() for name, p in recorder.module.named_parameters()}
+            calls.buffers = {name: b.detach().clone() for name, b in recorder.module.named_buffers()}
         step.cell_calls[id(recorder)] = calls
         step.cell_recorders.append(recorder)
         step.batch_size = max(step.batch_size, batch)
@@ -135,6 +139,36 @@ def _origin(t: torch.Tensor) -> Any:
 def _same_node(h: torch.Tensor, c: torch.Tensor) -> bool:
     node = _origin(h)
     return node is not None and node is _origin(c)
+
+
+def _forked_rng(device: torch.device) -> Any:
+    """A context after which the random number generators are as before it: the
+    CPU's, and the device's for a CUDA tensor."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return torch.random.fork_rng(devices=[index], device_type="cuda")
+    return torch.random.fork_rng(devices=[])
+
+
+@contextlib.contextmanager
+def _leaving_training_unchanged(module: nn.Module, device: torch.device) -> Iterator[None]:
+    """Run user code on the live cell (its gates function) without changing the
+    training run. The module's buffers are swapped for copies meanwhile, so that
+    what the code updates (batch-norm statistics, a spectral norm's vectors) is
+    the copies; the model's own buffers are not written at all, since autograd
+    may hold them for the backward pass (a batch norm's running statistics),
+    where an in-place write would fail it. The random number generators are
+    restored afterwards (dropout)."""
+    swapped = [(sub, name, b) for sub in module.modules() for name, b in sub._buffers.items() if b is not None]
+    with torch.no_grad():
+        for sub, name, b in swapped:
+            sub._buffers[name] = b.clone()
+    try:
+        with _forked_rng(device):
+            yield
+    finally:
+        for sub, name, b in swapped:
+            sub._buffers[name] = b
 
 
 def _gradient_norms(calls: _CallsBase, h: torch.Tensor, c: torch.Tensor | None,
@@ -397,7 +431,7 @@ class CustomCellRecorder(_HookedCell):
         if self.layer_id is None:
             names: tuple[str, ...] = ()
             if self.gates_fn is not None:
-                with torch.no_grad():
+                with torch.no_grad(), _leaving_training_unchanged(self.module, x.device):
                     names = tuple(self.gates_fn(self.module, x, state_in).keys())
             hidden = c_out.shape[-1] if c_out is not None else h_out.shape[-1]
             self.layer_id = self.scope.add_layer(self.name, self.kind, int(x.shape[-1]), int(hidden),
@@ -417,7 +451,8 @@ class CustomCellRecorder(_HookedCell):
             if c_out is not None:
                 calls.c.append(c_out.detach().index_select(0, sel))
             if self.gates_fn is not None:
-                gates = self.gates_fn(self.module, calls.x[-1], calls.state_in[-1])
+                with _leaving_training_unchanged(self.module, x.device):
+                    gates = self.gates_fn(self.module, calls.x[-1], calls.state_in[-1])
                 calls.gates.append(torch.stack([g.detach() for g in gates.values()], dim=1))
         _hook_outputs(self.scope, step, calls, h_out, c_out, sel)
 
@@ -454,17 +489,21 @@ class CustomCellRecorder(_HookedCell):
     def _propagation(self, calls: _CustomCalls, v: torch.Tensor) -> torch.Tensor | None:
         """||(dh_T/dh_t)^T v|| by autograd over a re-run of the cell's own chain."""
         state = calls.state_in[0]
+        # the parameters the step's calls ran with (the optimizer may have changed them), and
+        # copies of the buffers: a re-run in training mode updates batch-norm statistics or a
+        # spectral norm's power iteration in those, not in the model; and it draws its random
+        # numbers (dropout) from generators restored afterwards, so training draws the same
+        weights = {**calls.weights, **calls.buffers}
         self._replaying = True
         try:
-            with torch.enable_grad(), _as_called(calls.autocast, v.device):
+            with torch.enable_grad(), _as_called(calls.autocast, v.device), _forked_rng(v.device):
                 hs: list[torch.Tensor] = []
                 for x_t in calls.x:
                     if state is not None:
                         tensors, rebuild = flatten_state(state)
                         state = rebuild([t.detach().requires_grad_(True) if not hs else t for t in tensors])
-                    # the parameters the step's calls ran with (the optimizer may have changed them)
                     args = (x_t, state) if state is not None else (x_t,)
-                    state = torch.func.functional_call(self.module, calls.weights, args)
+                    state = torch.func.functional_call(self.module, weights, args)
                     h_t = flatten_state(state)[0][0]
                     hs.append(h_t)
                 grads = torch.autograd.grad(hs[-1], hs, grad_outputs=v, allow_unused=True)
