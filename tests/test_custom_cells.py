@@ -364,3 +364,26 @@ def test_watching_a_custom_cell_leaves_its_training_unchanged(extra, with_gates,
             np.testing.assert_allclose(profile[:, -1], 1.0, rtol=1e-12)
             if with_gates:
                 assert set(trace.gates("cell", step)) == {"pre"}
+
+
+@pytest.mark.parametrize("how", ["orthogonal", "weight_norm"])
+def test_a_custom_cells_parametrized_recurrent_weight_gives_the_sigma_max_of_its_value(how, tmp_path):
+    """A custom cell whose recurrent weight is parametrized reads it as ``hh.weight``,
+    computed at each call from ``hh.parametrizations.weight.original*``. sigma_max
+    is that of the computed weight (orthogonal: 1), not of the original it is
+    computed from (until session 15 it was the original's)."""
+    torch.manual_seed(0)
+    model = _ElmanLoop(how)
+    with torch.no_grad():
+        for p in model.cell.hh.parametrizations.weight.parameters():
+            p.mul_(3.0)  # originals far from their computed value
+    x = torch.randn(T, B, IN, dtype=torch.float64)
+    with seqscope.watch(model, tmp_path / "t.h5", every=1, cells=[model.cell]):
+        model(x).pow(2).sum().backward()
+        used = model.cell.hh.weight.detach().clone()
+    want = torch.linalg.svdvals(used)[0].item()
+    # what was recorded before: the first 2-D parameter named like a recurrent weight, an original
+    first = next(p for name, p in model.cell.named_parameters() if p.dim() == 2 and "hh" in name)
+    assert abs(torch.linalg.svdvals(first.detach())[0].item() - want) > 1e-2 * want
+    with seqscope.open(tmp_path / "t.h5") as trace:
+        assert trace.scalars()["sigma_max/cell"].values[0] == pytest.approx(want, rel=1e-9)

@@ -17,12 +17,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import logging
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from seqscope.capture import attach
 from seqscope.capture import recurrences as rec
@@ -65,6 +67,9 @@ class _CallsBase:
     weights: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
     # its buffers then, copied: a re-run of a custom cell updates these, not the model's
     buffers: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    # each parametrized tensor (torch.nn.utils.parametrize) as the first call computed it,
+    # copied, by the name the cell reads it under ("weight_hh", "hh.weight")
+    effective: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -83,6 +88,7 @@ def _open_calls(recorder: Any, step: StepState, batch: int, device: torch.device
         with torch.no_grad():
             calls.weights = {name: p.detach().clone() for name, p in recorder.module.named_parameters()}
             calls.buffers = {name: b.detach().clone() for name, b in recorder.module.named_buffers()}
+            calls.effective = {name: t.clone() for name, t in recorder.effective.items()}
         step.cell_calls[id(recorder)] = calls
         step.cell_recorders.append(recorder)
         step.batch_size = max(step.batch_size, batch)
@@ -141,6 +147,27 @@ def _same_node(h: torch.Tensor, c: torch.Tensor) -> bool:
     return node is not None and node is _origin(c)
 
 
+def _parametrization_lists(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(the name the cell reads the tensor under, its ParametrizationList) for each
+    parametrized tensor in ``module`` (torch.nn.utils.parametrize): ``weight_hh``
+    of a parametrized nn.GRUCell, ``hh.weight`` of a submodule ``hh``."""
+    found = []
+    for path, sub in module.named_modules():
+        if parametrize.is_parametrized(sub):
+            for tensor_name, plist in sub.parametrizations.items():  # type: ignore[union-attr]
+                found.append((f"{path}.{tensor_name}" if path else tensor_name, plist))
+    return found
+
+
+def _as_used(calls: _CallsBase) -> dict[str, torch.Tensor]:
+    """The cell's weights as its calls used them: its parameters, with each
+    parametrized tensor's value in place of the originals it is computed from."""
+    used = {name: t for name, t in calls.weights.items()
+            if not (name.startswith("parametrizations.") or ".parametrizations." in name)}
+    used.update(calls.effective)
+    return used
+
+
 def _forked_rng(device: torch.device) -> Any:
     """A context after which the random number generators are as before it: the
     CPU's, and the device's for a CUDA tensor."""
@@ -197,16 +224,32 @@ def _gradient_norms(calls: _CallsBase, h: torch.Tensor, c: torch.Tensor | None,
 
 
 class _HookedCell:
-    """A forward hook on one cell module for the lifetime of a Scope."""
+    """A forward hook on one cell module, installed for recorded steps. A
+    parametrized tensor of the cell (torch.nn.utils.parametrize: weight_norm,
+    orthogonal, spectral_norm) is computed in each call; a forward hook on its
+    ParametrizationList keeps the value the call computed (``effective``), which
+    the step's first call copies (_open_calls)."""
 
     module: nn.Module
     _handle: Any = None
+    _parametrization_handles: list[tuple[nn.Module, Any]]
+    effective: dict[str, torch.Tensor]
 
     def _on_call(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         raise NotImplementedError
 
+    @torch.compiler.disable  # seqscope's own code is never traced by torch.compile
+    def _keep_effective(self, name: str, module: nn.Module, args: Any, output: Any) -> None:
+        if isinstance(output, torch.Tensor):
+            self.effective[name] = output.detach()
+
     def install(self) -> None:
         if self._handle is None:  # noted in attach: copies of the module leave it out
+            self.effective = {}
+            self._parametrization_handles = [
+                (plist, attach.hook_added(plist, plist.register_forward_hook(functools.partial(self._keep_effective,
+                                                                                               name))))
+                for name, plist in _parametrization_lists(self.module)]
             self._handle = attach.hook_added(self.module, self.module.register_forward_hook(self._on_call,
                                                                                            with_kwargs=True))
 
@@ -214,6 +257,10 @@ class _HookedCell:
         if self._handle is not None:
             attach.hook_removed(self.module, self._handle)
             self._handle = None
+            for plist, handle in self._parametrization_handles:
+                attach.hook_removed(plist, handle)
+            self._parametrization_handles = []
+            self.effective = {}
 
 
 class CellRecorder(_HookedCell):
@@ -225,6 +272,8 @@ class CellRecorder(_HookedCell):
         self.module = module
         self.kind = module_kind(module)
         self.layer_id = layer_id
+        self.effective: dict[str, torch.Tensor] = {}
+        self._parametrization_handles = []
 
     # ---- per call ------------------------------------------------------------------------
     @torch.compiler.disable  # seqscope's own code is never traced by torch.compile
@@ -293,7 +342,11 @@ class CellRecorder(_HookedCell):
             is_lstm = self.kind == schema.KIND_LSTM
             c = torch.stack(calls.c).to(calc) if is_lstm else None
             c_prev = torch.stack([t.to(calc) for t in calls.c_prev]) if is_lstm else None
-            weights = calls.weights  # as the step's calls saw them
+            weights = _as_used(calls)  # as the step's calls saw them
+            missing = [n for n in ("weight_ih", "weight_hh") if n not in weights]
+            if missing:  # a parametrized weight whose value the call did not compute
+                raise RuntimeError(f"{', '.join(missing)} of the cell were not computed during its call (a "
+                                   "torch.nn.utils.parametrize.cached() region that began before the step?)")
             w = rec.weights_as_run(rec.LayerWeights(
                 kind=self.kind,
                 w_ih=weights["weight_ih"],
@@ -399,6 +452,8 @@ class CustomCellRecorder(_HookedCell):
         self.module = module
         self.gates_fn = gates_fn
         self.layer_id: int | None = None
+        self.effective: dict[str, torch.Tensor] = {}
+        self._parametrization_handles = []
         self._replaying = False
         self._disabled = False
         self._warned_shared_node = False
@@ -471,7 +526,7 @@ class CustomCellRecorder(_HookedCell):
         capture = LayerCapture(
             layer_id=self.layer_id, kind=self.kind, hidden=h, gates=gates, cell=c,
             lengths=torch.full((n_seq,), n_time, dtype=torch.long), sequence_index=calls.select.clone(),
-            **sigma_fields(_recurrent_matrix(calls.weights)),
+            **sigma_fields(_recurrent_matrix(_as_used(calls))),
         )
         grads = _gradient_norms(calls, h, c, capture)
         if grads is not None:
