@@ -454,9 +454,37 @@ class _Tagger(nn.Module):
 
 def _no_seqscope_in(module: nn.Module) -> None:
     for m in module.modules():
-        assert "forward" not in m.__dict__ and "__getstate__" not in m.__dict__
+        assert "forward" not in m.__dict__ and "__getstate__" not in m.__dict__ and "__deepcopy__" not in m.__dict__
         for name in ("_forward_pre_hooks", "_forward_hooks"):
             assert not getattr(m, name), f"{type(m).__name__}.{name} still holds a hook"
+
+
+def test_deep_copies_of_a_watched_model_with_a_parametrized_cell_are_plain_models(tmp_path):
+    """A parametrized module's class (torch.nn.utils.parametrize) has a __deepcopy__
+    of its own, which copies the instance's dictionary as it is, seqscope's hooks
+    included: copy.deepcopy raised "cannot pickle '_thread.lock'" while seqscope
+    watched a model with a weight-normed cell (until session 15). The copy is the
+    plain model, during recorded steps and others, and can be watched itself."""
+    torch.manual_seed(0)
+    model = _Tagger()
+    nn.utils.parametrizations.weight_norm(model.cell, "weight_hh")
+    x = torch.randn(5, 2, 3)
+    copies = []
+    with seqscope.watch(model, tmp_path / "t.h5", every=2):
+        for _ in range(4):
+            model(x).sum().backward()
+            copies.append(copy.deepcopy(model))
+            copies[-1](x).sum().backward()
+    _no_seqscope_in(model)
+    for m in copies:
+        _no_seqscope_in(m)
+        torch.testing.assert_close(m(x), model(x))
+    with seqscope.open(tmp_path / "t.h5") as trace:
+        assert list(trace.steps) == [0, 2]
+    with seqscope.watch(copies[0], tmp_path / "copy.h5", every=1):
+        copies[0](x).sum().backward()
+    with seqscope.open(tmp_path / "copy.h5") as trace:
+        assert list(trace.steps) == [0] and trace.layers == ["rnn.l0", "cell"]
 
 
 def test_copies_and_pickles_of_a_watched_model_are_plain_models(tmp_path):
