@@ -12,6 +12,7 @@ import types
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -202,44 +203,136 @@ def test_a_training_loop_records_each_step_as_its_forward_ran(cfg: Config, tmp_p
             opt.step()
             opt.zero_grad()
             steps.append((before, seqs, h0, c0, terms, pg))
-    tol = _tol(cfg)
-    n_dir = 2 if cfg.bidirectional else 1
     with seqscope.open(path) as trace:
         assert list(trace.steps) == list(range(5))
-        scalars = trace.scalars()
         for step, (before, seqs, h0, c0, terms, pg) in enumerate(steps):
             module = make_module(cfg)
             module.load_state_dict(before)
-            layers, ref_out, ref_hn, ref_cn = ref.run_reference(module, seqs, h0, c0)
-            loss_of(ref_out, ref_hn, ref_cn, terms).backward(retain_graph=True)
-            # the reference's gradient norms, read before propagation() runs more backward passes
-            ref_gh = {key: [[ref.norm(h.grad).item() for h in hs] for hs in lay.h] for key, lay in layers.items()}
-            ref_gc = {key: [[ref.norm(c.grad).item() for c in cs] for cs in lay.c] for key, lay in layers.items()} \
-                if cfg.kind == "lstm" else {}
-            for name, want in pg.items():
-                assert scalars["grad_norm/" + name].values[step] == pytest.approx(want, rel=1e-6)
-            for (k, d), layer in layers.items():
-                name = f"{cfg.kind.split('_')[0]}.l{k}" + ("_reverse" if d else "")
-                grads = trace.grad_norms(name, step)
-                prop = trace.propagation(name, step)
-                gates = trace.gates(name, step)
-                want_sigma = torch.linalg.svdvals(ref.layer_weights(module, k, d)["w_hh"].detach())[0].item()
-                assert scalars["sigma_max/" + name].values[step] == pytest.approx(want_sigma, rel=1e-5)
-                for b, seq in enumerate(seqs):
-                    n = len(seq)
-                    np.testing.assert_allclose(trace.hidden(name, step)[b, :n].data,
-                                               torch.stack(layer.h[b]).detach().numpy(),
-                                               rtol=tol["states"], atol=tol["atol_states"])
-                    np.testing.assert_allclose(grads["hidden"][b, :n].data, ref_gh[(k, d)][b], rtol=tol["grads"])
-                    np.testing.assert_allclose(prop[b, :n].data, ref.propagation(layer, b, d).numpy(),
-                                               rtol=tol["grads"], atol=1e-300)
-                    for gname, values in gates.items():
-                        want_g = torch.stack([g[gname] for g in layer.gates[b]]).detach().numpy()
-                        np.testing.assert_allclose(values[b, :n].data, want_g, rtol=tol["states"],
-                                                   atol=tol["atol_states"])
-                    if cfg.kind == "lstm":
-                        np.testing.assert_allclose(grads["cell"][b, :n].data, ref_gc[(k, d)][b], rtol=tol["grads"])
-            assert len(layers) == cfg.layers * n_dir
+            check_step(trace, step, cfg, module, seqs, h0, c0, terms, pg)
+
+
+def check_step(trace: Any, step: int, cfg: Config, module: nn.Module, seqs, h0, c0, terms,
+               pg: dict[str, float], prefix: str | None = None) -> None:
+    """Step ``step`` of ``trace`` against the reference unrolled on ``module`` (a
+    module with the weights that step's forward pass ran with), and the parameter
+    gradient norms against ``pg`` (PyTorch's own for that step). ``prefix``: the
+    trace's name of the module (its kind by default, as for a watched bare module)."""
+    tol = _tol(cfg)
+    n_dir = 2 if cfg.bidirectional else 1
+    prefix = prefix or cfg.kind.split("_")[0]
+    scalars = trace.scalars()
+    layers, ref_out, ref_hn, ref_cn = ref.run_reference(module, seqs, h0, c0)
+    loss_of(ref_out, ref_hn, ref_cn, terms).backward(retain_graph=True)
+    # the reference's gradient norms, read before propagation() runs more backward passes
+    ref_gh = {key: [[ref.norm(h.grad).item() for h in hs] for hs in lay.h] for key, lay in layers.items()}
+    ref_gc = {key: [[ref.norm(c.grad).item() for c in cs] for cs in lay.c] for key, lay in layers.items()} \
+        if cfg.kind == "lstm" else {}
+    for name, want in pg.items():
+        assert scalars["grad_norm/" + name].values[step] == pytest.approx(want, rel=1e-6)
+    for (k, d), layer in layers.items():
+        name = f"{prefix}.l{k}" + ("_reverse" if d else "")
+        grads = trace.grad_norms(name, step)
+        prop = trace.propagation(name, step)
+        gates = trace.gates(name, step)
+        want_sigma = torch.linalg.svdvals(ref.layer_weights(module, k, d)["w_hh"].detach())[0].item()
+        assert scalars["sigma_max/" + name].values[step] == pytest.approx(want_sigma, rel=1e-5)
+        for b, seq in enumerate(seqs):
+            n = len(seq)
+            np.testing.assert_allclose(trace.hidden(name, step)[b, :n].data,
+                                       torch.stack(layer.h[b]).detach().numpy(),
+                                       rtol=tol["states"], atol=tol["atol_states"])
+            np.testing.assert_allclose(grads["hidden"][b, :n].data, ref_gh[(k, d)][b], rtol=tol["grads"])
+            np.testing.assert_allclose(prop[b, :n].data, ref.propagation(layer, b, d).numpy(),
+                                       rtol=tol["grads"], atol=1e-300)
+            for gname, values in gates.items():
+                want_g = torch.stack([g[gname] for g in layer.gates[b]]).detach().numpy()
+                np.testing.assert_allclose(values[b, :n].data, want_g, rtol=tol["states"],
+                                           atol=tol["atol_states"])
+            if cfg.kind == "lstm":
+                np.testing.assert_allclose(grads["cell"][b, :n].data, ref_gc[(k, d)][b], rtol=tol["grads"])
+    assert len(layers) == cfg.layers * n_dir
+
+
+PARAMETRIZED = [("lstm", "weight_norm", "weight_hh_l0"), ("rnn_tanh", "orthogonal", "weight_hh_l0"),
+                ("gru", "spectral_norm", "weight_hh_l1")]
+
+
+@pytest.mark.parametrize("kind,how,weight", PARAMETRIZED, ids=[f"{k}-{h}" for k, h, _ in PARAMETRIZED])
+def test_parametrized_weights_are_recorded_as_the_forward_used_them(kind, how, weight, tmp_path, scan_path):
+    """torch.nn.utils.parametrizations on a recurrent weight: weight_norm, orthogonal
+    (a remedy for vanishing and exploding gradients) and spectral_norm, whose power
+    iteration changes the weight at every forward pass in training mode. Three SGD
+    steps; each record equals the reference unrolled on the weights that step's
+    forward pass computed (read right after it, in eval mode: a spectral norm then
+    computes the weight from its vectors as they are, without iterating again).
+    The parameter gradient norms are PyTorch's, under the originals' names."""
+    cfg = Config(kind, layers=2)
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(3)
+    model = make_module(cfg)
+    getattr(torch.nn.utils.parametrizations, how)(model, weight)
+    names = list(make_module(cfg).state_dict())  # the plain module's: weight_ih_l0, weight_hh_l0, ...
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    steps = []
+    with seqscope.watch(model, tmp_path / "trace.h5", every=1, sequences=B, precision="full"):
+        for _ in range(3):
+            seqs, h0, c0 = make_inputs(cfg, gen)
+            terms = make_loss_terms(cfg, gen)
+            output, state = model(module_input(cfg, seqs))
+            model.eval()
+            used = {name: getattr(model, name).detach().clone() for name in names}
+            model.train()
+            h_n, c_n = state if kind == "lstm" else (state, None)
+            loss_of(per_sequence_outputs(cfg, output), h_n, c_n, terms).backward()
+            pg = {name: ref.norm(p.grad).item() for name, p in model.named_parameters()}
+            assert any(name.startswith("parametrizations.") for name in pg)
+            opt.step()
+            opt.zero_grad()
+            steps.append((used, seqs, h0, c0, terms, pg))
+    with seqscope.open(tmp_path / "trace.h5") as trace:
+        assert list(trace.steps) == [0, 1, 2]
+        # a watched parametrized module is named after the class it was made from
+        assert trace.layers == [f"{kind.split('_')[0]}.l0", f"{kind.split('_')[0]}.l1"]
+        for step, (used, seqs, h0, c0, terms, pg) in enumerate(steps):
+            module = make_module(cfg)
+            module.load_state_dict(used)
+            check_step(trace, step, cfg, module, seqs, h0, c0, terms, pg)
+
+
+def test_a_model_in_distributed_data_parallel_is_recorded(tmp_path):
+    """DistributedDataParallel (one process, gloo): seqscope watches the wrapper; its
+    gradient hooks run beside DDP's gradient reduction. Three SGD steps against the
+    reference."""
+    dist = torch.distributed
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        cfg = Config("lstm", layers=2, h0=True)
+        torch.manual_seed(0)
+        gen = torch.Generator().manual_seed(3)
+        model = make_module(cfg)
+        ddp = nn.parallel.DistributedDataParallel(model)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.2)
+        steps = []
+        with seqscope.watch(ddp, tmp_path / "trace.h5", every=1, sequences=B, precision="full"):
+            for _ in range(3):
+                seqs, h0, c0 = make_inputs(cfg, gen)
+                terms = make_loss_terms(cfg, gen)
+                before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                output, (h_n, c_n) = ddp(module_input(cfg, seqs), (h0, c0))
+                loss_of(per_sequence_outputs(cfg, output), h_n, c_n, terms).backward()
+                pg = {name: ref.norm(p.grad).item() for name, p in ddp.named_parameters()}
+                opt.step()
+                opt.zero_grad()
+                steps.append((before, seqs, h0, c0, terms, pg))
+        with seqscope.open(tmp_path / "trace.h5") as trace:
+            assert list(trace.steps) == [0, 1, 2]
+            assert trace.layers == ["module.l0", "module.l1"]
+            for step, (before, seqs, h0, c0, terms, pg) in enumerate(steps):
+                module = make_module(cfg)
+                module.load_state_dict(before)
+                check_step(trace, step, cfg, module, seqs, h0, c0, terms, pg, prefix="module")
+    finally:
+        dist.destroy_process_group()
 
 
 def test_a_second_backward_pass_is_said_once_and_the_first_is_recorded(tmp_path, caplog):

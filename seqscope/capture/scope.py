@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 from torch.utils.hooks import RemovableHandle
 
 from seqscope import schedules
@@ -177,7 +178,7 @@ class Scope:
             if reason:
                 problems.append(f"{name or type(module).__name__}: {reason}")
                 continue
-            display = name or type(module).__name__.lower()
+            display = name or _class_name(module)
             kind = module_kind(module)
             assert isinstance(module, nn.RNNBase)
             ids = {}
@@ -193,7 +194,7 @@ class Scope:
         for name, module in self.model.named_modules():
             if not isinstance(module, CELL_TYPES):
                 continue
-            display = name or type(module).__name__.lower()
+            display = name or _class_name(module)
             lid = len(self._layer_rows)
             size = module.hidden_size
             ckind = module_kind(module).encode()
@@ -690,6 +691,16 @@ class Scope:
         step_row = (step.step, step.wall_time, step.batch_size, n_time, n_seq, step.phase)
         return StepRecord(step_row, arrays, scalars, self._take_layers(), self._take_names(), deferred,
                           ready + scalars_ready)
+
+
+def _class_name(module: nn.Module) -> str:
+    """The name of a watched model that is itself the recurrent module: its class's,
+    in lower case ("lstm"); for a parametrized module (torch.nn.utils.parametrize
+    makes its class "ParametrizedLSTM") the class it was made from."""
+    cls = type(module)
+    if parametrize.is_parametrized(module) and cls.__name__.startswith("Parametrized") and cls.__bases__:
+        cls = cls.__bases__[0]
+    return cls.__name__.lower()
 
 
 def _unscaled(t: torch.Tensor, scale: Any) -> torch.Tensor:
