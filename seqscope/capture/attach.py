@@ -89,7 +89,7 @@ class _DeepcopyWithout:
         replica = type(module).__new__(type(module))
         memo[id(module)] = replica
         # the instance's own dictionary, as the default deep copy takes it (a parametrized
-        # module's class __getstate__ refuses, to keep it out of pickles)
+        # module's class __getstate__ refuses, to keep it out of serialised files)
         replica.__dict__.update(copy.deepcopy(self.state.without(module.__dict__), memo))
         for slot in copyreg._slotnames(type(module)):  # type: ignore[attr-defined]
             if hasattr(module, slot):
