@@ -293,3 +293,42 @@ def test_the_writers_top_eigenvalue_limits_its_blas_threads_for_its_own_thread_o
         assert calls[-1][1] == 0  # restored after a NaN too
     finally:
         native._mkl_local_threads = real
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_the_compiled_propagation_seed_matches_the_eager_one_on_extreme_rows(dtype):
+    """The propagation seed, compiled, against recurrences.unit_seed, with each
+    kind of row it must survive: zero (the uniform seed), NaN and infinite
+    entries, values whose float32 squares overflow (1e25) or vanish (1e-30), and
+    for float64 a sum of squares that overflows a double (1e200: PyTorch's norm
+    is inf there too, and the seed uniform). Padded last steps included."""
+    need_native()
+    gen = torch.Generator().manual_seed(0)
+    n_time, n_seq, hidden = 6, 7, 5
+    ext = torch.randn(n_time, 2, n_seq, hidden, generator=gen, dtype=dtype)
+    last = torch.tensor([5, 5, 3, 0, 2, 4, 5])
+    ext[5, 0, 0] = 0
+    ext[5, 0, 1, 2] = float("nan")
+    ext[3, 0, 2, 0] = float("-inf")
+    ext[0, 0, 3] *= 1e25
+    ext[2, 0, 4] *= 1e-30
+    if dtype == torch.float64:
+        ext[4, 0, 5] *= 1e200
+    seq = torch.arange(n_seq)
+    for at in (last, None):
+        want = ext.clone()
+        if at is None:
+            want[-1, 1] = rec.unit_seed(want[-1, 0])
+        else:
+            want[at, 1, seq] = rec.unit_seed(want[at, 0, seq])
+        got = ext.clone()
+        native.unit_seed_in_place(got, at)
+        torch.testing.assert_close(got, want, rtol=1e-6 if dtype == torch.float32 else 1e-14, atol=0, equal_nan=True)
+        # what the fused recorder calls: the compiled pass here
+        dispatched = ext.clone()
+        rec.seed_last_steps(dispatched, at)
+        torch.testing.assert_close(dispatched, got, rtol=0, atol=0, equal_nan=True)
+    with pytest.raises(ValueError):
+        native.unit_seed_in_place(ext.clone(), torch.tensor([6, 0, 0, 0, 0, 0, 0]))  # past the last timestep
+    with pytest.raises(ValueError):
+        native.unit_seed_in_place(ext[:, :1].clone(), None)  # one seed row, not two

@@ -15,6 +15,7 @@
  * [T, S, ...] and row r uses sequence r % S. The caller (native.py) checks every
  * shape, dtype and contiguity before calling; nothing here allocates.
  */
+#include <float.h>
 #include <stddef.h>
 
 #ifndef SCALAR
@@ -211,6 +212,37 @@ int NAME(seqscope_gru_factors)(int T, int S, int H, const real *gates, const rea
                 continue;
             }
             gru_factors_row(H, gates + ts * 3 * H, gh + ts * 3 * H + 2 * H, h_prev + ts * H, f3, zo);
+        }
+    }
+    return 0;
+}
+
+/* ---- before the scans: the propagation seed ---------------------------------------
+ *
+ * In double precision whatever SCALAR is, as recurrences.unit_seed computes it (one
+ * pass here instead of ten PyTorch calls). The gradient norms stay PyTorch's: a
+ * plain loop here (one accumulator: the compiler may not reorder the sum) was
+ * slower than its vectorized, threaded reduction (profiling.md, session 15).
+ */
+
+/* The propagation seed in place (recurrences.unit_seed): for each sequence s at
+ * its last step t = last[s] (NULL: T - 1), ext[t][1][s] = ext[t][0][s] / its norm,
+ * or the uniform unit vector H^-1/2 where that norm is zero or not finite (NaN,
+ * or a sum of squares that overflows). ext [T, 2, S, H]. */
+int NAME(seqscope_unit_seed)(int T, int S, int H, real *ext, const long long *last) {
+    const double uniform = 1.0 / __builtin_sqrt((double)H);
+    for (int s = 0; s < S; ++s) {
+        const long long t = last != NULL ? last[s] : T - 1;
+        if (t < 0 || t >= T) return 1;
+        const real *g = ext + (((size_t)t * 2) * S + s) * H;
+        real *v = ext + (((size_t)t * 2 + 1) * S + s) * H;
+        double sum = 0;
+        for (int u = 0; u < H; ++u) sum += (double)g[u] * (double)g[u];
+        const double norm = __builtin_sqrt(sum);
+        if (norm > 0 && norm <= DBL_MAX) {
+            for (int u = 0; u < H; ++u) v[u] = (real)((double)g[u] / norm);
+        } else {
+            for (int u = 0; u < H; ++u) v[u] = (real)uniform;
         }
     }
     return 0;

@@ -427,6 +427,7 @@ class FusedRecorder:
                 g = g.index_select(0, unsorted_idx)
             return g.index_select(0, select_dev)
 
+        last: torch.Tensor | None = None
         if full:  # each sequence's last step is the last timestep: plain indexing
             def at_last(r: int) -> tuple[Any, ...]:
                 return (n_time - 1, r)
@@ -457,7 +458,7 @@ class FusedRecorder:
                 if gcn is not None:
                     ext_c[at_last(0)] += gcn
             # propagation seed: the unit gradient at each sequence's last step (see unit_seed)
-            ext_h[at_last(1)] = rec.unit_seed(ext_h[at_last(0)])
+            rec.seed_last_steps(ext_h, last)
             # ext_h / ext_c are this scan's own: the compiled scan may run in them
             dh, dc = rec.backward_scan(lw, direction.details, ext_h, ext_c, overwrite=True)
             norms_h = rec.norms(dh)  # [time, 2, sequence], float64

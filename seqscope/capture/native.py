@@ -157,7 +157,8 @@ def _build_and_load() -> dict[torch.dtype, tuple[dict[str, Any], int]]:
         signatures = {"lstm_scan": [p, i, i, i, i, i] + [p] * 10, "gru_scan": [p, i, i, i, i] + [p] * 5,
                       "rnn_scan": [p, i, i, i, i] + [p] * 4, "lstm_cells": [i, i, i, p, p, p],
                       "lstm_factors": [i, i, i] + [p] * 10, "gru_factors": [i, i, i] + [p] * 6,
-                      "top_eigenvalue": [p, p, i, i, ctypes.c_double, p, p, p]}
+                      "top_eigenvalue": [p, p, i, i, ctypes.c_double, p, p, p],
+                      "unit_seed": [i, i, i, p, p]}
         funcs = {}
         for name, argtypes in signatures.items():
             func = getattr(lib, f"seqscope_{name}_{suffix}")
@@ -216,6 +217,21 @@ def _self_test(loaded: dict[torch.dtype, tuple[dict[str, Any], int]]) -> None:
             for a, b in pairs:
                 if a is not None and b is not None and not torch.allclose(a, b, rtol=1e-4, atol=1e-5):
                     raise RuntimeError(f"compiled {kind} recurrence ({dtype}) disagrees with the eager one")
+        # the propagation seed, with a zero row and rows that are not finite
+        ext = torch.randn(n_time, 2, n_seq, hidden, generator=gen, dtype=dtype)
+        ext[4, 0, 0] = 0
+        ext[2, 0, 1, 1] = float("nan")
+        ext[0, 0, 2, 0] = float("inf")
+        last = torch.tensor([4, 2, 0])
+        want_ext = ext.clone()
+        seq = torch.arange(n_seq)
+        want_ext[last, 1, seq] = rec.unit_seed(ext[last, 0, seq])
+        got_ext = ext.clone()
+        unit_seed_in_place(got_ext, last, loaded)
+        want_ext[-1, 1] = rec.unit_seed(want_ext[-1, 0])
+        unit_seed_in_place(got_ext, None, loaded)
+        if not torch.allclose(got_ext, want_ext, rtol=1e-6, atol=1e-7, equal_nan=True):
+            raise RuntimeError(f"compiled propagation seed ({dtype}) disagrees with the eager one")
         if _lapack is not None:  # top_eigenvalue against the dense eigensolver
             sample = torch.randn(7, 5, generator=gen, dtype=dtype)
             gram = sample.T @ sample
@@ -408,6 +424,27 @@ def gru_factors(
         0 if mask is None else mask.data_ptr(), check(factors["F3"], per_gate),
         check(factors["Z"], (n_time, n_seq, hidden)))
     return factors
+
+
+def unit_seed_in_place(ext_h: torch.Tensor, last: torch.Tensor | None,
+                       loaded: dict[torch.dtype, tuple[dict[str, Any], int]] | None = None) -> None:
+    """recurrences.seed_last_steps in one compiled pass: in ``ext_h`` [time, 2,
+    sequence, unit], row [last[s], 1, s] becomes recurrences.unit_seed of row
+    [last[s], 0, s] (``last`` [sequence] on the CPU; None: the last timestep)."""
+    funcs, _ = (loaded if loaded is not None else _load())[ext_h.dtype]
+    n_time, reps, n_seq, out_size = ext_h.shape
+    if reps != 2:
+        raise ValueError(f"native seed: expected [time, 2, sequence, unit], got {tuple(ext_h.shape)}")
+    at = None
+    if last is not None:
+        at = last.to(torch.int64).contiguous()  # held here while C reads it
+        if at.device.type != "cpu" or tuple(at.shape) != (n_seq,):
+            raise ValueError(f"native seed: last steps of shape {tuple(at.shape)} on {at.device}")
+    check = _Check(ext_h.dtype)
+    code = funcs["unit_seed"](n_time, n_seq, out_size, check(ext_h, (n_time, 2, n_seq, out_size)),
+                              0 if at is None else at.data_ptr())
+    if code != 0:
+        raise ValueError("native seed: a last step outside the sequence")
 
 
 _EIG_EPS = 1e-8  # top_eigenvalue's proof: no eigenvalue above theta (1 + this)

@@ -419,6 +419,24 @@ def unit_seed(last_grad: torch.Tensor) -> torch.Tensor:
     return torch.where(ok, g / norm, last_grad.shape[-1] ** -0.5).to(last_grad.dtype)
 
 
+def seed_last_steps(ext_h: torch.Tensor, last: torch.Tensor | None) -> None:
+    """Put the propagation seed into ``ext_h`` [time, 2, sequence, output]: at each
+    sequence's last step (``last`` [sequence], on ext_h's device; None: the last
+    timestep for all), row 1 becomes unit_seed of row 0. In one compiled pass on
+    the CPU (capture.native) when it is there."""
+    if native.supports(ext_h):
+        try:
+            native.unit_seed_in_place(ext_h, last)
+            return
+        except ValueError as exc:  # a layout the compiled pass does not take
+            log.debug("seqscope: %s", exc)
+    if last is None:
+        ext_h[-1, 1] = unit_seed(ext_h[-1, 0])
+    else:
+        seq = torch.arange(ext_h.shape[2], device=ext_h.device)
+        ext_h[last, 1, seq] = unit_seed(ext_h[last, 0, seq])
+
+
 def flip_index(lengths: torch.Tensor, n_time: int) -> torch.Tensor:
     """Index [time, sequence] that reverses each sequence within its length and
     leaves padding in place; applying it twice is the identity."""
