@@ -11,6 +11,7 @@ the writer thread, so the training thread never waits for the device.
 from __future__ import annotations
 
 import functools
+import math
 import os
 from collections.abc import Callable
 from typing import Any
@@ -64,9 +65,9 @@ def _sigma_max(w: torch.Tensor) -> float:
                 if not bool(torch.isfinite(gram).all()):
                     continue
                 top = float(torch.linalg.eigvalsh(gram.double())[-1])
-            elif np.isnan(top):  # a NaN or an infinity in the Gram matrix
+            elif math.isnan(top):  # a NaN or an infinity in the Gram matrix
                 continue
-            return float(np.sqrt(max(top, 0.0)))
+            return math.sqrt(max(top, 0.0))
         return float("inf") if bool(torch.isfinite(w).all()) else float("nan")
     except RuntimeError:  # LAPACK did not converge: a statistic, never an error in training
         return float("nan")
