@@ -20,7 +20,7 @@ import dataclasses
 import functools
 import logging
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -65,11 +65,13 @@ class _CallsBase:
     # the cell's parameters as of the step's first call, copied: what is computed when
     # the step ends (gates, propagation, sigma_max) must not see the optimizer's update
     weights: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
-    # its buffers then, copied: a re-run of a custom cell updates these, not the model's
+    # its buffers then, copied, for the calls of a cell that seqscope re-runs (KEEPS_BUFFERS):
+    # the re-run updates these, not the model's
     buffers: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
     # each parametrized tensor (torch.nn.utils.parametrize) as the first call computed it,
     # copied, by the name the cell reads it under ("weight_hh", "hh.weight")
     effective: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    KEEPS_BUFFERS: ClassVar[bool] = False
 
 
 @dataclasses.dataclass
@@ -87,7 +89,8 @@ def _open_calls(recorder: Any, step: StepState, batch: int, device: torch.device
         calls = factory(select=recorder.scope.select_sequences(batch), batch=batch, in_backward=rec.in_backward())
         with torch.no_grad():
             calls.weights = {name: p.detach().clone() for name, p in recorder.module.named_parameters()}
-            calls.buffers = {name: b.detach().clone() for name, b in recorder.module.named_buffers()}
+            if calls.KEEPS_BUFFERS:
+                calls.buffers = {name: b.detach().clone() for name, b in recorder.module.named_buffers()}
             calls.effective = {name: t.clone() for name, t in recorder.effective.items()}
         step.cell_calls[id(recorder)] = calls
         step.cell_recorders.append(recorder)
@@ -424,6 +427,7 @@ class _CustomCalls(_CallsBase):
     # per call: the user's gates [sequence, gate, unit], computed at the call (with the
     # parameters and in the autocast region the call had)
     gates: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    KEEPS_BUFFERS: ClassVar[bool] = True  # the propagation profile re-runs the cell
 
 
 def _as_called(state: tuple[str, torch.dtype | None] | None, device: torch.device) -> Any:
