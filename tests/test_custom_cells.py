@@ -387,3 +387,24 @@ def test_a_custom_cells_parametrized_recurrent_weight_gives_the_sigma_max_of_its
     assert abs(torch.linalg.svdvals(first.detach())[0].item() - want) > 1e-2 * want
     with seqscope.open(tmp_path / "t.h5") as trace:
         assert trace.scalars()["sigma_max/cell"].values[0] == pytest.approx(want, rel=1e-9)
+
+
+def test_the_propagation_re_run_does_not_call_the_cells_forward_hooks(tmp_path):
+    """A forward hook of the user's on a custom cell (one that collects activations
+    for an activation penalty, say) sees the training run's calls only, not
+    seqscope's re-run of the cell after each recorded step (until session 15 it saw
+    every re-run call too, and such a penalty changed)."""
+    torch.manual_seed(0)
+    model = _ElmanLoop("none")
+    x = torch.randn(T, B, IN, dtype=torch.float64)
+    seen = []
+    model.cell.register_forward_hook(lambda module, args, out: seen.append(out.detach()))
+    with seqscope.watch(model, tmp_path / "t.h5", every=1, cells=[model.cell]):
+        for _ in range(3):
+            seen.clear()
+            model(x).pow(2).sum().backward()
+            assert len(seen) == T
+    assert len(seen) == T  # closing the scope finishes the last step without calling the hook
+    with seqscope.open(tmp_path / "t.h5") as trace:
+        assert list(trace.steps) == [0, 1, 2]
+        np.testing.assert_allclose(trace.propagation("cell", 2)[:, -1], 1.0, rtol=1e-12)

@@ -552,7 +552,10 @@ class CustomCellRecorder(_HookedCell):
         # copies of the buffers: a re-run in training mode updates batch-norm statistics or a
         # spectral norm's power iteration in those, not in the model; and it draws its random
         # numbers (dropout) from generators restored afterwards, so training draws the same
-        weights = {**calls.weights, **calls.buffers}
+        # through _ForwardOnly: the cell's forward without its __call__, so that its forward hooks
+        # (the user's: one that collects activations for a loss) see no call of seqscope's
+        weights = {"inner." + name: t for name, t in {**calls.weights, **calls.buffers}.items()}
+        forward_only = _ForwardOnly(self.module)
         self._replaying = True
         try:
             with torch.enable_grad(), _as_called(calls.autocast, v.device), _forked_rng(v.device):
@@ -562,7 +565,7 @@ class CustomCellRecorder(_HookedCell):
                         tensors, rebuild = flatten_state(state)
                         state = rebuild([t.detach().requires_grad_(True) if not hs else t for t in tensors])
                     args = (x_t, state) if state is not None else (x_t,)
-                    state = torch.func.functional_call(self.module, weights, args)
+                    state = torch.func.functional_call(forward_only, weights, args)
                     h_t = flatten_state(state)[0][0]
                     hs.append(h_t)
                 grads = torch.autograd.grad(hs[-1], hs, grad_outputs=v, allow_unused=True)
@@ -570,6 +573,18 @@ class CustomCellRecorder(_HookedCell):
             self._replaying = False
         return torch.stack([rec.norms(g) if g is not None else torch.zeros_like(v[:, 0], dtype=torch.float64)
                             for g in grads])
+
+
+class _ForwardOnly(nn.Module):
+    """Runs ``inner.forward`` rather than ``inner(...)``: a re-run of a user's cell
+    through it does not call the cell's forward hooks or pre-hooks."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args: Any) -> Any:
+        return self.inner.forward(*args)
 
 
 def _recurrent_matrix(parameters: dict[str, torch.Tensor]) -> torch.Tensor | None:
