@@ -26,6 +26,7 @@ from seqscope.capture import scope as scope_module
 from seqscope.diagnose import diagnose
 from tests import reference as ref
 from tests.test_cells_reference import check_cell_loop
+from tests.test_custom_cells import check_training_unchanged
 
 
 @dataclasses.dataclass(frozen=True)
@@ -422,7 +423,8 @@ def test_recorded_numbers_on_cuda_match_unrolled_reference(tmp_path):
     in the module's dtype, over a subset of the configurations, LSTMCell/GRUCell/
     RNNCell loops, LSTM/GRU/RNN under autocast float16 (check_autocast), a GradScaler
     (check_grad_scaler), NaN/Inf counts (check_nonfinite), parameters updated in place before
-    a step's record is finished (update_between), and CUDA graphs (one test, so that
+    a step's record is finished (update_between), parametrized cells, a custom cell's re-runs
+    leaving training unchanged (the CUDA generator), and CUDA graphs (one test, so that
     a machine without CUDA shows one skip). SEQSCOPE_REQUIRE_CUDA=1 (set by
     benchmarks/gpu_check.sh) turns the skip into a failure."""
     if not torch.cuda.is_available():
@@ -474,6 +476,12 @@ def test_recorded_numbers_on_cuda_match_unrolled_reference(tmp_path):
         attempt(cfg.id + "-updated", lambda folder, cfg=cfg: check_against_reference(cfg, folder, cuda,
                                                                                       update_between=True))
     attempt("nonfinite-count", lambda folder: check_nonfinite(folder, cuda))  # counted on the GPU, no sync
+    for parametrization in ("weight_norm", "orthogonal"):  # the value each cell call computed
+        attempt(f"cells-lstm-{parametrization}", lambda folder, p=parametrization: check_cell_loop(
+            "lstm", True, 3, folder, cuda, update_between=True, parametrization=p))
+    for extra in ("dropout", "batchnorm"):  # the CUDA generator forked around seqscope's re-runs
+        attempt(f"custom-cell-{extra}-unchanged", lambda folder, e=extra: check_training_unchanged(e, True, folder,
+                                                                                                   cuda))
     assert not failures, "\n".join(failures)
 
 
