@@ -3,6 +3,7 @@ seqscope, hooks go away, steps are numbered sensibly, bad set-ups fail loudly.""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 
@@ -519,3 +520,55 @@ def test_copies_and_pickles_of_a_watched_model_are_plain_models(tmp_path):
         copies[0](x).sum().backward()
     with seqscope.open(tmp_path / "copy.h5") as trace:
         assert list(trace.steps) == [0] and trace.layers == ["rnn.l0", "cell"]
+
+
+class _SpectralNet(nn.Module):
+    """A fused GRU and an LSTMCell loop, each with a spectral norm on a recurrent weight:
+    every computation of the weight in training mode runs a power iteration, which
+    changes the model's state."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.GRU(3, 6, num_layers=2)
+        nn.utils.parametrizations.spectral_norm(self.rnn, "weight_hh_l0")
+        self.cell = nn.LSTMCell(6, 6)
+        nn.utils.parametrizations.spectral_norm(self.cell, "weight_hh")
+
+    def forward(self, x):
+        out, _ = self.rnn(x)
+        h = c = torch.zeros(x.shape[1], 6)
+        for t in range(x.shape[0]):
+            h, c = self.cell(out[t], (h, c))
+        return h
+
+
+def test_watching_parametrized_layers_leaves_training_unchanged(tmp_path):
+    """seqscope reads a parametrized weight as the model's own forward computed it,
+    and never computes it again itself: a spectral norm would run one more power
+    iteration each time. Four SGD steps, every one recorded, give bit-identical
+    losses and states (power-iteration vectors included) with and without seqscope."""
+
+    def train(watched: bool):
+        torch.manual_seed(0)
+        model = _SpectralNet()
+        x = torch.randn(7, 4, 3)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        losses = []
+        scope = seqscope.watch(model, tmp_path / "t.h5", every=1) if watched else None
+        with scope if scope is not None else contextlib.nullcontext():
+            for _ in range(4):
+                loss = model(x).pow(2).sum()
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+                losses.append(loss.item())
+        return losses, model.state_dict()
+
+    want_losses, want_state = train(watched=False)
+    losses, state = train(watched=True)
+    assert losses == want_losses
+    for name, value in want_state.items():
+        assert torch.equal(state[name], value), name
+    with seqscope.open(tmp_path / "t.h5") as trace:
+        assert list(trace.steps) == [0, 1, 2, 3]
+        assert trace.layers == ["rnn.l0", "rnn.l1", "cell"]
