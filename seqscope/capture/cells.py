@@ -458,13 +458,12 @@ class CustomCellRecorder(_HookedCell):
         self.layer_id: int | None = None
         self.effective: dict[str, torch.Tensor] = {}
         self._parametrization_handles = []
-        self._replaying = False
         self._disabled = False
         self._warned_shared_node = False
 
     @torch.compiler.disable  # seqscope's own code is never traced by torch.compile
     def _on_call(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-        if self._replaying or self._disabled:
+        if self._disabled:
             return
         step = self.scope.cell_step()
         if step is None:
@@ -556,21 +555,17 @@ class CustomCellRecorder(_HookedCell):
         # (the user's: one that collects activations for a loss) see no call of seqscope's
         weights = {"inner." + name: t for name, t in {**calls.weights, **calls.buffers}.items()}
         forward_only = _ForwardOnly(self.module)
-        self._replaying = True
-        try:
-            with torch.enable_grad(), _as_called(calls.autocast, v.device), _forked_rng(v.device):
-                hs: list[torch.Tensor] = []
-                for x_t in calls.x:
-                    if state is not None:
-                        tensors, rebuild = flatten_state(state)
-                        state = rebuild([t.detach().requires_grad_(True) if not hs else t for t in tensors])
-                    args = (x_t, state) if state is not None else (x_t,)
-                    state = torch.func.functional_call(forward_only, weights, args)
-                    h_t = flatten_state(state)[0][0]
-                    hs.append(h_t)
-                grads = torch.autograd.grad(hs[-1], hs, grad_outputs=v, allow_unused=True)
-        finally:
-            self._replaying = False
+        with torch.enable_grad(), _as_called(calls.autocast, v.device), _forked_rng(v.device):
+            hs: list[torch.Tensor] = []
+            for x_t in calls.x:
+                if state is not None:
+                    tensors, rebuild = flatten_state(state)
+                    state = rebuild([t.detach().requires_grad_(True) if not hs else t for t in tensors])
+                args = (x_t, state) if state is not None else (x_t,)
+                state = torch.func.functional_call(forward_only, weights, args)
+                h_t = flatten_state(state)[0][0]
+                hs.append(h_t)
+            grads = torch.autograd.grad(hs[-1], hs, grad_outputs=v, allow_unused=True)
         return torch.stack([rec.norms(g) if g is not None else torch.zeros_like(v[:, 0], dtype=torch.float64)
                             for g in grads])
 
