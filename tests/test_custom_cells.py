@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+from typing import Any
 
 import numpy as np
 import pytest
@@ -275,6 +276,23 @@ def test_custom_cell_with_h_and_c_from_one_node(tmp_path, caplog):
             np.testing.assert_allclose(trace.grad_norms("cell", 0)["hidden"][b].data, want, rtol=1e-10)
 
 
+def sgd_steps(model: nn.Module, x: torch.Tensor, path, steps: int = 4, **watch: Any) -> list[float]:
+    """``steps`` SGD steps (lr 0.1) on the sum of squares of ``model(x)``, every one
+    recorded into ``path`` by seqscope (``watch``: more arguments of seqscope.watch),
+    or not watched at all when ``path`` is None; the losses."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    losses = []
+    scope = seqscope.watch(model, path, every=1, **watch) if path is not None else None
+    with scope if scope is not None else contextlib.nullcontext():
+        for _ in range(steps):
+            loss = model(x).pow(2).sum()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+    return losses
+
+
 class _CellWith(nn.Module):
     """An Elman cell with one part that has state or randomness in training mode:
     batch normalisation of the pre-activation (recurrent batch norm), dropout, or
@@ -342,17 +360,8 @@ def check_training_unchanged(extra: str, with_gates: bool, tmp_path, device: tor
         torch.manual_seed(0)
         model = _ElmanLoop(extra).to(device)
         x = torch.randn(T, B, IN, dtype=torch.float64).to(device)
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
         cells = {model.cell: _pre_gate} if with_gates else [model.cell]
-        losses = []
-        scope = seqscope.watch(model, tmp_path / "t.h5", every=1, cells=cells) if watched else None
-        with scope if scope is not None else contextlib.nullcontext():
-            for _ in range(4):
-                loss = model(x).pow(2).sum()
-                loss.backward()
-                opt.step()
-                opt.zero_grad()
-                losses.append(loss.item())
+        losses = sgd_steps(model, x, tmp_path / "t.h5" if watched else None, cells=cells)
         return losses, model.state_dict(), torch.rand(4, device=device)
 
     want_losses, want_state, want_next = train(watched=False)

@@ -3,7 +3,6 @@ seqscope, hooks go away, steps are numbered sensibly, bad set-ups fail loudly.""
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import io
 
@@ -16,6 +15,7 @@ from torch import nn
 import seqscope
 from seqscope.errors import UnsupportedModelError
 from tests import reference as ref
+from tests.test_custom_cells import sgd_steps
 
 
 class Tagger(nn.Module):
@@ -552,17 +552,7 @@ def test_watching_parametrized_layers_leaves_training_unchanged(tmp_path):
         torch.manual_seed(0)
         model = _SpectralNet()
         x = torch.randn(7, 4, 3)
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        losses = []
-        scope = seqscope.watch(model, tmp_path / "t.h5", every=1) if watched else None
-        with scope if scope is not None else contextlib.nullcontext():
-            for _ in range(4):
-                loss = model(x).pow(2).sum()
-                loss.backward()
-                opt.step()
-                opt.zero_grad()
-                losses.append(loss.item())
-        return losses, model.state_dict()
+        return sgd_steps(model, x, tmp_path / "t.h5" if watched else None), model.state_dict()
 
     want_losses, want_state = train(watched=False)
     losses, state = train(watched=True)
