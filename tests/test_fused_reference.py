@@ -205,11 +205,18 @@ def test_a_training_loop_records_each_step_as_its_forward_ran(cfg: Config, tmp_p
             opt.zero_grad()
             steps.append((before, seqs, h0, c0, terms, pg))
     with seqscope.open(path) as trace:
-        assert list(trace.steps) == list(range(5))
-        for step, (before, seqs, h0, c0, terms, pg) in enumerate(steps):
-            module = make_module(cfg)
-            module.load_state_dict(before)
-            check_step(trace, step, cfg, module, seqs, h0, c0, terms, pg)
+        check_steps(trace, cfg, steps)
+
+
+def check_steps(trace: Any, cfg: Config, steps: list[tuple[Any, ...]], prefix: str | None = None) -> None:
+    """The trace holds one step per entry of ``steps``, each (the weights its forward
+    pass ran with, its sequences, h0, c0, loss terms, PyTorch's gradient norms),
+    and each step passes check_step."""
+    assert list(trace.steps) == list(range(len(steps)))
+    for step, (weights, seqs, h0, c0, terms, pg) in enumerate(steps):
+        module = make_module(cfg)
+        module.load_state_dict(weights)
+        check_step(trace, step, cfg, module, seqs, h0, c0, terms, pg, prefix)
 
 
 def check_step(trace: Any, step: int, cfg: Config, module: nn.Module, seqs, h0, c0, terms,
@@ -291,13 +298,9 @@ def test_parametrized_weights_are_recorded_as_the_forward_used_them(kind, how, w
             opt.zero_grad()
             steps.append((used, seqs, h0, c0, terms, pg))
     with seqscope.open(tmp_path / "trace.h5") as trace:
-        assert list(trace.steps) == [0, 1, 2]
         # a watched parametrized module is named after the class it was made from
         assert trace.layers == [f"{kind.split('_')[0]}.l0", f"{kind.split('_')[0]}.l1"]
-        for step, (used, seqs, h0, c0, terms, pg) in enumerate(steps):
-            module = make_module(cfg)
-            module.load_state_dict(used)
-            check_step(trace, step, cfg, module, seqs, h0, c0, terms, pg)
+        check_steps(trace, cfg, steps)
 
 
 def test_a_model_in_distributed_data_parallel_is_recorded(tmp_path):
@@ -326,12 +329,8 @@ def test_a_model_in_distributed_data_parallel_is_recorded(tmp_path):
                 opt.zero_grad()
                 steps.append((before, seqs, h0, c0, terms, pg))
         with seqscope.open(tmp_path / "trace.h5") as trace:
-            assert list(trace.steps) == [0, 1, 2]
             assert trace.layers == ["module.l0", "module.l1"]
-            for step, (before, seqs, h0, c0, terms, pg) in enumerate(steps):
-                module = make_module(cfg)
-                module.load_state_dict(before)
-                check_step(trace, step, cfg, module, seqs, h0, c0, terms, pg, prefix="module")
+            check_steps(trace, cfg, steps, prefix="module")
     finally:
         dist.destroy_process_group()
 
