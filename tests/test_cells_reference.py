@@ -222,21 +222,27 @@ def check_cell_loop(kind: str, stacked: bool, future: int, tmp_path, device: tor
                 for p in on_device.parameters():
                     p.mul_(-0.5).add_(0.25)
             on_device(x.to(device))
-    out = out.cpu()
+    torch.testing.assert_close(check_cell_step(path, 0, model, x, target), out.cpu().detach())
+
+
+def check_cell_step(path, step: int, model: Loop, x, target) -> torch.Tensor:
+    """Step ``step`` of the trace at ``path`` against the reference loop run on
+    ``model`` (a CPU copy with the weights that step's calls ran with) on ``x``,
+    with the loss ``((output - target) ** 2).sum()``; returns the reference's output."""
+    kind = model.kind
     ref_out, records, ws = reference_loop(model, x)
     ((ref_out - target) ** 2).sum().backward()
-    torch.testing.assert_close(ref_out.detach(), out.detach())
-    names = ["c1", "c2"] if stacked else ["c1"]
+    names = ["c1", "c2"] if model.stacked else ["c1"]
     with seqscope.open(path) as trace:
         assert trace.layers == names
         for name, rec, w in zip(names, records, ws):
             n = len(rec["h"])
-            assert n == T + future  # each call is a timestep, the future included
-            hidden = trace.hidden(name, 0)
-            grads = trace.grad_norms(name, 0)
-            prop = trace.propagation(name, 0)
-            gates = trace.gates(name, 0)
-            for b in range(B):
+            assert n == x.shape[0] + model.future  # each call is a timestep, the future included
+            hidden = trace.hidden(name, step)
+            grads = trace.grad_norms(name, step)
+            prop = trace.propagation(name, step)
+            gates = trace.gates(name, step)
+            for b in range(x.shape[1]):
                 np.testing.assert_allclose(hidden[b].data, torch.stack(rec["h"])[:, b].detach().numpy(),
                                            rtol=1e-6, atol=1e-9)
                 want = [torch.linalg.vector_norm(h.grad[b]).item() for h in rec["h"]]
@@ -245,14 +251,51 @@ def check_cell_loop(kind: str, stacked: bool, future: int, tmp_path, device: tor
                     want_g = torch.stack([gg[gname][b] for gg in rec["gates"]]).detach().numpy()
                     np.testing.assert_allclose(values[b].data, want_g, rtol=1e-6, atol=1e-9)
                 if kind == "lstm":
-                    np.testing.assert_allclose(trace.cell(name, 0)[b].data,
+                    np.testing.assert_allclose(trace.cell(name, step)[b].data,
                                                torch.stack(rec["c"])[:, b].detach().numpy(), rtol=1e-6, atol=1e-9)
                     want_c = [torch.linalg.vector_norm(c.grad[b]).item() for c in rec["c"]]
                     np.testing.assert_allclose(grads["cell"][b].data, want_c, rtol=1e-5)
                 np.testing.assert_allclose(prop[b].data, own_recurrence_profile(kind, w, rec, b),
                                            rtol=1e-5, atol=1e-300)
             want_sigma = torch.linalg.svdvals(w["w_hh"].detach())[0].item()
-            assert trace.scalars()["sigma_max/" + name].values[0] == pytest.approx(want_sigma, rel=1e-6)
+            assert trace.scalars()["sigma_max/" + name].values[step] == pytest.approx(want_sigma, rel=1e-6)
+    return ref_out.detach()
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_a_cell_loop_written_in_the_training_script_records_each_step(kind, tmp_path, scan_path):
+    """The training script runs the loop over timesteps itself, calling the watched
+    model's cells (through ``Loop.step``), never the model's forward: each forward
+    and backward pass is one step. Three SGD steps, every one recorded, each equal
+    to the reference loop on the weights that step ran with."""
+    torch.manual_seed(0)
+    model = Loop(kind, stacked=True, future=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(1)
+    path = tmp_path / "t.h5"
+    steps = []
+    with seqscope.watch(model, path, every=1, sequences=B, precision="full"):
+        for _ in range(3):
+            x = torch.randn(T, B, IN, generator=g, dtype=torch.float64)
+            target = torch.randn(T + model.future, B, IN, generator=g, dtype=torch.float64)
+            before = copy.deepcopy(model)  # a plain copy: seqscope's hooks stay on the watched model
+            s1 = s2 = None
+            outs = []
+            for t in range(T):
+                s1, s2, y = model.step(x[t], s1, s2)
+                outs.append(y)
+            for _ in range(model.future):
+                s1, s2, y = model.step(outs[-1], s1, s2)
+                outs.append(y)
+            out = torch.stack(outs)
+            ((out - target) ** 2).sum().backward()
+            opt.step()
+            opt.zero_grad()
+            steps.append((before, x, target, out.detach()))
+    with seqscope.open(path) as trace:
+        assert list(trace.steps) == [0, 1, 2]
+    for step, (before, x, target, out) in enumerate(steps):
+        torch.testing.assert_close(check_cell_step(path, step, before, x, target), out)
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh"])

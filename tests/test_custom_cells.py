@@ -179,6 +179,65 @@ def check_custom_cell(which, dtype, scale, amp, tmp_path, update_between: bool =
         assert trace.scalars()["sigma_max/cell"].values[0] == pytest.approx(want_sigma, rel=1e-6)
 
 
+class _NormedGRU(nn.Module):
+    """A user-written cell around an nn.GRUCell (which seqscope records too): layer
+    normalisation of the GRU's output; the state is a 1-tuple."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.GRUCell(IN, HID).double()
+        self.norm = nn.LayerNorm(HID).double()
+
+    def forward(self, x, state):
+        return (self.norm(self.inner(x, state[0])),)
+
+
+def test_a_custom_cell_loop_written_in_the_training_script_records_each_step(tmp_path):
+    """The training script runs the loop over timesteps, calling the watched model's
+    custom cell itself (the model is an nn.ModuleDict, without a forward): each forward
+    and backward pass is one step. Three SGD steps, every one recorded; the custom
+    cell's h_t and ||dL/dh_t||, and those of the nn.GRUCell inside it, equal the
+    unrolled loop's on the weights each step ran with. The re-run of the custom cell
+    that seqscope makes after each step calls the inner GRUCell again: that re-run is
+    no new step and adds no timestep to the GRUCell's record (it once recursed
+    without end)."""
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"cell": _NormedGRU(), "head": nn.Linear(HID, 1).double()})
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(1)
+    path = tmp_path / "t.h5"
+    steps = []
+    with seqscope.watch(model, path, every=1, sequences=B, precision="full", cells=[model["cell"]]):
+        for _ in range(3):
+            x = torch.randn(T, B, IN, generator=g, dtype=torch.float64)
+            steps.append((copy.deepcopy(model), x))
+            state = (torch.zeros(B, HID, dtype=torch.float64),)
+            for t in range(T):
+                state = model["cell"](x[t], state)
+            model["head"](state[0]).pow(2).sum().backward()
+            opt.step()
+            opt.zero_grad()
+    with seqscope.open(path) as trace:
+        assert list(trace.steps) == [0, 1, 2]
+        assert sorted(trace.layers) == ["cell", "cell.inner"]
+        for step, (before, x) in enumerate(steps):
+            # the reference: the same loop on the step's weights, unrolled with retain_grad
+            inner_h, outer_h = [], []
+            h = torch.zeros(B, HID, dtype=torch.float64)
+            for t in range(T):
+                a = before["cell"].inner(x[t], h)
+                h = before["cell"].norm(a)
+                for t_, lst in ((a, inner_h), (h, outer_h)):
+                    t_.retain_grad()
+                    lst.append(t_)
+            before["head"](h).pow(2).sum().backward()
+            for name, hs in (("cell", outer_h), ("cell.inner", inner_h)):
+                want_h = torch.stack(hs, dim=1).detach().numpy()  # [sequence, time, unit]
+                np.testing.assert_allclose(trace.hidden(name, step).data, want_h, rtol=1e-12, atol=1e-14)
+                want_g = np.array([[ref.norm(t_.grad[b]).item() for t_ in hs] for b in range(B)])
+                np.testing.assert_allclose(trace.grad_norms(name, step)["hidden"].data, want_g, rtol=1e-10)
+
+
 def test_dict_state_is_flattened():
     from seqscope.capture.cells import flatten_state
 

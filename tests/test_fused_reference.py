@@ -303,6 +303,79 @@ def test_parametrized_weights_are_recorded_as_the_forward_used_them(kind, how, w
         check_steps(trace, cfg, steps)
 
 
+@pytest.mark.parametrize("update", ["optimizer", "accumulation", "by hand", "lbfgs"])
+def test_a_loop_that_calls_the_models_parts_records_each_step(update, tmp_path, scan_path, caplog):
+    """A sequence-to-sequence loop calls ``model["enc"]`` and ``model["dec"]``, never
+    the watched model (an nn.ModuleDict, which has no forward): each forward and
+    backward pass is one step, whether an optimizer steps after each, after every
+    second (gradient accumulation), or the loop updates the weights itself with no
+    optimizer. With LBFGS each optimizer step is one step, recorded at the closure's
+    first evaluation. Every record equals the references unrolled on the weights its
+    pass ran with; the parameter gradient norms are that pass's own."""
+    enc_cfg, dec_cfg = Config("gru", layers=2), Config("lstm", bidirectional=True)
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(3)
+    model = nn.ModuleDict({"enc": make_module(enc_cfg), "dec": make_module(dec_cfg)})
+    params = list(model.parameters())
+    opt: torch.optim.Optimizer | None = None
+    if update in ("optimizer", "accumulation"):
+        opt = torch.optim.SGD(params, lr=0.05)
+    elif update == "lbfgs":
+        opt = torch.optim.LBFGS(params, lr=0.1, max_iter=3)
+    steps = []  # per step: the weights before its pass, each part's inputs and terms, its gradient norms
+    path = tmp_path / "trace.h5"
+
+    def one_pass():
+        parts = {}
+        for name, cfg in (("enc", enc_cfg), ("dec", dec_cfg)):
+            seqs, h0, c0 = make_inputs(cfg, gen)
+            parts[name] = (cfg, seqs, h0, c0, make_loss_terms(cfg, gen))
+        before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        grads_before = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params]
+        loss = 0
+        for name, (cfg, seqs, h0, c0, terms) in parts.items():
+            output, state = model[name](module_input(cfg, seqs))
+            h_n, c_n = state if cfg.kind == "lstm" else (state, None)
+            loss = loss + loss_of(per_sequence_outputs(cfg, output), h_n, c_n, terms)
+        loss.backward()
+        pg = {name: ref.norm(p.grad - g).item() for (name, p), g in zip(model.named_parameters(), grads_before)}
+        return loss, (before, parts, pg)
+
+    with seqscope.watch(model, path, every=1, sequences=B, precision="full"):
+        for i in range(4):
+            if update == "lbfgs":
+                evaluations = []
+
+                def closure(evaluations=evaluations):
+                    opt.zero_grad()
+                    loss, step = one_pass()
+                    evaluations.append(step)
+                    return loss
+
+                opt.step(closure)
+                assert len(evaluations) > 1  # one step, several passes through the model
+                steps.append(evaluations[0])
+                continue
+            steps.append(one_pass()[1])
+            if update == "optimizer" or (update == "accumulation" and i % 2 == 1):
+                opt.step()
+                opt.zero_grad()
+            elif update == "by hand":
+                with torch.no_grad():
+                    for p in params:
+                        p -= 0.05 * p.grad
+                        p.grad = None
+    assert "ran more than once" not in caplog.text
+    with seqscope.open(path) as trace:
+        assert list(trace.steps) == [0, 1, 2, 3]
+        for step, (before, parts, pg) in enumerate(steps):
+            for name, (cfg, seqs, h0, c0, terms) in parts.items():
+                module = make_module(cfg)
+                module.load_state_dict({k[len(name) + 1:]: v for k, v in before.items() if k.startswith(name + ".")})
+                own = {k: v for k, v in pg.items() if k.startswith(name + ".")}
+                check_step(trace, step, cfg, module, seqs, h0, c0, terms, own, prefix=name)
+
+
 def test_a_model_in_distributed_data_parallel_is_recorded(tmp_path):
     """DistributedDataParallel (one process, gloo): seqscope watches the wrapper; its
     gradient hooks run beside DDP's gradient reduction. Three SGD steps against the

@@ -177,6 +177,47 @@ def test_unsupported_models_fail_at_watch(tmp_path):
         seqscope.watch(nn.GRU(3, 4), tmp_path / "d.h5", every="sometimes")
 
 
+def test_once_the_model_runs_only_its_calls_begin_steps(tmp_path):
+    """Layer calls begin steps only while the watched model's forward has never run
+    with autograd on. A layer called with autograd on before the model's first
+    forward (a shape probe at set-up) is no step: the steps are numbered as without
+    it, step 0 holds the first forward's states, and the cells lose the pre-hooks
+    that reported their calls. From then on a layer called outside the model's
+    forward (here the test's own call that computes the states each step will
+    have) begins no step."""
+    torch.manual_seed(0)
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = nn.GRU(2, 3, batch_first=True).double()
+            self.cell = nn.GRUCell(3, 3).double()
+
+        def forward(self, x):
+            out, h = self.rnn(x)
+            return self.cell(out[:, -1], h[0])
+
+    model = Model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    xs = [torch.randn(4, 5, 2, dtype=torch.float64) for _ in range(3)]
+    states = []
+    with seqscope.watch(model, tmp_path / "t.h5", every=1, sequences=4, precision="full"):
+        model.rnn(torch.zeros(1, 5, 2, dtype=torch.float64))  # the probe
+        model.cell(torch.zeros(1, 3, dtype=torch.float64))
+        assert model.cell._forward_pre_hooks
+        for x in xs:
+            states.append(model.rnn(x)[0].detach())  # what the step's forward will compute
+            model(x).pow(2).sum().backward()
+            assert not model.cell._forward_pre_hooks
+            opt.step()
+            opt.zero_grad()
+    with seqscope.open(tmp_path / "t.h5") as trace:
+        assert list(trace.steps) == [0, 1, 2]
+        for step, want in enumerate(states):
+            np.testing.assert_allclose(trace.hidden("rnn.l0", step).data, want.numpy(), rtol=1e-12)
+            assert trace.hidden("cell", step).shape == (4, 1, 3)
+
+
 def test_truncated_bptt_numbers_each_batch(tmp_path):
     torch.manual_seed(0)
     rnn = nn.LSTM(3, 5)

@@ -153,6 +153,8 @@ class FusedRecorder:
     # ---- forward -------------------------------------------------------------------------
     @torch.compiler.disable  # seqscope's own code is never traced by torch.compile
     def _forward(self, input: Any, hx: Any = None) -> Any:  # noqa: A002 - nn.LSTM's own name
+        if self.scope.steps_from_layers:  # the loop calls the model's parts, not the model
+            self.scope.enter_layer()
         step = self.scope.recording_step_for(self)
         if step is None:
             return self._original(input, hx)

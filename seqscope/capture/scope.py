@@ -3,7 +3,15 @@
 Steps. A training step begins with a forward pass of the watched model while
 autograd is enabled. Forward passes inside one ``optimizer.step()`` call (the
 closure of LBFGS and friends) belong to the step that the first of them began;
-only that first pass is recorded. ``scope.log(step=n)`` renames the step in
+only that first pass is recorded.
+
+A training loop need not call the watched model itself: a sequence-to-sequence
+loop calls ``model.encoder`` and ``model.decoder`` in turn, and a container
+(``nn.ModuleDict``) has no forward at all. Until the watched model's own forward
+runs with autograd on, a step begins at the first call of one of its recurrent
+layers after the previous step's backward pass reached a recurrent layer, or
+after an optimizer step (``enter_layer``). Once the watched model's forward has
+run, its calls alone begin steps, as above. ``scope.log(step=n)`` renames the step in
 progress to ``n`` and numbering continues from ``n + 1``.
 
 A recorded step is written when the next step begins or when the scope
@@ -69,6 +77,10 @@ class StepState:
     # (module name, function): fused layers' BPTT scans, run when the step is finalized
     pending_scans: list[tuple[str, Callable[[], None]]] = dataclasses.field(default_factory=list)
     repeated_pass: bool = False  # a closure ran the model again within this step
+    # steps begun at a layer's call (Scope.enter_layer): a backward pass reached a
+    # recurrent layer's parameters since the step began, so the next call begins a step
+    backward_seen: bool = False
+    from_layers: bool = False  # begun by enter_layer, not by the watched model's forward
     phase: int = schema.PHASE_TRAIN
     # with watch(grad_scaler=...): the loss scale this step's backward ran with (a
     # tensor copy, read without a device sync) and the optimizer steps seen before it
@@ -145,6 +157,11 @@ class Scope:
         self._opt_has_pass = False
         self._handles: list[RemovableHandle] = []
         self._model_handles: list[RemovableHandle] = []
+        # until the watched model's forward runs with autograd on, layer calls begin steps
+        # (enter_layer); the pre-hooks on cells that report their calls for it
+        self.steps_from_layers = True
+        self._entry_handles: list[tuple[nn.Module, RemovableHandle]] = []
+        self._finalizing = False  # a step's record is being made (_finalize)
         self._closed = False
         self._warned = False
         self._warned_backward = False
@@ -236,6 +253,10 @@ class Scope:
         m = self.model
         self._model_handles = [attach.hook_added(m, m.register_forward_pre_hook(self._on_model_forward)),
                                attach.hook_added(m, m.register_forward_hook(self._on_model_forward_end))]
+        # fused layers call enter_layer from their forward; cells report their calls here
+        for c in (*self._cell_recorders, *self._custom_recorders):
+            handle = c.module.register_forward_pre_hook(self._on_cell_entry)
+            self._entry_handles.append((c.module, attach.hook_added(c.module, handle)))
         from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
         self._handles.append(register_optimizer_step_pre_hook(self._on_optimizer_pre))
@@ -262,6 +283,7 @@ class Scope:
         for h in self._model_handles:
             attach.hook_removed(self.model, h)
         self._model_handles.clear()
+        self._stop_steps_from_layers()
         for h in self._handles:
             h.remove()
         self._handles.clear()
@@ -285,12 +307,71 @@ class Scope:
         if not torch.is_grad_enabled():
             self._begin_eval()
             return
+        if self.steps_from_layers:
+            self._stop_steps_from_layers()  # the model's own calls begin steps from now on
+            current = self._current
+            if current is not None and current.from_layers and not current.backward_seen \
+                    and current.optimizer_steps == self._optimizer_steps:
+                # layer calls before the model's first forward, with no backward pass or
+                # optimizer step since (a shape probe at set-up): no step; numbering as without them
+                current.remove_hooks()
+                self._current = None
+                self._next_step = current.step
         if self._opt_depth > 0:
             if self._opt_has_pass and self._current is not None:
                 self._current.repeated_pass = True
                 return  # another closure evaluation of the same optimizer step
             self._opt_has_pass = True
         self._begin_step()
+
+    def _stop_steps_from_layers(self) -> None:
+        self.steps_from_layers = False
+        for module, handle in self._entry_handles:
+            attach.hook_removed(module, handle)
+        self._entry_handles.clear()
+
+    @torch.compiler.disable  # seqscope's own code is never traced by torch.compile
+    def _on_cell_entry(self, module: nn.Module, args: Any) -> None:
+        self.enter_layer()
+
+    @torch.compiler.disable  # seqscope's own code is never traced by torch.compile
+    def enter_layer(self) -> None:
+        """A recurrent layer is called while the watched model's own forward has never
+        run with autograd on (the loop calls its parts, or the model is a container):
+        the call begins a step unless it belongs to the step in progress, that is,
+        unless that step has seen neither a backward pass through a recurrent layer
+        nor an optimizer step. Inside ``optimizer.step(closure)``, the closure's first
+        layer call begins the step; calls after its backward pass are later
+        evaluations of the same step. Calls under ``no_grad`` are not recorded here:
+        evaluation passes are recorded when they call the watched model."""
+        if self._closed or self._finalizing or not torch.is_grad_enabled() or rec.in_backward():
+            return
+        current = self._current
+        if self._opt_depth > 0:
+            if self._opt_has_pass:
+                if current is not None and current.backward_seen:
+                    current.repeated_pass = True
+                return
+            self._opt_has_pass = True
+        elif current is not None and not current.backward_seen and current.optimizer_steps == self._optimizer_steps:
+            return
+        self._begin_step()
+        if self._current is not None:
+            self._current.from_layers = True
+            self._watch_backward(self._current)
+
+    def _watch_backward(self, step: StepState) -> None:
+        """A gradient hook on each recurrent layer's parameters that notes when a
+        backward pass reaches them (removed when the step ends)."""
+        def seen(grad: torch.Tensor) -> None:
+            step.backward_seen = True
+
+        modules: list[nn.Module] = [r.module for r in self._recorders]
+        modules += [c.module for c in (*self._cell_recorders, *self._custom_recorders)]
+        for module in modules:
+            p = next((p for p in module.parameters() if p.requires_grad), None)
+            if p is not None:
+                step.handles.append(p.register_hook(seen))
 
     def _begin_step(self) -> None:
         if self._current is not None:
@@ -393,7 +474,7 @@ class Scope:
     def recording_step_for(self, recorder: FusedRecorder) -> StepState | None:
         """The step to record this module's forward into, or None to run it plainly."""
         step = self._active()
-        if step is None or not step.recorded or step.failed or self._closed:
+        if step is None or not step.recorded or step.failed or self._closed or self._finalizing:
             return None
         if id(recorder) in step.recorded_modules:
             # an LBFGS closure's next pass, or a recomputation inside backward (checkpointing),
@@ -421,7 +502,8 @@ class Scope:
     def cell_step(self) -> StepState | None:
         """The step that cell calls are recorded into, or None."""
         step = self._active()
-        if step is None or not step.recorded or step.failed or step.repeated_pass or self._closed:
+        if step is None or not step.recorded or step.failed or step.repeated_pass or self._closed \
+                or self._finalizing:
             return None
         return step
 
@@ -587,7 +669,16 @@ class Scope:
         return bool(row[7] != row[6])
 
     def _finalize(self, step: StepState) -> None:
-        """Turn a finished step into a StepRecord and hand it to the writer."""
+        """Turn a finished step into a StepRecord and hand it to the writer. What it
+        runs of the model (a custom cell's re-run for its propagation profile, and
+        the watched cells that cell calls) is neither a step nor recorded."""
+        self._finalizing = True
+        try:
+            self._finish(step)
+        finally:
+            self._finalizing = False
+
+    def _finish(self, step: StepState) -> None:
         step.remove_hooks()
         if step.recorded and not step.failed:
             for name, scan in step.pending_scans:
