@@ -109,6 +109,54 @@ def test_keyboard_interrupt_closes_everything(tmp_path):
         assert trace.closed_cleanly
 
 
+UNCLOSED = textwrap.dedent("""
+    import atexit, os, sys, torch
+    from torch import nn
+    is_child = False
+
+    def report():  # registered before seqscope's own exit handler, so it runs after it
+        if is_child:
+            print("the child closed the scope" if scope._closed else "the child left the scope open", flush=True)
+
+    atexit.register(report)
+    import seqscope
+    torch.manual_seed(0)
+    model = nn.GRU(2, 4)
+    scope = seqscope.watch(model, sys.argv[1], every=50)  # never closed
+    for step in range(120):
+        model(torch.randn(3, 2, 2))[0].sum().backward()
+        scope.log(loss=float(step))
+        if step == 119 and sys.argv[2] == "raise":
+            raise RuntimeError("the script fails in its last step")
+    if sys.argv[2] == "fork":  # a child that exits through the interpreter (not os._exit)
+        pid = os.fork()
+        if pid == 0:
+            is_child = True
+            sys.exit(0)
+        os.waitpid(pid, 0)
+""")
+
+
+@pytest.mark.parametrize("end", ["normal", "raise", "fork"])
+def test_a_scope_the_script_never_closes_is_closed_at_exit(tmp_path, end):
+    """``scope = seqscope.watch(...)`` without ``with`` or ``close()``: at exit the
+    queued records and the scalars of the steps since the last recorded one are
+    written and the file is closed cleanly (they were lost with the writer, a daemon
+    thread). A script that ends on an unhandled exception loses only the step that
+    the exception interrupted. A forked child exiting leaves the parent's file alone."""
+    path = tmp_path / "t.h5"
+    proc = subprocess.run([sys.executable, "-c", UNCLOSED, str(path), end], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == (1 if end == "raise" else 0), proc.stderr
+    if end == "fork":
+        assert "the child left the scope open" in proc.stdout
+    with seqscope.open(path) as trace:
+        assert trace.closed_cleanly
+        assert list(trace.steps) == [0, 50, 100]
+        last = 118 if end == "raise" else 119
+        assert list(trace.scalars()["loss"].steps) == list(range(last + 1))
+
+
 def test_max_bytes_stops_recording_with_one_warning(tmp_path, caplog):
     model = nn.LSTM(4, 32)
     with caplog.at_level(logging.WARNING, logger="seqscope"):

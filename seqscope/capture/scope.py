@@ -20,13 +20,16 @@ closes. A step interrupted by an exception is dropped, never half-written.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import functools
 import itertools
 import logging
 import math
 import os
+import sys
 import time
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -57,6 +60,30 @@ log = logging.getLogger("seqscope")
 
 _FLOAT_STORAGE = {"float16": torch.float16, "float32": torch.float32}
 _PENDING_SCALARS_MAX = 4096  # unrecorded steps' scalars are written in batches of this size
+
+# scopes not closed yet, with the process that opened them: closed at interpreter exit
+_OPEN_SCOPES: weakref.WeakKeyDictionary[Scope, int] = weakref.WeakKeyDictionary()
+
+
+def _close_open_scopes() -> None:
+    """At interpreter exit, close the scopes that a script left open (``watch``
+    without ``with`` and without ``close()``): the queued records and the scalars
+    not written yet go to the file, which is closed cleanly. Without this the
+    writer, a daemon thread, died with them. The step in progress is kept unless
+    the interpreter exits on an unhandled exception, which may have cut it short.
+    A forked child that exits through the interpreter leaves its parent's scopes
+    alone (their file is the parent's)."""
+    keep = not (hasattr(sys, "last_value") or hasattr(sys, "last_exc"))
+    for scope, pid in list(_OPEN_SCOPES.items()):
+        if pid != os.getpid():
+            continue
+        try:
+            scope._end(keep_current=keep)
+        except Exception:  # noqa: BLE001, S110 - the interpreter is exiting; nothing to tell
+            pass
+
+
+atexit.register(_close_open_scopes)
 
 
 @dataclasses.dataclass
@@ -184,6 +211,7 @@ class Scope:
             self._uninstall()
             self.writer.close()
             raise
+        _OPEN_SCOPES[self] = os.getpid()
 
     # ---- discovery ------------------------------------------------------------------------
     def _find_layers(self) -> None:
@@ -596,6 +624,7 @@ class Scope:
             log.warning("seqscope: writing the last step failed: %s", exc)
         finally:
             self._closed = True
+            _OPEN_SCOPES.pop(self, None)
             self._uninstall()
             self.writer.close()
 
