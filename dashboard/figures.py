@@ -225,6 +225,10 @@ def gates_figure(gates: dict[str, np.ma.MaskedArray], sequence: int, row_height:
     return go.Figure(data=traces, layout=layout)
 
 
+# the overview's two lines and their axes: loss (left), global gradient norm (right)
+OVERVIEW_COLOURS = {"y": "#636efa", "y2": "#00a67e"}
+
+
 def overview_figure(
     loss: tuple[np.ndarray, np.ndarray] | None,
     grad_norm: tuple[np.ndarray, np.ndarray] | None,
@@ -238,7 +242,8 @@ def overview_figure(
             continue
         steps, values = np.asarray(series[0]), np.asarray(series[1], dtype=np.float64)
         finite = np.isfinite(values)
-        fig.add_trace(go.Scatter(x=steps[finite], y=values[finite], name=name, mode="lines", yaxis=axis))
+        fig.add_trace(go.Scatter(x=steps[finite], y=values[finite], name=name, mode="lines", yaxis=axis,
+                                 line={"color": OVERVIEW_COLOURS[axis]}))
         if (~finite).any():
             fig.add_trace(go.Scatter(
                 x=steps[~finite], y=np.full(int((~finite).sum()), np.nanmax(values[finite]) if finite.any() else 1.0),
@@ -251,8 +256,14 @@ def overview_figure(
         colour = SEVERITY_COLOUR.get(f["severity"], "#888")
         fig.add_vrect(x0=f["first_step"], x1=max(f["last_step"], f["first_step"]) + 1e-9, fillcolor=colour,
                       opacity=0.10, line_width=0)
-    fig.update_layout(yaxis={"title": "loss", "type": "log"},
-                      yaxis2={"title": "grad norm", "type": "log", "overlaying": "y", "side": "right"},
+    # each axis in its line's colour; the gradient norm's own ticks ("tickmode": "auto"):
+    # an overlaying axis otherwise took the loss axis's tick positions, labelled
+    # 3.29246, 32.86504, ... (and clipped to one digit in a narrow window)
+    fig.update_layout(yaxis={"title": {"text": "loss", "font": {"color": OVERVIEW_COLOURS["y"]}}, "type": "log",
+                             "tickfont": {"color": OVERVIEW_COLOURS["y"]}},
+                      yaxis2={"title": {"text": "grad norm", "font": {"color": OVERVIEW_COLOURS["y2"]}},
+                              "type": "log", "overlaying": "y", "side": "right", "tickmode": "auto",
+                              "showgrid": False, "tickfont": {"color": OVERVIEW_COLOURS["y2"]}},
                       legend={"orientation": "h", "y": -0.25}, xaxis={"title": "training step"})
     return _layout(fig, "Overview: loss and global gradient norm", 340)
 

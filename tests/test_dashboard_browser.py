@@ -6,7 +6,9 @@ Without Chromium these tests skip locally, but fail when SEQSCOPE_REQUIRE_BROWSE
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -111,6 +113,41 @@ def test_page_shows_all_views(page):
     if SCREENSHOTS:
         Path(SCREENSHOTS).mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(Path(SCREENSHOTS) / "dashboard.png"), full_page=True)
+
+
+def _tick_value(text: str) -> float:
+    """A log axis's tick label as plotly.js writes it ("1", "10k", "3,276.247",
+    "10\u200b16\u200b", "9x10\u200b21\u200b", "100\u03bc") as a number."""
+    t = text.replace(",", "").replace("\u2212", "-")
+    power = re.fullmatch(r"(?:(\d+(?:\.\d+)?)x)?10\u200b(-?\d+)\u200b", t)
+    if power:
+        return float(power.group(1) or 1) * 10.0 ** int(power.group(2))
+    plain = re.fullmatch(r"(\d+(?:\.\d+)?)([kMBTm\u03bcunp]?)", t)
+    assert plain, f"unexpected tick label {text!r}"
+    scale = {"": 1, "k": 1e3, "M": 1e6, "B": 1e9, "T": 1e12, "m": 1e-3, "\u03bc": 1e-6, "u": 1e-6, "n": 1e-9,
+             "p": 1e-12}
+    return float(plain.group(1)) * scale[plain.group(2)]
+
+
+def test_overview_axes_have_round_ticks_in_their_lines_colours(page):
+    """Both log axes of the overview are labelled at round values (1, 2 or 5 times a
+    power of ten). The gradient norm's axis, which overlays the loss's, took the
+    loss axis's tick positions: 3.29246, 32.86504, 328.056 (and in a narrow window
+    only each label's last digit showed). Each axis is in its line's colour."""
+    for axis in ("ytick", "y2tick"):
+        labels = page.locator(f"#overview .{axis} text").all_text_contents()
+        assert len(labels) >= 2, (axis, labels)
+        for label in labels:
+            value = _tick_value(label)
+            mantissa = round(value / 10.0 ** math.floor(math.log10(value)), 6)
+            assert mantissa in (1, 2, 5), (axis, labels)
+    colours = page.evaluate("""() => {
+        const fig = document.querySelector('#overview .js-plotly-plot');
+        const line = name => fig.data.find(t => t.name === name).line.color;
+        return [line('loss'), fig.layout.yaxis.title.font.color,
+                line('global gradient norm'), fig.layout.yaxis2.title.font.color];
+    }""")
+    assert colours[0] == colours[1] and colours[2] == colours[3] and colours[0] != colours[2], colours
 
 
 def test_slider_moves_every_view(page):
