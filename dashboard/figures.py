@@ -167,7 +167,8 @@ def gates_figure(gates: dict[str, np.ma.MaskedArray], sequence: int, row_height:
     the step changes."""
     names = list(gates)
     if not names:
-        return empty_figure("This layer has no gates (plain RNN).")
+        return empty_figure("No gates recorded for this layer: a plain RNN has none; a cell of your own "
+                            "has them when watch(cells={cell: gates_function}) gives a function.")
     cols = 2 if len(names) > 1 else 1
     rows = math.ceil(len(names) / cols)
     gap_x, gap_y = 0.08, 0.24 / rows

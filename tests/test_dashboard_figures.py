@@ -92,7 +92,7 @@ def test_gates_figure_one_heatmap_per_gate_with_fixed_ranges_and_counts():
     # each gate's heatmap is [unit, time] of the chosen sequence, on its own axes
     np.testing.assert_allclose(np.asarray(values[2].z, float), gates["output"][1].T, rtol=1e-6)
     assert len({(t.xaxis, t.yaxis) for t in values}) == 4
-    assert figures.gates_figure({}, 0).layout.annotations[0].text.startswith("This layer has no gates")
+    assert figures.gates_figure({}, 0).layout.annotations[0].text.startswith("No gates recorded for this layer")
 
 
 def test_a_failed_read_is_a_message_in_the_page_not_a_traceback(trace_path, monkeypatch):
