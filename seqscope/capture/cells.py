@@ -84,6 +84,8 @@ def _open_calls(recorder: Any, step: StepState, batch: int, device: torch.device
                 factory: type[_CallsBase]) -> tuple[Any, torch.Tensor] | None:
     """This step's call record of a cell (created at its first call) and the
     stored sequences' indices on the device; None when recording it stopped."""
+    if batch == 0:
+        return None  # an empty batch: nothing to record, and no failure to report
     calls = step.cell_calls.get(id(recorder))
     if calls is None:
         calls = factory(select=recorder.scope.select_sequences(batch), batch=batch, in_backward=rec.in_backward())

@@ -196,6 +196,8 @@ class FusedRecorder:
             lengths_all = torch.full((batch,), n_time, dtype=torch.long)
             batch_sizes = sorted_idx = unsorted_idx = None
             layer_input = x
+        if batch == 0 or n_time == 0:  # an empty batch: nothing to record, and no failure to report
+            return self._original(input, hx)
 
         # initial states, in the caller's batch order
         if hx is None:
