@@ -27,6 +27,7 @@ import seqscope
 from seqscope.cli import main as cli_main
 from seqscope.diagnose import diagnose
 from seqscope.errors import TraceError
+from tests.test_scope import _Tagger
 
 TRAINER = textwrap.dedent("""
     import sys, torch
@@ -161,30 +162,16 @@ def test_an_empty_batch_is_not_a_recording_failure(tmp_path, caplog):
     """A batch of zero sequences (a filter left nothing) has nothing to record: no
     warning (seqscope's one warning about failed recordings stays for real ones), and
     the steps after it are recorded."""
-
-    class Model(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.rnn = nn.GRU(2, 3)
-            self.cell = nn.LSTMCell(3, 3)
-
-        def forward(self, x):
-            out, _ = self.rnn(x)
-            state = None
-            for t in range(x.shape[0]):
-                state = self.cell(out[t], state)
-            return state[0]
-
-    model = Model()
+    model = _Tagger()  # a fused layer and a cell loop
     with caplog.at_level(logging.WARNING, logger="seqscope"):
         with seqscope.watch(model, tmp_path / "t.h5", every=1):
             for batch in (0, 2, 0, 3):
-                (model(torch.randn(4, batch, 2)).sum() + sum(p.sum() for p in model.parameters())).backward()
+                (model(torch.randn(4, batch, 3)).sum() + sum(p.sum() for p in model.parameters())).backward()
     assert not [r for r in caplog.records if r.name == "seqscope"], caplog.text
     with seqscope.open(tmp_path / "t.h5") as trace:
         assert list(trace.steps) == [1, 3]
-        assert trace.hidden("rnn.l0", 3).shape == (3, 4, 3)
-        assert trace.hidden("cell", 3).shape == (3, 4, 3)
+        assert trace.hidden("rnn.l0", 3).shape == (3, 4, 4)
+        assert trace.hidden("cell", 3).shape == (3, 4, 4)
 
 
 def test_max_bytes_stops_recording_with_one_warning(tmp_path, caplog):
@@ -314,6 +301,7 @@ READ_ALL = textwrap.dedent("""
     import os, sys
     import seqscope
     from seqscope.errors import TraceError
+from tests.test_scope import _Tagger
     try:
         with seqscope.open(sys.argv[1]) as trace:
             trace.info()
