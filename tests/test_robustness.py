@@ -301,7 +301,6 @@ READ_ALL = textwrap.dedent("""
     import os, sys
     import seqscope
     from seqscope.errors import TraceError
-from tests.test_scope import _Tagger
     try:
         with seqscope.open(sys.argv[1]) as trace:
             trace.info()
