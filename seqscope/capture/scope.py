@@ -107,7 +107,6 @@ class StepState:
     # steps begun at a layer's call (Scope.enter_layer): a backward pass reached a
     # recurrent layer's parameters since the step began, so the next call begins a step
     backward_seen: bool = False
-    from_layers: bool = False  # begun by enter_layer, not by the watched model's forward
     phase: int = schema.PHASE_TRAIN
     # with watch(grad_scaler=...): the loss scale this step's backward ran with (a
     # tensor copy, read without a device sync) and the optimizer steps seen before it
@@ -337,8 +336,8 @@ class Scope:
             return
         if self.steps_from_layers:
             self._stop_steps_from_layers()  # the model's own calls begin steps from now on
-            current = self._current
-            if current is not None and current.from_layers and not current.backward_seen \
+            current = self._current  # until now every step began at a layer call (enter_layer)
+            if current is not None and not current.backward_seen \
                     and current.optimizer_steps == self._optimizer_steps:
                 # layer calls before the model's first forward, with no backward pass or
                 # optimizer step since (a shape probe at set-up): no step; numbering as without them
@@ -385,7 +384,6 @@ class Scope:
             return
         self._begin_step()
         if self._current is not None:
-            self._current.from_layers = True
             self._watch_backward(self._current)
 
     def _watch_backward(self, step: StepState) -> None:
