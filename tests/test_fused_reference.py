@@ -408,6 +408,71 @@ def test_a_model_in_distributed_data_parallel_is_recorded(tmp_path):
         dist.destroy_process_group()
 
 
+def _distributed_worker(rank: int, world: int, tmp: str) -> None:
+    """One process of test_each_process_of_a_distributed_job: DistributedDataParallel
+    (gloo), two steps watched with the plain path, then two with {rank} in the path.
+    Saves each step's inputs, this process's own gradient norms (a copy of the model
+    run on its batch alone) and those that DDP leaves in .grad (averaged over the
+    processes)."""
+    dist = torch.distributed
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world)
+    try:
+        cfg = Config("lstm", layers=2, h0=True)
+        torch.manual_seed(0)
+        model = make_module(cfg)
+        ddp = nn.parallel.DistributedDataParallel(model)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.2)
+        gen = torch.Generator().manual_seed(10 + rank)
+        runs = {}
+        for label, path in (("plain", f"{tmp}/trace.h5"), ("ranks", f"{tmp}/trace-rank{{rank}}.h5")):
+            steps = []
+            with seqscope.watch(ddp, path, every=1, sequences=B, precision="full") as scope:
+                for _ in range(2):
+                    seqs, h0, c0 = make_inputs(cfg, gen)
+                    terms = make_loss_terms(cfg, gen)
+                    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                    alone = make_module(cfg)
+                    alone.load_state_dict(before)
+                    out, (h_n, c_n) = alone(module_input(cfg, seqs), (h0, c0))
+                    loss_of(per_sequence_outputs(cfg, out), h_n, c_n, terms).backward()
+                    own = {"module." + n: ref.norm(p.grad).item() for n, p in alone.named_parameters()}
+                    out, (h_n, c_n) = ddp(module_input(cfg, seqs), (h0, c0))
+                    loss_of(per_sequence_outputs(cfg, out), h_n, c_n, terms).backward()
+                    averaged = {n: ref.norm(p.grad).item() for n, p in ddp.named_parameters()}
+                    scope.log(rank=rank)
+                    opt.step()
+                    opt.zero_grad()
+                    steps.append((before, seqs, h0, c0, terms, own, averaged))
+            runs[label] = (scope.path, steps)
+        torch.save(runs, f"{tmp}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_each_process_of_a_distributed_job(tmp_path):
+    """DistributedDataParallel over two processes: with a plain path rank 0 alone
+    records (the other process's scope does nothing, so the two never write one
+    file); with {rank} in the path each process records its own trace. A trace holds
+    its process's numbers: its batch, and its gradients before DDP averages them
+    across the processes."""
+    torch.multiprocessing.spawn(_distributed_worker, args=(2, str(tmp_path)), nprocs=2)
+    runs = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    assert runs[0]["plain"][0] == str(tmp_path / "trace.h5")
+    assert runs[1]["plain"][0] is None
+    assert sorted(p.name for p in tmp_path.glob("*.h5")) == ["trace-rank0.h5", "trace-rank1.h5", "trace.h5"]
+    cfg = Config("lstm", layers=2, h0=True)
+    for rank, label in ((0, "plain"), (0, "ranks"), (1, "ranks")):
+        path, steps = runs[rank][label]
+        assert path == str(tmp_path / ("trace.h5" if label == "plain" else f"trace-rank{rank}.h5"))
+        with seqscope.open(path) as trace:
+            assert trace.layers == ["module.l0", "module.l1"]
+            assert list(trace.scalars()["rank"].values) == [rank, rank]
+            check_steps(trace, cfg, [s[:6] for s in steps], prefix="module")
+        for *_, own, averaged in steps:
+            # the processes' batches differ, so the averaged gradient is not this one's
+            assert max(abs(own[n] - averaged[n]) / averaged[n] for n in own) > 1e-3
+
+
 def test_a_second_backward_pass_is_said_once_and_the_first_is_recorded(tmp_path, caplog):
     """Two losses, each with its own backward() on one forward pass: .grad holds the
     sum, which no hook sees whole. seqscope records the first pass (hidden-state

@@ -376,6 +376,120 @@ def test_writing_with_a_reader_open(tmp_path):
         proc.wait()
 
 
+def _run_steps(scope, model, n, tag):
+    for _ in range(n):
+        out, _ = model(torch.randn(6, 2, 3))
+        out.pow(2).mean().backward()
+        scope.log(run=tag)
+
+
+def test_a_second_run_on_a_path_in_use_records_beside_it(tmp_path, caplog):
+    """Two runs given one path (a sweep, a run started again while the first
+    trains): the second used to truncate the first's file and write into it, a
+    trace that neither could read. Now the second records to the first free
+    numbered path beside it, with one warning; an earlier trace at a numbered path
+    is left alone, and a forked child that exits does not release the first run's
+    claim."""
+    path = tmp_path / "trace.h5"
+    model = nn.LSTM(3, 5)
+    with seqscope.watch(model, tmp_path / "trace-2.h5", every=1) as earlier:
+        _run_steps(earlier, model, 1, 0)
+    first = seqscope.watch(model, path, every=1)
+    _run_steps(first, model, 2, 1)
+    pid = os.fork()
+    if pid == 0:  # a DataLoader worker's lifetime, in short
+        os._exit(0)
+    os.waitpid(pid, 0)
+    other = nn.LSTM(3, 5)  # a model is watched by one scope at a time
+    with caplog.at_level(logging.WARNING, logger="seqscope"):
+        second = seqscope.watch(other, path, every=1)
+    said = [r.getMessage() for r in caplog.records if "another run" in r.getMessage()]
+    assert len(said) == 1 and str(tmp_path / "trace-3.h5") in said[0], said
+    assert second.path == str(tmp_path / "trace-3.h5") and first.path == str(path)
+    for _ in range(3):
+        _run_steps(first, model, 1, 1)
+        _run_steps(second, other, 1, 2)
+    first.close()
+    second.close()
+    for name, run, steps in (("trace.h5", 1, 5), ("trace-2.h5", 0, 1), ("trace-3.h5", 2, 3)):
+        with seqscope.open(tmp_path / name) as trace:
+            assert trace.closed_cleanly and list(trace.steps) == list(range(steps)), name
+            assert set(trace.scalars()["run"].values) == {run}
+            assert trace.hidden("lstm.l0", steps - 1).shape == (2, 6, 5)
+    # once the first run has closed, its path is free again
+    with seqscope.watch(model, path, every=1) as third:
+        assert third.path == str(path)
+
+
+def test_a_new_run_replaces_a_trace_that_a_reader_has_open(tmp_path):
+    """A dashboard open on the last run's trace held HDF5's shared lock, and the
+    next run on that path stopped at watch() with BlockingIOError. The earlier file
+    is now replaced, not truncated: the reader goes on reading the earlier run,
+    whole."""
+    path = tmp_path / "trace.h5"
+    model = nn.GRU(3, 5)
+    with seqscope.watch(model, path, every=1) as scope:
+        _run_steps(scope, model, 2, 1)
+    reader = seqscope.open(path)
+    before = reader.hidden("gru.l0", 1).data.copy()
+    assert not reader.replaced()
+    with seqscope.watch(model, path, every=1) as scope:
+        assert scope.path == str(path)
+        _run_steps(scope, model, 4, 2)
+    assert reader.replaced()  # what a reader asks to move to the new run (the dashboard does)
+    reader.refresh()
+    assert list(reader.steps) == [0, 1]
+    np.testing.assert_array_equal(reader.hidden("gru.l0", 1).data, before)
+    assert set(reader.scalars()["run"].values) == {1}
+    reader.close()
+    with seqscope.open(path) as trace:
+        assert list(trace.steps) == [0, 1, 2, 3] and set(trace.scalars()["run"].values) == {2}
+
+
+def test_a_watch_that_fails_leaves_the_earlier_trace_as_it_was(tmp_path):
+    """watch() checks the model before it touches the path: a model that cannot be
+    watched used to leave the earlier trace there truncated. A path that cannot be
+    written is one line, with the path."""
+    path = tmp_path / "trace.h5"
+    model = nn.LSTM(3, 5)
+    with seqscope.watch(model, path, every=1) as scope:
+        _run_steps(scope, model, 2, 1)
+    with seqscope.watch(model, tmp_path / "other.h5"):
+        with pytest.raises(seqscope.UnsupportedModelError, match="already watched"):
+            seqscope.watch(model, path)
+    with seqscope.open(path) as trace:
+        assert list(trace.steps) == [0, 1] and trace.closed_cleanly
+    (tmp_path / "file").write_text("")
+    with pytest.raises(seqscope.SeqscopeError, match="cannot write the trace") as info:
+        seqscope.watch(model, tmp_path / "file" / "trace.h5")
+    assert "\n" not in str(info.value) and str(tmp_path / "file" / "trace.h5") in str(info.value)
+    with seqscope.watch(model, path, every=1) as scope:  # nothing of the failed watch() is left
+        _run_steps(scope, model, 1, 2)
+
+
+def test_a_run_that_was_killed_leaves_its_path_free(tmp_path):
+    """The claim on a path is the writer's lock, which the kernel drops with the
+    process: while another process trains on the path, a new run goes beside it;
+    once that process is killed, the next run takes the path itself."""
+    path = tmp_path / "live.h5"
+    proc = subprocess.Popen([sys.executable, "-c", TRAINER, str(path)], stdout=subprocess.PIPE, text=True)
+    model = nn.LSTM(3, 16, num_layers=2)
+    try:
+        for line in proc.stdout:
+            if int(line.split()[0]) >= 3:
+                break
+        with seqscope.watch(model, path, every=1) as beside:
+            assert beside.path == str(tmp_path / "live-2.h5")
+    finally:
+        proc.kill()
+        proc.wait()
+    with seqscope.watch(model, path, every=1) as scope:
+        assert scope.path == str(path)
+        _run_steps(scope, model, 1, 3)
+    with seqscope.open(path) as trace:
+        assert list(trace.steps) == [0] and trace.closed_cleanly
+
+
 def test_no_code_runs_when_reading(tmp_path):
     """Traces are HDF5 arrays and JSON; the reader never unpickles or torch.loads."""
     root = Path(seqscope.__file__).parent

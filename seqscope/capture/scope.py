@@ -52,9 +52,9 @@ from seqscope.capture.fused import (
     unsupported_reason,
 )
 from seqscope.capture.host import copy_to_host
-from seqscope.errors import UnsupportedModelError
+from seqscope.errors import SeqscopeError, UnsupportedModelError
 from seqscope.trace import schema
-from seqscope.trace.writer import ArrayRecord, StepRecord, TraceWriter
+from seqscope.trace.writer import ArrayRecord, StepRecord, TraceWriter, one_line
 
 log = logging.getLogger("seqscope")
 
@@ -141,7 +141,8 @@ class Scope:
         self.grad_scaler = grad_scaler
         self._optimizer_steps = 0
         self.model = model
-        self.path = os.fspath(path)
+        # the trace's path; None in a process of a distributed job that records nothing
+        self.path: str | None = os.fspath(path)
         self.schedule = schedules.resolve(every)
         if precision not in schema.PRECISIONS:
             raise ValueError(f"precision must be one of {schema.PRECISIONS}, got {precision!r}")
@@ -200,16 +201,34 @@ class Scope:
             "model": type(model).__name__,
             "grad_scaler": grad_scaler is not None,
         }
-        self.writer = TraceWriter(self.path, config, max_bytes=max_bytes)
-        # build (or load from the cache) the compiled scans now, off the training
-        # thread, so that the first recorded step does not wait for the compiler
-        native.load_in_background()
+        self.writer: TraceWriter
+        rank, world = distributed_rank()
+        if "{rank}" in self.path:
+            self.path = self.path.replace("{rank}", str(rank))
+        elif rank != 0:
+            # another process of a distributed job, whose rank 0 records: nothing to do here
+            log.info("seqscope: process %d of %d records nothing (rank 0 does; put {rank} in the path "
+                     "to record every process)", rank, world)
+            self.path = None
+            self._closed = True
+            return
+        # the hooks first: a model that cannot be watched leaves an earlier trace at the path as it was
         try:
             self._install()
         except BaseException:
             self._uninstall()
-            self.writer.close()
             raise
+        try:
+            self.writer = TraceWriter(self.path, config, max_bytes=max_bytes)
+        except BaseException as exc:
+            self._uninstall()
+            if isinstance(exc, OSError):
+                raise SeqscopeError(f"cannot write the trace {self.path}: {one_line(exc)}") from exc
+            raise
+        self.path = os.fspath(self.writer.path)  # another path if another run writes to this one
+        # build (or load from the cache) the compiled scans now, off the training
+        # thread, so that the first recorded step does not wait for the compiler
+        native.load_in_background()
         _OPEN_SCOPES[self] = os.getpid()
 
     # ---- discovery ------------------------------------------------------------------------
@@ -884,6 +903,20 @@ def _to_host(items: list[tuple[int, str, torch.Tensor, torch.dtype]]
     return [(lid, field, arr) for (lid, field, _, _), arr in zip(items, out) if arr is not None], ready
 
 
+def distributed_rank() -> tuple[int, int]:
+    """(rank, world size) of this process in a distributed job: from
+    torch.distributed once its process group exists, else from the RANK and
+    WORLD_SIZE variables that torchrun sets; (0, 1) outside one."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    try:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    except (KeyError, ValueError):
+        return 0, 1
+    return (rank, world) if 0 <= rank < world else (0, 1)
+
+
 def watch(
     model: nn.Module,
     path: str | os.PathLike[str],
@@ -897,6 +930,13 @@ def watch(
 ) -> Scope:
     """Record ``model``'s recurrent layers into the HDF5 trace at ``path``.
 
+    path: the trace file. An earlier trace there is replaced (a dashboard showing
+        it moves to the new run). While another run writes to that path, this one
+        records to ``<stem>-2<suffix>`` (the next free number) and says so; the
+        path used is ``scope.path``. In a distributed job (torch.distributed, or
+        torchrun's RANK and WORLD_SIZE) only rank 0 records, unless the path
+        contains ``{rank}``, which each process replaces with its rank; elsewhere
+        ``scope.path`` is None and the scope does nothing.
     every: record step n when ``n % every == 0``; or a function ``step -> bool``;
         or a preset name ("dense-early", "always").
     sequences: how many sequences of each batch (the first ones), or which batch

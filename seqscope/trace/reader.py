@@ -72,6 +72,7 @@ class Trace:
         if not is_hdf5:
             raise NotATraceError(f"{self.path} is not an HDF5 file, so not a seqscope trace")
         self._file = self._open_file()
+        self._identity = self._file_identity()
         try:
             self._check_header()
             self.refresh()
@@ -90,6 +91,26 @@ class Trace:
             except Exception as exc:  # noqa: BLE001
                 errors.append(exc)
         raise TraceCorruptError(f"cannot open {self.path}: {errors[-1]}")
+
+    def _file_identity(self) -> tuple[int, int] | None:
+        try:
+            st = os.fstat(self._file.id.get_vfd_handle())
+        except Exception:  # noqa: BLE001 - a driver without a file descriptor
+            return None
+        return st.st_dev, st.st_ino
+
+    def replaced(self) -> bool:
+        """True when the path now names another file than the one open here: a new
+        run started on the same path (``watch`` replaces an earlier trace rather
+        than overwrite it, so this one stays readable). Open the path again to
+        read the new run."""
+        if self._identity is None:
+            return False
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return False  # removed, and the new file not there yet
+        return (st.st_dev, st.st_ino) != self._identity
 
     def _check_header(self) -> None:
         attrs = self._file.attrs

@@ -27,7 +27,7 @@ import h5py
 import numpy as np
 from h5py import h5s, h5t
 
-from seqscope.trace import schema
+from seqscope.trace import claim, schema
 
 log = logging.getLogger("seqscope")
 
@@ -115,14 +115,21 @@ class TraceWriter:
         self._bytes = 0
         self._queue: queue.Queue[StepRecord | None] = queue.Queue(maxsize=queue_size)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # the path, unless another run writes there (claim.py); held until the file is closed
+        self.path, self._lock = claim.claim(self.path)
         # No chunk cache: records are appended once and never read back here, so
         # caching their chunks only adds a copy and moves the disk work into the
         # flushes (15-25% of the writer's time per record, H=64 to H=512)
-        self._file = h5py.File(self.path, "w", libver=_LIBVER, rdcc_nbytes=0)
+        try:
+            self._file = h5py.File(self.path, "w", libver=_LIBVER, rdcc_nbytes=0)
+        except BaseException:
+            claim.release(self._lock)
+            raise
         try:
             self._create(config)
         except BaseException:
             self._file.close()
+            claim.release(self._lock)
             raise
         self._counts = [0] * schema.COMMIT_SIZE
         names = list(schema.TABLES) + list(schema.HEAPS)
@@ -185,6 +192,7 @@ class TraceWriter:
                     self._file.close()
                 except Exception as exc:  # noqa: BLE001
                     log.warning("seqscope: closing %s failed: %s", self.path, one_line(exc))
+                claim.release(self._lock)  # after a write error the lock stays with the handles
 
     # ---- writer thread -------------------------------------------------------------
     def drain(self) -> None:
