@@ -3,8 +3,10 @@ seqscope, hooks go away, steps are numbered sensibly, bad set-ups fail loudly.""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
+import logging
 
 import numpy as np
 import pytest
@@ -603,3 +605,48 @@ def test_watching_parametrized_layers_leaves_training_unchanged(tmp_path):
     with seqscope.open(tmp_path / "t.h5") as trace:
         assert list(trace.steps) == [0, 1, 2, 3]
         assert trace.layers == ["rnn.l0", "rnn.l1", "cell"]
+
+
+class _FrozenEncoder(nn.Module):
+    """A frozen LSTM under a trainable head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(3, 4).requires_grad_(False)
+        self.head = nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0])
+
+
+@pytest.mark.parametrize("loop", ["eval without no_grad", "eval under no_grad", "training in eval mode",
+                                  "frozen recurrent layers in eval mode"])
+def test_an_evaluation_loop_without_no_grad_is_said_once(loop, tmp_path, caplog):
+    """Validation with model.eval() but autograd on begins a step at each pass, as
+    training does: seqscope cannot tell them apart at the forward pass. When neither
+    a backward pass nor an optimizer step follows such a pass, seqscope says so,
+    once, with the step. Evaluation under no_grad, and training in eval mode (a
+    backward pass follows, or with frozen recurrent layers an optimizer step), say
+    nothing."""
+    torch.manual_seed(0)
+    model = _FrozenEncoder() if loop.startswith("frozen") else _Tagger()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    with caplog.at_level(logging.WARNING, logger="seqscope"):
+        with seqscope.watch(model, tmp_path / "trace.h5", every=1) as scope:
+            for _ in range(3):
+                model.train(loop == "eval without no_grad" or loop == "eval under no_grad")
+                model(torch.randn(5, 2, 3)).sum().backward()
+                opt.step()
+                opt.zero_grad()
+                if loop.startswith("eval"):
+                    model.eval()
+                    with torch.no_grad() if loop == "eval under no_grad" else contextlib.nullcontext():
+                        model(torch.randn(5, 2, 3))
+            steps = scope.step
+    said = [r.getMessage() for r in caplog.records if "eval mode" in r.getMessage()]
+    if loop == "eval without no_grad":
+        assert len(said) == 1 and "step 1 ran the model in eval mode" in said[0], said
+        assert steps == 5  # the three training passes and the validation passes between them
+    else:
+        assert said == []
+        assert steps == 2

@@ -107,6 +107,9 @@ class StepState:
     # steps begun at a layer's call (Scope.enter_layer): a backward pass reached a
     # recurrent layer's parameters since the step began, so the next call begins a step
     backward_seen: bool = False
+    # began with the watched model in eval mode (model.eval()) and autograd on: a
+    # validation loop without torch.no_grad() if no backward pass or optimizer step follows
+    eval_mode: bool = False
     phase: int = schema.PHASE_TRAIN
     # with watch(grad_scaler=...): the loss scale this step's backward ran with (a
     # tensor copy, read without a device sync) and the optimizer steps seen before it
@@ -192,6 +195,7 @@ class Scope:
         self._closed = False
         self._warned = False
         self._warned_backward = False
+        self._warned_eval_mode = False
 
         config = {
             "every": getattr(self.schedule, "__name__", repr(every)),
@@ -369,6 +373,9 @@ class Scope:
                 return  # another closure evaluation of the same optimizer step
             self._opt_has_pass = True
         self._begin_step()
+        if not module.training and self._current is not None:
+            self._current.eval_mode = True
+            self._watch_backward(self._current, whole_model=True)
 
     def _stop_steps_from_layers(self) -> None:
         self.steps_from_layers = False
@@ -405,18 +412,37 @@ class Scope:
         if self._current is not None:
             self._watch_backward(self._current)
 
-    def _watch_backward(self, step: StepState) -> None:
-        """A gradient hook on each recurrent layer's parameters that notes when a
-        backward pass reaches them (removed when the step ends)."""
+    def _watch_backward(self, step: StepState, whole_model: bool = False) -> None:
+        """A gradient hook on each recurrent layer's parameters (and with
+        ``whole_model``, on the model's first and last trainable parameters, for
+        recurrent layers that are frozen) that notes when a backward pass reaches
+        them (removed when the step ends)."""
         def seen(grad: torch.Tensor) -> None:
             step.backward_seen = True
 
         modules: list[nn.Module] = [r.module for r in self._recorders]
         modules += [c.module for c in (*self._cell_recorders, *self._custom_recorders)]
-        for module in modules:
-            p = next((p for p in module.parameters() if p.requires_grad), None)
-            if p is not None:
-                step.handles.append(p.register_hook(seen))
+        params = [next((p for p in m.parameters() if p.requires_grad), None) for m in modules]
+        if whole_model:
+            trainable = [p for p in self.model.parameters() if p.requires_grad]
+            params += trainable[:1] + trainable[-1:]
+        for p in {id(p): p for p in params if p is not None}.values():
+            step.handles.append(p.register_hook(seen))
+
+    def _note_eval_mode_step(self, step: StepState) -> None:
+        """Say once that a step ran the model in eval mode with autograd on and
+        neither a backward pass nor an optimizer step followed: a validation loop
+        without torch.no_grad(), counted (and maybe recorded) as a training step."""
+        if self._warned_eval_mode or not step.eval_mode or step.backward_seen \
+                or step.optimizer_steps != self._optimizer_steps or step.phase != schema.PHASE_TRAIN:
+            return
+        self._warned_eval_mode = True
+        log.warning(
+            "seqscope: step %d ran the model in eval mode (model.eval()) with autograd on, and no backward pass or "
+            "optimizer step followed: an evaluation loop without torch.no_grad()? seqscope counts such passes as "
+            "training steps; run evaluation under torch.no_grad() (which also saves memory) to have it recorded as "
+            "an evaluation pass, and training steps numbered as your loop numbers them", step.step,
+        )
 
     def _begin_step(self) -> None:
         if self._current is not None:
@@ -726,6 +752,7 @@ class Scope:
 
     def _finish(self, step: StepState) -> None:
         step.remove_hooks()
+        self._note_eval_mode_step(step)
         if step.recorded and not step.failed:
             for name, scan in step.pending_scans:
                 try:
