@@ -530,7 +530,8 @@ def part4(quick: bool) -> list[str]:
         body = {"output": views["output"], "outputs": outputs, "changedPropIds": ["slider.value"], "state": [],
                 "inputs": [{"id": "slider", "property": "value", "value": index},
                            {"id": "layer", "property": "value", "value": "rnn.l0"},
-                           {"id": "sequence", "property": "value", "value": 0}]}
+                           {"id": "sequence", "property": "value", "value": 0},
+                           {"id": "run", "property": "data", "value": 0}]}
         t1 = time.perf_counter()
         reply = client.post("/_dash-update-component", json=body)
         lat.append(time.perf_counter() - t1)

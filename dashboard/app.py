@@ -38,6 +38,21 @@ def _section(title: str, *children: Any) -> html.Div:
     return html.Div([html.H3(title, style={"margin": "12px 0 4px"}), *children], className="section")
 
 
+def _sequence_count(src: TraceSource) -> int:
+    """Sequences stored per step (for the sequence menu): those of the first step."""
+    steps, layers = src.steps, src.layers
+    if not layers or not len(steps):
+        return 1
+    try:
+        return max(len(src.step_data(layers[0], int(steps[0]))["lengths"]), 1)
+    except Exception:  # noqa: BLE001
+        return 1
+
+
+def _sequence_options(n: int) -> list[dict[str, Any]]:
+    return [{"label": str(k), "value": k} for k in range(n)]
+
+
 def create_app(source: TraceSource | str) -> Dash:
     """A Dash app for one trace (a TraceSource, or a path that is opened now)."""
     src = source if isinstance(source, TraceSource) else TraceSource(source)
@@ -50,12 +65,7 @@ def create_app(source: TraceSource | str) -> Dash:
     steps = src.steps
     layers = src.layers
     first_layer = layers[0] if layers else None
-    n_seq = 1
-    if first_layer is not None and len(steps):
-        try:
-            n_seq = len(src.step_data(first_layer, int(steps[0]))["lengths"])
-        except Exception:  # noqa: BLE001
-            n_seq = 1
+    n_seq = _sequence_count(src)
 
     app.layout = html.Div(
         [
@@ -72,7 +82,7 @@ def create_app(source: TraceSource | str) -> Dash:
                     dcc.Dropdown(id="layer", options=layers, value=first_layer, clearable=False,
                                  style={"width": "240px"}),
                     html.Label("sequence"),
-                    dcc.Dropdown(id="sequence", options=[{"label": str(k), "value": k} for k in range(n_seq)],
+                    dcc.Dropdown(id="sequence", options=_sequence_options(n_seq),
                                  value=0, clearable=False, style={"width": "90px"}),
                     html.Button("▶ play", id="play", n_clicks=0),
                     html.Span(id="step-label", style={"fontWeight": "bold", "minWidth": "160px"}),
@@ -84,6 +94,7 @@ def create_app(source: TraceSource | str) -> Dash:
             dcc.Interval(id="replay", interval=REPLAY_MS, disabled=True),
             dcc.Interval(id="live", interval=LIVE_MS),
             dcc.Store(id="n-steps", data=len(steps)),
+            dcc.Store(id="run", data=src.run),
             dcc.Store(id="findings-version", data=-1),
             html.Div(id="status", style={"color": "#b00"}),
             html.Div(
@@ -105,22 +116,40 @@ def create_app(source: TraceSource | str) -> Dash:
     )
 
     @app.callback(
-        Output("slider", "max"), Output("slider", "marks"), Output("n-steps", "data"),
-        Input("live", "n_intervals"), State("n-steps", "data"),
+        Output("slider", "max"), Output("slider", "marks"), Output("n-steps", "data"), Output("run", "data"),
+        Output("slider", "value", allow_duplicate=True), Output("layer", "options"),
+        Output("layer", "value", allow_duplicate=True), Output("sequence", "options"),
+        Output("sequence", "value"),
+        Input("live", "n_intervals"), State("n-steps", "data"), State("run", "data"),
+        State("layer", "value"), State("layer", "options"),
         prevent_initial_call=True,
     )
-    def live_refresh(_: int, known: int) -> Any:
+    def live_refresh(_: int, known: int, shown_run: int, layer: Any, options: Any) -> Any:
         src.refresh()
         now = src.steps
-        if len(now) == known:
-            return no_update, no_update, no_update
-        return max(len(now) - 1, 0), _marks(now), len(now)
+        layers = src.layers
+        out: list[Any] = [no_update] * 9
+        if len(now) != known or src.run != shown_run:
+            out[:3] = max(len(now) - 1, 0), _marks(now), len(now)
+        if layers != options or src.run != shown_run:
+            # layers appear with a live trace's first record, or change with a new run
+            out[5] = layers
+            if layer not in layers:
+                out[6] = layers[0] if layers else None
+        if src.run != shown_run or (known == 0 and len(now)):
+            out[7], out[8] = _sequence_options(_sequence_count(src)), 0
+        if src.run != shown_run:  # a new run replaced the trace at the path: show it from its start
+            out[3], out[4] = src.run, 0
+        return tuple(out)
 
     @app.callback(
         Output("overview", "figure"), Output("gradflow", "figure"),
-        Input("layer", "value"), Input("n-steps", "data"), State("slider", "value"),
+        Input("layer", "value"), Input("n-steps", "data"), Input("run", "data"), State("slider", "value"),
     )
-    def layer_views(layer: Any, _: int, index: int | None) -> Any:
+    def layer_views(layer: Any, _: int, __: int, index: int | None) -> Any:
+        if not src.layers:  # a live trace before its first record
+            empty = figures.to_dict(figures.empty_figure("no recorded steps yet"))
+            return empty, empty
         layer = src.check_layer(layer)
         steps = src.steps
         current = int(steps[min(index or 0, len(steps) - 1)]) if len(steps) else None
@@ -188,10 +217,10 @@ def create_app(source: TraceSource | str) -> Dash:
         Output("cell", "figure"), Output("gates", "figure"), Output("saturation", "figure"),
         Output("gradflow", "figure", allow_duplicate=True), Output("overview", "figure", allow_duplicate=True),
         Output("status", "children"),
-        Input("slider", "value"), Input("layer", "value"), Input("sequence", "value"),
+        Input("slider", "value"), Input("layer", "value"), Input("sequence", "value"), Input("run", "data"),
         prevent_initial_call="initial_duplicate",
     )
-    def step_views(index: Any, layer: Any, sequence: Any) -> Any:
+    def step_views(index: Any, layer: Any, sequence: Any, _: int) -> Any:
         steps = src.steps
         if not len(steps):
             empty = figures.to_dict(figures.empty_figure("no recorded steps yet"))

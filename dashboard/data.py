@@ -27,11 +27,29 @@ class TraceSource:
         self._findings: list[dict[str, Any]] | None = None
         self.findings_version = 0  # bumped whenever a diagnosis finishes
         self._diagnosing = False
+        self._diagnoses_wanted = 0
+        # bumped when a new run replaced the trace at the path and the source moved to it
+        self.run = 0
         self.start_diagnosis()
 
     # ---- live -----------------------------------------------------------------------
     def refresh(self) -> bool:
-        """Pick up newly committed steps; True when there are new ones."""
+        """Pick up newly committed steps, or move to a new run written to the same
+        path (``self.run`` goes up); True when either happened."""
+        if self.trace.replaced():
+            try:
+                new = open_trace(self.path)
+            except Exception:  # noqa: BLE001 - the new run's file is being created: next time
+                return False
+            with self._lock:
+                old, self.trace = self.trace, new
+                old.close()
+                self._grad_cache.clear()
+                self._findings = None
+                self.findings_version += 1
+                self.run += 1
+            self.start_diagnosis()
+            return True
         with self._lock:
             before = len(self.trace.steps)
             try:
@@ -133,24 +151,35 @@ class TraceSource:
     def start_diagnosis(self) -> None:
         """Diagnose on a background thread so the page never waits for it."""
         with self._lock:
+            self._diagnoses_wanted += 1
             if self._diagnosing:
-                return
+                return  # the running diagnosis goes round again when it ends
             self._diagnosing = True
 
         def run() -> None:
             try:
+                diagnose_until_current()
+            except BaseException:
                 with self._lock:
-                    found = [f.to_dict() for f in diagnose(self.trace)]
-                if found != self._findings:
-                    self._findings = found
-                    self.findings_version += 1
-            except Exception as exc:  # noqa: BLE001 - the dashboard shows the error instead
-                self._findings = [{"kind": "diagnosis_failed", "severity": "warning", "layer": None,
-                                   "first_step": 0, "last_step": 0, "evidence": {},
-                                   "message": f"diagnosis failed: {exc}"}]
-                self.findings_version += 1
-            finally:
-                self._diagnosing = False
+                    self._diagnosing = False
+                raise
+
+        def diagnose_until_current() -> None:
+            while True:
+                with self._lock:
+                    wanted = self._diagnoses_wanted
+                    try:
+                        found = [f.to_dict() for f in diagnose(self.trace)]
+                    except Exception as exc:  # noqa: BLE001 - the dashboard shows the error instead
+                        found = [{"kind": "diagnosis_failed", "severity": "warning", "layer": None,
+                                  "first_step": 0, "last_step": 0, "evidence": {},
+                                  "message": f"diagnosis failed: {exc}"}]
+                    if found != self._findings:
+                        self._findings = found
+                        self.findings_version += 1
+                    if wanted == self._diagnoses_wanted:  # nothing new since this one began
+                        self._diagnosing = False
+                        return
 
         threading.Thread(target=run, name="seqscope-diagnose", daemon=True).start()
 

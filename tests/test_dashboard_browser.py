@@ -228,3 +228,74 @@ def test_live_trace_grows_without_restart(served, browser, tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+RUN = textwrap.dedent("""
+    import sys, torch
+    from torch import nn
+    import seqscope
+    path, kind, steps, batch = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    model = {"lstm": nn.LSTM, "gru": nn.GRU}[kind](3, 8)
+    with seqscope.watch(model, path, every=1, sequences=batch) as scope:
+        print("open", flush=True)
+        sys.stdin.readline()
+        for step in range(steps):
+            out, _ = model(torch.randn(10, batch, 3))
+            out.sum().backward()
+            scope.log(loss=float(step))
+    print("done", flush=True)
+""")
+
+
+def _sequence_menu(page) -> list[str]:
+    page.click("#sequence")
+    options = page.get_by_role("option").all_text_contents()
+    page.keyboard.press("Escape")
+    return options
+
+
+def test_the_page_follows_a_trace_from_its_start_and_a_new_run_on_its_path(browser, tmp_path):
+    """A dashboard opened before the first record: the layer and sequence menus
+    used to stay empty (and the layer view's callback failed). Then the next run is
+    started on the same path while the page is open: it used to stop at watch()
+    (the dashboard held the file's lock); now the page moves to it, with its own
+    layers, steps and sequences."""
+    path = tmp_path / "runs.h5"
+    first = subprocess.Popen([sys.executable, "-c", RUN, str(path), "lstm", "4", "2"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    page = None
+    try:
+        assert first.stdout.readline().strip() == "open"
+        page = browser.new_page(viewport={"width": 1400, "height": 1800})
+        errors: list[str] = []
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(_serve(path))
+        page.wait_for_function("document.querySelector('#step-label')?.textContent === 'no steps'", timeout=30_000)
+        first.stdin.write("\n")
+        first.stdin.flush()
+        assert first.stdout.readline().strip() == "done"
+        page.wait_for_function("document.querySelector('#step-label')?.textContent?.includes('(1 of 4)')",
+                               timeout=20_000)
+        page.wait_for_function("document.querySelector('#gradflow .gtitle')?.textContent?.includes('lstm.l0')")
+        assert "lstm.l0" in page.locator("#layer").text_content()
+        assert _sequence_menu(page) == ["0", "1"]
+        page.locator("#slider [role=slider]").focus()
+        page.keyboard.press("ArrowRight")
+        page.wait_for_function("document.querySelector('#step-label')?.textContent?.startsWith('step 1')")
+
+        second = subprocess.run([sys.executable, "-c", RUN, str(path), "gru", "3", "3"], input="\n",
+                                capture_output=True, text=True, timeout=120)
+        assert second.returncode == 0 and second.stdout.split() == ["open", "done"], second.stderr
+        page.wait_for_function("document.querySelector('#step-label')?.textContent?.startsWith('step 0  (1 of 3)')",
+                               timeout=20_000)
+        page.wait_for_function("document.querySelector('#gradflow .gtitle')?.textContent?.includes('gru.l0')")
+        page.wait_for_function("document.querySelector('#hidden .gtitle')?.textContent?.includes('gru.l0')")
+        assert "gru.l0" in page.locator("#layer").text_content()
+        assert _sequence_menu(page) == ["0", "1", "2"]
+        assert errors == [], errors
+    finally:
+        first.kill()
+        first.wait()
+        if page is not None:
+            page.close()

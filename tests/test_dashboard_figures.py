@@ -110,7 +110,8 @@ def test_a_failed_read_is_a_message_in_the_page_not_a_traceback(trace_path, monk
     body = {"output": views["output"], "outputs": outputs, "changedPropIds": ["slider.value"], "state": [],
             "inputs": [{"id": "slider", "property": "value", "value": 2},
                        {"id": "layer", "property": "value", "value": "lstm.l0"},
-                       {"id": "sequence", "property": "value", "value": 0}]}
+                       {"id": "sequence", "property": "value", "value": 0},
+                       {"id": "run", "property": "data", "value": 0}]}
     reply = client.post("/_dash-update-component", json=body)
     assert reply.status_code == 200
     response = reply.get_json()["response"]
