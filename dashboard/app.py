@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import socket
 from typing import Any
 
 import numpy as np
@@ -15,6 +16,7 @@ from dash import ALL, Dash, Input, Output, Patch, State, ctx, dcc, html, no_upda
 
 from seqscope.dashboard import figures
 from seqscope.dashboard.data import TraceSource
+from seqscope.errors import SeqscopeError
 
 log = logging.getLogger("seqscope")
 
@@ -287,9 +289,30 @@ def create_app(source: TraceSource | str) -> Dash:
     return app
 
 
+def _check_port(host: str, port: int) -> None:
+    """Fail with one line, before anything is printed, when the address is taken
+    (another dashboard, often); the web server would print its own error after our
+    banner had announced the address."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise SeqscopeError(f"cannot serve on {host}: {exc}") from None
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the web server binds
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise SeqscopeError(
+                f"cannot serve on {host}:{port}: {exc.strerror or exc} (another dashboard?); "
+                f"choose another port with --port {port + 1}"
+            ) from None
+
+
 def serve(path: str, host: str = "127.0.0.1", port: int = 8050) -> None:
     """Serve the dashboard for ``path`` until interrupted."""
     source = TraceSource(path)
     app = create_app(source)
+    _check_port(host, port)
     print(f"seqscope dashboard for {path}: http://{host}:{port}/  (Ctrl+C to stop)", flush=True)
     app.run(host=host, port=port, debug=False)

@@ -106,6 +106,21 @@ def test_cli_dashboard_binds_localhost_and_refuses_bad_traces(tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
 
 
+def test_cli_dashboard_on_a_port_in_use_is_one_line(small_trace, capsys):
+    """A second dashboard on the same port: one line that names the way out, exit 2,
+    and no banner announcing an address that serves another program."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert cli_main(["dashboard", str(small_trace), "--port", str(port)]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.count("\n") == 1 and f"127.0.0.1:{port}" in err and f"--port {port + 1}" in err, err
+
+
 def test_demo_and_example_write_traces(tmp_path, capsys):
     out = tmp_path / "demo.h5"
     assert cli_main(["demo", "--out", str(out), "--steps", "12", "--every", "5", "--no-dashboard"]) == 0
