@@ -650,3 +650,29 @@ def test_an_evaluation_loop_without_no_grad_is_said_once(loop, tmp_path, caplog)
     else:
         assert said == []
         assert steps == 2
+
+
+def test_a_torchrun_process_other_than_rank_0_records_nothing(tmp_path, monkeypatch):
+    """torchrun's RANK and WORLD_SIZE, before any process group exists: a process
+    other than rank 0 installs nothing and writes nothing; {rank} in the path gives
+    each process its own trace."""
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    model = nn.LSTM(3, 4)
+    with seqscope.watch(model, tmp_path / "trace.h5", every=1) as scope:
+        _no_seqscope_in(model)
+        out, _ = model(torch.randn(5, 2, 3))
+        out.sum().backward()
+        scope.log(loss=1.0)
+        assert scope.path is None and scope.step is None
+    assert list(tmp_path.iterdir()) == []
+    with seqscope.watch(model, tmp_path / "trace-{rank}.h5", every=1) as scope:
+        assert scope.path == str(tmp_path / "trace-1.h5")
+        out, _ = model(torch.randn(5, 2, 3))
+        out.sum().backward()
+    monkeypatch.setenv("RANK", "0")
+    with seqscope.watch(model, tmp_path / "trace.h5", every=1) as scope:
+        assert scope.path == str(tmp_path / "trace.h5")
+    for name in ("trace-1.h5", "trace.h5"):
+        with seqscope.open(tmp_path / name) as trace:
+            assert trace.closed_cleanly
