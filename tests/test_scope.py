@@ -157,8 +157,10 @@ def test_interrupted_step_is_dropped_and_file_readable(tmp_path):
 def test_watching_the_same_module_twice_fails_loudly(tmp_path):
     model = Tagger()
     with seqscope.watch(model, tmp_path / "a.h5"):
-        with pytest.raises(UnsupportedModelError, match="already watched"):
+        with pytest.raises(UnsupportedModelError, match="already watched") as info:
             seqscope.watch(model, tmp_path / "b.h5")
+        # the message names the scope in the way and how to close it
+        assert str(tmp_path / "a.h5") in str(info.value) and "scope.close()" in str(info.value)
         # the failed watch left the first one intact
         assert "forward" in model.enc.__dict__
     assert "forward" not in model.enc.__dict__

@@ -133,9 +133,14 @@ class FusedRecorder:
         if "forward" in self.module.__dict__:
             from seqscope.errors import UnsupportedModelError
 
-            raise UnsupportedModelError(
-                f"{self.name} is already watched by another seqscope scope (or has its own instance forward)"
-            )
+            other = getattr(self.module.__dict__["forward"], "__self__", None)
+            if isinstance(other, FusedRecorder):
+                # typically a scope opened without `with` and never closed (a notebook cell run again)
+                raise UnsupportedModelError(
+                    f"{self.name} is already watched by the scope writing {other.scope.path}; close that one "
+                    "first (scope.close()), or use `with seqscope.watch(...)`, which closes it"
+                )
+            raise UnsupportedModelError(f"{self.name} has its own instance forward, which seqscope would replace")
         forward = self._forward
         self.module.forward = forward  # type: ignore[method-assign]
         attach.forward_replaced(self.module, forward)  # copies of the module leave it out
