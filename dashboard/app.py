@@ -128,20 +128,22 @@ def create_app(source: TraceSource | str) -> Dash:
     )
     def live_refresh(_: int, known: int, shown_run: int, layer: Any, options: Any) -> Any:
         src.refresh()
+        run = src.run
+        new_run = run != shown_run
         now = src.steps
         layers = src.layers
         out: list[Any] = [no_update] * 9
-        if len(now) != known or src.run != shown_run:
+        if len(now) != known or new_run:
             out[:3] = max(len(now) - 1, 0), _marks(now), len(now)
-        if layers != options or src.run != shown_run:
+        if layers != options or new_run:
             # layers appear with a live trace's first record, or change with a new run
             out[5] = layers
             if layer not in layers:
                 out[6] = layers[0] if layers else None
-        if src.run != shown_run or (known == 0 and len(now)):
+        if new_run or (known == 0 and len(now)):
             out[7], out[8] = _sequence_options(_sequence_count(src)), 0
-        if src.run != shown_run:  # a new run replaced the trace at the path: show it from its start
-            out[3], out[4] = src.run, 0
+        if new_run:  # a new run replaced the trace at the path: show it from its start
+            out[3], out[4] = run, 0
         return tuple(out)
 
     @app.callback(

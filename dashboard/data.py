@@ -36,18 +36,22 @@ class TraceSource:
     def refresh(self) -> bool:
         """Pick up newly committed steps, or move to a new run written to the same
         path (``self.run`` goes up); True when either happened."""
-        if self.trace.replaced():
-            try:
-                new = open_trace(self.path)
-            except Exception:  # noqa: BLE001 - the new run's file is being created: next time
-                return False
-            with self._lock:
+        with self._lock:  # one thread moves to the new run (Dash serves several)
+            if self.trace.replaced():
+                try:
+                    new = open_trace(self.path)
+                except Exception:  # noqa: BLE001 - the new run's file is being created: next time
+                    return False
                 old, self.trace = self.trace, new
                 old.close()
                 self._grad_cache.clear()
                 self._findings = None
                 self.findings_version += 1
                 self.run += 1
+                moved = True
+            else:
+                moved = False
+        if moved:
             self.start_diagnosis()
             return True
         with self._lock:

@@ -80,7 +80,11 @@ def _claim_one(path: Path) -> int | None:
             if held.st_size == 0:
                 return fd
             # an earlier trace: replace it rather than truncate it under its readers
-            os.unlink(path)
+            try:
+                os.unlink(path)
+            except PermissionError:  # a directory we may not change: truncate in place, as before
+                os.ftruncate(fd, 0)
+                return fd
             os.close(fd)
         except BaseException:
             try:
