@@ -306,8 +306,8 @@ def _check_port(host: str, port: int) -> None:
             probe.bind(address)
         except OSError as exc:
             raise SeqscopeError(
-                f"cannot serve on {host}:{port}: {exc.strerror or exc} (another dashboard?); "
-                f"choose another port with --port {port + 1}"
+                f"cannot serve on {host}:{port}: {exc.strerror or exc} (another dashboard? one open on this "
+                f"trace's path shows new runs written there by itself); choose another port with --port {port + 1}"
             ) from None
 
 
