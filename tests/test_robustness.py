@@ -467,10 +467,12 @@ def test_a_watch_that_fails_leaves_the_earlier_trace_as_it_was(tmp_path):
         _run_steps(scope, model, 1, 2)
 
 
-def test_a_run_that_was_killed_leaves_its_path_free(tmp_path):
+def test_a_killed_run_never_blocks_the_next_and_its_trace_is_kept(tmp_path, caplog):
     """The claim on a path is the writer's lock, which the kernel drops with the
-    process: while another process trains on the path, a new run goes beside it;
-    once that process is killed, the next run takes the path itself."""
+    process: while another process trains on the path, a new run goes beside it.
+    Once that process is killed its lock is gone, but its trace (never closed, with
+    the steps it committed) is what its user most needs: the next run keeps it and
+    goes beside it, saying why; moved away, the path is free again."""
     path = tmp_path / "live.h5"
     proc = subprocess.Popen([sys.executable, "-c", TRAINER, str(path)], stdout=subprocess.PIPE, text=True)
     model = nn.LSTM(3, 16, num_layers=2)
@@ -478,11 +480,25 @@ def test_a_run_that_was_killed_leaves_its_path_free(tmp_path):
         for line in proc.stdout:
             if int(line.split()[0]) >= 3:
                 break
-        with seqscope.watch(model, path, every=1) as beside:
-            assert beside.path == str(tmp_path / "live-2.h5")
+        with caplog.at_level(logging.WARNING, logger="seqscope"):
+            with seqscope.watch(model, path, every=1) as beside:
+                assert beside.path == str(tmp_path / "live-2.h5")
+        assert "being written by another run" in caplog.records[-1].getMessage()
     finally:
         proc.kill()
         proc.wait()
+    with seqscope.open(path) as killed:
+        assert not killed.closed_cleanly and len(killed.steps) >= 3
+        kept = list(killed.steps)
+    with caplog.at_level(logging.WARNING, logger="seqscope"):
+        with seqscope.watch(model, path, every=1) as scope:
+            assert scope.path == str(tmp_path / "live-3.h5")
+            _run_steps(scope, model, 1, 3)
+    said = caplog.records[-1].getMessage()
+    assert "ended without closing its trace" in said and f"{len(kept)} recorded steps" in said, said
+    with seqscope.open(path) as killed:
+        assert list(killed.steps) == kept
+    path.rename(tmp_path / "killed.h5")
     with seqscope.watch(model, path, every=1) as scope:
         assert scope.path == str(path)
         _run_steps(scope, model, 1, 3)

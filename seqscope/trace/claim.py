@@ -20,6 +20,9 @@ that neither could read. So:
   reader that has it open keeps reading the earlier run intact (the dashboard
   then follows the path to the new file), and HDF5's shared lock of such a
   reader no longer stops the new run from starting.
+- Except the trace of a run that never closed it (killed, preempted, crashed
+  outside Python) with data in it: that is kept, and the new run goes to a
+  numbered path as above.
 """
 
 from __future__ import annotations
@@ -28,6 +31,11 @@ import logging
 import os
 import struct
 from pathlib import Path
+
+import h5py
+import numpy as np
+
+from seqscope.trace import schema
 
 try:
     import fcntl
@@ -60,9 +68,35 @@ def _try_lock(fd: int) -> bool:
     return True
 
 
-def _claim_one(path: Path) -> int | None:
+def unfinished_run(path: Path) -> str | None:
+    """What an unfinished trace at ``path`` holds ("12 recorded steps"), when it is
+    one: a seqscope trace with committed data whose writer never closed it (its
+    process was killed, or crashed outside Python). None for anything else."""
+    commit = None
+    for swmr in (True, False):  # a killed writer's file is still marked as open for SWMR writing
+        try:
+            with h5py.File(path, "r", swmr=swmr) as f:
+                if f.attrs.get("format") != schema.FORMAT_NAME:
+                    return None
+                commit = np.asarray(f["commit"][...], dtype=np.int64)
+            break
+        except Exception:  # noqa: BLE001, S112 - not a readable trace: nothing to keep
+            continue
+    if commit is None:
+        return None
+    if commit.shape != (schema.COMMIT_SIZE,) or commit[schema.COMMIT_CLOSED]:
+        return None
+    steps, scalars = int(commit[schema.COMMIT_STEPS]), int(commit[schema.COMMIT_SCALARS])
+    if steps <= 0 and scalars <= 0:
+        return None
+    return f"{steps} recorded steps" if steps > 0 else f"{scalars} logged values"
+
+
+def _claim_one(path: Path, keep_unfinished: list[str]) -> int | None:
     """The file at ``path``, empty and locked for this process, as an open
-    descriptor; None when another writer holds the file there."""
+    descriptor; None when another writer holds the file there, or when it holds
+    an unfinished run, which is kept (what it holds is appended to
+    ``keep_unfinished``)."""
     for _ in range(20):  # each retry means another process replaced the file meanwhile
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
@@ -79,6 +113,12 @@ def _claim_one(path: Path) -> int | None:
                 continue
             if held.st_size == 0:
                 return fd
+            # the trace of a run that was killed is what its user most needs: never replaced
+            unfinished = unfinished_run(path)
+            if unfinished is not None:
+                keep_unfinished.append(unfinished)
+                os.close(fd)
+                return None
             # an earlier trace: replace it rather than truncate it under its readers
             try:
                 os.unlink(path)
@@ -103,20 +143,29 @@ def claim(path: Path) -> tuple[Path, int | None]:
         path = Path(os.path.realpath(path))  # write through the link, as opening it did
     if fcntl is None:  # pragma: no cover
         return path, None
-    fd = _claim_one(path)
+    unfinished: list[str] = []
+    fd = _claim_one(path, unfinished)
     if fd is not None:
         return path, fd
     for n in range(2, _FALLBACK_NAMES):
         other = path.with_name(f"{path.stem}-{n}{path.suffix}")
         if other.exists() or other.is_symlink():
             continue  # an earlier run's trace: left as it is
-        fd = _claim_one(other)
+        fd = _claim_one(other, [])
         if fd is not None:
-            log.warning(
-                "seqscope: %s is being written by another run (another process, or another watch() in this one); "
-                "this run records to %s",
-                path, other,
-            )
+            if unfinished:
+                log.warning(
+                    "seqscope: %s holds a run that ended without closing its trace (killed, or crashed outside "
+                    "Python), with %s: it is kept, and this run records to %s (delete or move the old trace to "
+                    "record at its path again)",
+                    path, unfinished[0], other,
+                )
+            else:
+                log.warning(
+                    "seqscope: %s is being written by another run (another process, or another watch() in this "
+                    "one); this run records to %s",
+                    path, other,
+                )
             return other, fd
     raise OSError(f"{path} and {_FALLBACK_NAMES - 2} numbered paths beside it are in use")
 
