@@ -73,6 +73,7 @@ class Trace:
             raise NotATraceError(f"{self.path} is not an HDF5 file, so not a seqscope trace")
         self._file = self._open_file()
         self._identity = self._file_identity()
+        self._abspath = os.path.abspath(self.path)  # replaced() asks about this path, whatever the cwd later
         try:
             self._check_header()
             self.refresh()
@@ -107,7 +108,7 @@ class Trace:
         if self._identity is None:
             return False
         try:
-            st = os.stat(self.path)
+            st = os.stat(self._abspath)
         except OSError:
             return False  # removed, and the new file not there yet
         return (st.st_dev, st.st_ino) != self._identity
