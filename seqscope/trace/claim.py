@@ -138,7 +138,7 @@ def _claim_one(path: Path, keep_unfinished: list[str]) -> int | None:
 def claim(path: Path) -> tuple[Path, int | None]:
     """A path for a new trace, with its writer's lock held (the descriptor to
     close once the trace file is closed; None without POSIX locks). ``path``
-    itself unless a live writer holds it."""
+    itself unless a live writer holds it or it holds an unfinished run's trace."""
     if os.path.islink(path):
         path = Path(os.path.realpath(path))  # write through the link, as opening it did
     if fcntl is None:  # pragma: no cover
