@@ -70,8 +70,8 @@ def main(argv: list[str] | None = None) -> str:
             opt.zero_grad()
             if step % 50 == 0 or step == args.steps - 1:
                 print(f"step {step:4d}  loss {loss.item():.3f} nats/char")
-    print(f"trace: {args.out}   next: seqscope diagnose {args.out}")
-    return args.out
+    print(f"trace: {scope.path}   next: seqscope diagnose {scope.path}")
+    return scope.path
 
 
 if __name__ == "__main__":

@@ -70,8 +70,8 @@ def main(argv: list[str] | None = None) -> str:
             opt.zero_grad()
             if step % 50 == 0 or step == args.steps - 1:
                 print(f"step {step:4d}  loss {loss.item():.4f}")
-    print(f"trace: {args.out}   layers: cell1, cell2 (50 timesteps each: 40 observed + 10 predicted)")
-    return args.out
+    print(f"trace: {scope.path}   layers: cell1, cell2 (50 timesteps each: 40 observed + 10 predicted)")
+    return scope.path
 
 
 if __name__ == "__main__":

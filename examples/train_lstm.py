@@ -40,10 +40,10 @@ def main(argv: list[str] | None = None) -> str:
             if step % 100 == 0:
                 print(f"step {step:4d}  loss {loss.item():.4f}")
 
-    trace = seqscope.open(args.out)  # seqscope
-    print(f"trace written to {args.out}: {len(trace.steps)} recorded steps, layers {trace.layers}")
+    trace = seqscope.open(scope.path)  # seqscope
+    print(f"trace written to {scope.path}: {len(trace.steps)} recorded steps, layers {trace.layers}")
     trace.close()
-    return args.out
+    return scope.path
 
 
 if __name__ == "__main__":

@@ -40,8 +40,8 @@ def main(argv: list[str] | None = None) -> str:
             opt.zero_grad()
             if step % 100 == 0 or step == args.steps - 1:
                 print(f"step {step:4d}  loss {loss.item():.4f}  (predicting the mean: 0.167)")
-    print(f"trace: {args.out}   next: seqscope diagnose {args.out}")
-    return args.out
+    print(f"trace: {scope.path}   next: seqscope diagnose {scope.path}")
+    return scope.path
 
 
 if __name__ == "__main__":

@@ -70,4 +70,4 @@ def run(
             opt.zero_grad()
             if step % 100 == 0 or step == steps - 1:
                 log.info("step %d  loss %.4f (predicting the mean gives 0.167)", step, loss.item())
-    return Path(path)
+    return Path(scope.path or path)  # another path if another run was writing to this one

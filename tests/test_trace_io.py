@@ -128,6 +128,11 @@ def test_demo_and_example_write_traces(tmp_path, capsys):
     with seqscope.open(out) as trace:
         assert list(trace.steps) == [0, 5, 10]
         assert trace.layers == ["rnn.l0", "rnn.l1"]
+    # while another run writes to the path, the demo names the path it wrote to
+    with seqscope.watch(nn.LSTM(2, 3), out):
+        assert cli_main(["demo", "--out", str(out), "--steps", "2", "--every", "5", "--no-dashboard"]) == 0
+    said = capsys.readouterr().out
+    assert f"trace written to {tmp_path / 'demo-2.h5'}" in said and f"dashboard {tmp_path / 'demo-2.h5'}" in said
     path = run_example("train_lstm", tmp_path, "--steps", "6", "--every", "2")
     with seqscope.open(path) as trace:
         assert list(trace.steps) == [0, 2, 4]
