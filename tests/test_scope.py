@@ -678,3 +678,22 @@ def test_a_torchrun_process_other_than_rank_0_records_nothing(tmp_path, monkeypa
     for name in ("trace-1.h5", "trace.h5"):
         with seqscope.open(tmp_path / name) as trace:
             assert trace.closed_cleanly
+
+
+def test_data_parallel_over_several_devices_is_refused_at_watch(tmp_path):
+    """nn.DataParallel over several GPUs runs replicas whose forward would be
+    seqscope's, bound to the original module (another device, other threads): an
+    error at the first training pass. watch() refuses it with the way out. (No GPU
+    here: the device list is set by hand; on one device, DataParallel calls the
+    module itself, which is recorded.)"""
+    model = Tagger()
+    dp = nn.DataParallel(model)
+    with seqscope.watch(dp, tmp_path / "one.h5", every=1):
+        dp(_batch(0)[0])[0].sum().backward()
+    with seqscope.open(tmp_path / "one.h5") as trace:
+        assert list(trace.steps) == [0] and "module.enc.l0" in trace.layers
+    dp.device_ids = [0, 1]
+    with pytest.raises(UnsupportedModelError, match="DistributedDataParallel"):
+        seqscope.watch(dp, tmp_path / "two.h5")
+    assert not (tmp_path / "two.h5").exists()
+    _no_seqscope_in(dp)

@@ -237,6 +237,15 @@ class Scope:
 
     # ---- discovery ------------------------------------------------------------------------
     def _find_layers(self) -> None:
+        for name, module in self.model.named_modules():
+            if isinstance(module, nn.DataParallel) and len(module.device_ids) > 1:
+                # its replicas would run seqscope's hooks and forward on the original
+                # module's device, from several threads: an error at the first pass
+                raise UnsupportedModelError(
+                    f"{name or 'the model'} is an nn.DataParallel over {len(module.device_ids)} devices, whose "
+                    "replicas seqscope cannot record; use DistributedDataParallel (as PyTorch recommends), which "
+                    "seqscope records, or watch the model inside it on one device"
+                )
         problems = []
         for name, module in self.model.named_modules():
             if not isinstance(module, FUSED_TYPES):
