@@ -506,6 +506,25 @@ def test_a_killed_run_never_blocks_the_next_and_its_trace_is_kept(tmp_path, capl
         assert list(trace.steps) == [0] and trace.closed_cleanly
 
 
+def test_a_damaged_file_at_the_path_is_replaced(tmp_path):
+    """Whether an earlier file at the path holds an unfinished run is read as the
+    command line reads traces (first in a child process: a damaged file can hang
+    the HDF5 library); a file that cannot be read is replaced, as before."""
+    path = tmp_path / "trace.h5"
+    model = nn.LSTM(3, 5)
+    scope = seqscope.watch(model, path, every=1)
+    _run_steps(scope, model, 3, 1)
+    scope.writer.drain()
+    data = path.read_bytes()
+    scope.close()
+    path.write_bytes(data[: len(data) // 2])  # a copy cut short
+    with seqscope.watch(model, path, every=1) as scope:
+        assert scope.path == str(path)
+        _run_steps(scope, model, 1, 2)
+    with seqscope.open(path) as trace:
+        assert list(trace.steps) == [0] and trace.closed_cleanly
+
+
 def test_no_code_runs_when_reading(tmp_path):
     """Traces are HDF5 arrays and JSON; the reader never unpickles or torch.loads."""
     root = Path(seqscope.__file__).parent

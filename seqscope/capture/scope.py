@@ -224,10 +224,11 @@ class Scope:
             raise
         try:
             self.writer = TraceWriter(self.path, config, max_bytes=max_bytes)
-        except BaseException as exc:
+        except OSError as exc:
             self._uninstall()
-            if isinstance(exc, OSError):
-                raise SeqscopeError(f"cannot write the trace {self.path}: {one_line(exc)}") from exc
+            raise SeqscopeError(f"cannot write the trace {self.path}: {one_line(exc)}") from exc
+        except BaseException:
+            self._uninstall()
             raise
         self.path = os.fspath(self.writer.path)  # another path if another run writes to this one
         # build (or load from the cache) the compiled scans now, off the training
@@ -237,6 +238,7 @@ class Scope:
 
     # ---- discovery ------------------------------------------------------------------------
     def _find_layers(self) -> None:
+        problems = []
         for name, module in self.model.named_modules():
             if isinstance(module, nn.DataParallel) and len(module.device_ids) > 1:
                 # its replicas would run seqscope's hooks and forward on the original
@@ -246,8 +248,6 @@ class Scope:
                     "replicas seqscope cannot record; use DistributedDataParallel (as PyTorch recommends), which "
                     "seqscope records, or watch the model inside it on one device"
                 )
-        problems = []
-        for name, module in self.model.named_modules():
             if not isinstance(module, FUSED_TYPES):
                 continue
             reason = unsupported_reason(module)

@@ -32,10 +32,8 @@ import os
 import struct
 from pathlib import Path
 
-import h5py
-import numpy as np
-
-from seqscope.trace import schema
+from seqscope.trace.probe import check_readable
+from seqscope.trace.reader import open_trace
 
 try:
     import fcntl
@@ -70,26 +68,21 @@ def _try_lock(fd: int) -> bool:
 
 def unfinished_run(path: Path) -> str | None:
     """What an unfinished trace at ``path`` holds ("12 recorded steps"), when it is
-    one: a seqscope trace with committed data whose writer never closed it (its
-    process was killed, or crashed outside Python). None for anything else."""
-    commit = None
-    for swmr in (True, False):  # a killed writer's file is still marked as open for SWMR writing
-        try:
-            with h5py.File(path, "r", swmr=swmr) as f:
-                if f.attrs.get("format") != schema.FORMAT_NAME:
-                    return None
-                commit = np.asarray(f["commit"][...], dtype=np.int64)
-            break
-        except Exception:  # noqa: BLE001, S112 - not a readable trace: nothing to keep
-            continue
-    if commit is None:
+    one: a seqscope trace with data whose writer never closed it (its process was
+    killed, or crashed outside Python). None for anything else. Read as the command
+    line reads traces: first in a child process, since a damaged file can make the
+    HDF5 library hang or crash, which must not happen to a training process."""
+    try:
+        check_readable(path)
+        with open_trace(path) as trace:
+            info = trace.info()
+    except Exception:  # noqa: BLE001 - not a readable trace: nothing to keep
         return None
-    if commit.shape != (schema.COMMIT_SIZE,) or commit[schema.COMMIT_CLOSED]:
+    if info["closed_cleanly"]:
         return None
-    steps, scalars = int(commit[schema.COMMIT_STEPS]), int(commit[schema.COMMIT_SCALARS])
-    if steps <= 0 and scalars <= 0:
-        return None
-    return f"{steps} recorded steps" if steps > 0 else f"{scalars} logged values"
+    if info["recorded_steps"]:
+        return f"{info['recorded_steps']} recorded steps"
+    return "logged values and no recorded step" if info["scalars"] or info["evaluation_passes"] else None
 
 
 def _claim_one(path: Path, keep_unfinished: list[str]) -> int | None:
