@@ -274,11 +274,18 @@ def test_parametrized_weights_are_recorded_as_the_forward_used_them(kind, how, w
     forward pass computed (read right after it, in eval mode: a spectral norm then
     computes the weight from its vectors as they are, without iterating again).
     The parameter gradient norms are PyTorch's, under the originals' names."""
+    check_parametrized(kind, how, weight, tmp_path, torch.device("cpu"))
+
+
+def check_parametrized(kind: str, how: str, weight: str, tmp_path, device: torch.device) -> None:
+    """The module on ``device``, the reference on the CPU with the weights as the
+    device computed them."""
     cfg = Config(kind, layers=2)
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(3)
     model = make_module(cfg)
     getattr(torch.nn.utils.parametrizations, how)(model, weight)
+    model = model.to(device)
     names = list(make_module(cfg).state_dict())  # the plain module's: weight_ih_l0, weight_hh_l0, ...
     opt = torch.optim.SGD(model.parameters(), lr=0.2)
     steps = []
@@ -286,13 +293,13 @@ def test_parametrized_weights_are_recorded_as_the_forward_used_them(kind, how, w
         for _ in range(3):
             seqs, h0, c0 = make_inputs(cfg, gen)
             terms = make_loss_terms(cfg, gen)
-            output, state = model(module_input(cfg, seqs))
+            output, state = model(module_input(cfg, [x.to(device) for x in seqs]))
             model.eval()
-            used = {name: getattr(model, name).detach().clone() for name in names}
+            used = {name: getattr(model, name).detach().cpu().clone() for name in names}
             model.train()
             h_n, c_n = state if kind == "lstm" else (state, None)
-            loss_of(per_sequence_outputs(cfg, output), h_n, c_n, terms).backward()
-            pg = {name: ref.norm(p.grad).item() for name, p in model.named_parameters()}
+            loss_of(per_sequence_outputs(cfg, output), h_n, c_n, tuple(t.to(device) for t in terms)).backward()
+            pg = {name: ref.norm(p.grad.cpu()).item() for name, p in model.named_parameters()}
             assert any(name.startswith("parametrizations.") for name in pg)
             opt.step()
             opt.zero_grad()
@@ -560,7 +567,7 @@ def test_recorded_numbers_on_cuda_match_unrolled_reference(tmp_path):
     in the module's dtype, over a subset of the configurations, LSTMCell/GRUCell/
     RNNCell loops, LSTM/GRU/RNN under autocast float16 (check_autocast), a GradScaler
     (check_grad_scaler), NaN/Inf counts (check_nonfinite), parameters updated in place before
-    a step's record is finished (update_between), parametrized cells, a custom cell's re-runs
+    a step's record is finished (update_between), parametrized cells and modules, a custom cell's re-runs
     leaving training unchanged (the CUDA generator), and CUDA graphs (one test, so that
     a machine without CUDA shows one skip). SEQSCOPE_REQUIRE_CUDA=1 (set by
     benchmarks/gpu_check.sh) turns the skip into a failure."""
@@ -616,6 +623,8 @@ def test_recorded_numbers_on_cuda_match_unrolled_reference(tmp_path):
     for parametrization in ("weight_norm", "orthogonal"):  # the value each cell call computed
         attempt(f"cells-lstm-{parametrization}", lambda folder, p=parametrization: check_cell_loop(
             "lstm", True, 3, folder, cuda, update_between=True, parametrization=p))
+    for kind, how, weight in PARAMETRIZED:  # cuDNN on weights computed at each forward
+        attempt(f"{kind}-{how}", lambda folder, k=kind, h=how, w=weight: check_parametrized(k, h, w, folder, cuda))
     for extra in ("dropout", "batchnorm"):  # the CUDA generator forked around seqscope's re-runs
         attempt(f"custom-cell-{extra}-unchanged", lambda folder, e=extra: check_training_unchanged(e, True, folder,
                                                                                                    cuda))
