@@ -284,30 +284,40 @@ def test_a_cell_loop_written_in_the_training_script_records_each_step(kind, tmp_
     model's cells (through ``Loop.step``), never the model's forward: each forward
     and backward pass is one step. Three SGD steps, every one recorded, each equal
     to the reference loop on the weights that step ran with."""
+    check_script_loop(kind, tmp_path, torch.device("cpu"))
+
+
+def check_script_loop(kind: str, tmp_path, device: torch.device) -> None:
+    """Three SGD steps of a loop over timesteps in the script (``Loop.step``) on
+    ``device``, each against the reference on the CPU."""
     torch.manual_seed(0)
     model = Loop(kind, stacked=True, future=2)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    on_device = copy.deepcopy(model).to(device)
+    opt = torch.optim.SGD(on_device.parameters(), lr=0.05)
     g = torch.Generator().manual_seed(1)
     path = tmp_path / "t.h5"
     steps = []
-    with seqscope.watch(model, path, every=1, sequences=B, precision="full"):
+    with seqscope.watch(on_device, path, every=1, sequences=B, precision="full"):
         for _ in range(3):
             x = torch.randn(T, B, IN, generator=g, dtype=torch.float64)
             target = torch.randn(T + model.future, B, IN, generator=g, dtype=torch.float64)
-            before = copy.deepcopy(model)  # a plain copy: seqscope's hooks stay on the watched model
+            with torch.no_grad():  # a plain CPU copy: seqscope's hooks stay on the watched model
+                before = copy.deepcopy(model)
+                for p, q in zip(before.parameters(), on_device.parameters()):
+                    p.copy_(q)
             s1 = s2 = None
             outs = []
             for t in range(T):
-                s1, s2, y = model.step(x[t], s1, s2)
+                s1, s2, y = on_device.step(x[t].to(device), s1, s2)
                 outs.append(y)
             for _ in range(model.future):
-                s1, s2, y = model.step(outs[-1], s1, s2)
+                s1, s2, y = on_device.step(outs[-1], s1, s2)
                 outs.append(y)
             out = torch.stack(outs)
-            ((out - target) ** 2).sum().backward()
+            ((out - target.to(device)) ** 2).sum().backward()
             opt.step()
             opt.zero_grad()
-            steps.append((before, x, target, out.detach()))
+            steps.append((before, x, target, out.detach().cpu()))
     with seqscope.open(path) as trace:
         assert list(trace.steps) == [0, 1, 2]
     for step, (before, x, target, out) in enumerate(steps):

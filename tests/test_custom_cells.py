@@ -71,9 +71,9 @@ class Model(nn.Module):
 
     def forward(self, x):
         if isinstance(self.cell, PeepholeLSTM):
-            state = (torch.zeros(x.shape[1], HID, dtype=x.dtype), torch.zeros(x.shape[1], HID, dtype=x.dtype))
+            state = (x.new_zeros(x.shape[1], HID), x.new_zeros(x.shape[1], HID))
         else:
-            state = MinState(torch.zeros(x.shape[1], HID, dtype=x.dtype))
+            state = MinState(x.new_zeros(x.shape[1], HID))
         outs = []
         for t in range(x.shape[0]):
             state = self.cell(x[t], state)
@@ -113,21 +113,25 @@ def test_parameters_updated_before_the_next_step_do_not_change_the_custom_cell_r
     check_custom_cell(which, torch.float64 if not amp else torch.float32, 1.0, amp, tmp_path, update_between=True)
 
 
-def check_custom_cell(which, dtype, scale, amp, tmp_path, update_between: bool = False) -> None:
+def check_custom_cell(which, dtype, scale, amp, tmp_path, update_between: bool = False,
+                      device: torch.device | None = None) -> None:
     """``update_between``: the parameters change in place after the backward pass
     (as in an optimizer step) and the next step's forward runs, which is when
-    seqscope finishes step 0's record."""
+    seqscope finishes step 0's record. ``device``: where the model runs and is
+    recorded (the reference runs on the CPU; ``amp`` is CPU autocast, CPU only)."""
+    device = device or torch.device("cpu")
+    assert not (amp and device.type != "cpu")
     region = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if amp else contextlib.nullcontext
     torch.manual_seed(0)
     cell = (PeepholeLSTM() if which.startswith("peephole") else MinimalGRU()).to(dtype)
-    model = Model(cell)
+    original = copy.deepcopy(cell)  # the reference's cell: the weights of step 0
+    model = Model(cell).to(device)
     x = torch.randn(T, B, IN, dtype=torch.float64).to(dtype)
     cells = {cell: peephole_gates} if which.startswith("peephole") else [cell]
     path = tmp_path / "t.h5"
-    original = copy.deepcopy(cell)  # the reference's cell: the weights of step 0
     with seqscope.watch(model, path, every=1, sequences=B, precision="full", cells=cells):
         with region():
-            out = model(x)
+            out = model(x.to(device))
         out = out.float() if amp else out
         (scale * (out.pow(2).sum() + out[-1].sum())).backward()
         if update_between:
@@ -135,7 +139,7 @@ def check_custom_cell(which, dtype, scale, amp, tmp_path, update_between: bool =
                 for p in model.parameters():
                     p.mul_(-0.5).add_(0.25)
             with region():
-                model(x)
+                model(x.to(device))
     cell = original
     # reference: the same loop, unrolled with retain_grad on every state; norms in float64
     hs, cs, states = [], [], []

@@ -25,8 +25,8 @@ from seqscope.capture import graphs, recurrences
 from seqscope.capture import scope as scope_module
 from seqscope.diagnose import diagnose
 from tests import reference as ref
-from tests.test_cells_reference import check_cell_loop
-from tests.test_custom_cells import check_training_unchanged
+from tests.test_cells_reference import check_cell_loop, check_script_loop
+from tests.test_custom_cells import check_custom_cell, check_training_unchanged
 
 
 @dataclasses.dataclass(frozen=True)
@@ -566,11 +566,12 @@ def test_recorded_numbers_on_cuda_match_unrolled_reference(tmp_path):
     """The module and the recording on the GPU (cuDNN), the reference on the CPU
     in the module's dtype, over a subset of the configurations, LSTMCell/GRUCell/
     RNNCell loops, LSTM/GRU/RNN under autocast float16 (check_autocast), a GradScaler
-    (check_grad_scaler), NaN/Inf counts (check_nonfinite), parameters updated in place before
-    a step's record is finished (update_between), parametrized cells and modules, a custom cell's re-runs
-    leaving training unchanged (the CUDA generator), and CUDA graphs (one test, so that
-    a machine without CUDA shows one skip). SEQSCOPE_REQUIRE_CUDA=1 (set by
-    benchmarks/gpu_check.sh) turns the skip into a failure."""
+    (check_grad_scaler), NaN/Inf counts (check_nonfinite), parameters updated in place
+    before a step's record is finished (update_between), parametrized cells and
+    modules, loops over timesteps in the training script, user-written cells, a custom
+    cell's re-runs leaving training unchanged (the CUDA generator), and CUDA graphs
+    (one test, so that a machine without CUDA shows one skip). SEQSCOPE_REQUIRE_CUDA=1
+    (set by benchmarks/gpu_check.sh) turns the skip into a failure."""
     if not torch.cuda.is_available():
         if os.environ.get("SEQSCOPE_REQUIRE_CUDA") == "1":
             pytest.fail("SEQSCOPE_REQUIRE_CUDA=1 but torch.cuda.is_available() is False")
@@ -625,6 +626,11 @@ def test_recorded_numbers_on_cuda_match_unrolled_reference(tmp_path):
             "lstm", True, 3, folder, cuda, update_between=True, parametrization=p))
     for kind, how, weight in PARAMETRIZED:  # cuDNN on weights computed at each forward
         attempt(f"{kind}-{how}", lambda folder, k=kind, h=how, w=weight: check_parametrized(k, h, w, folder, cuda))
+    for kind in ("lstm", "gru"):  # a loop over timesteps in the script: steps begin at the cells' calls
+        attempt(f"script-loop-{kind}", lambda folder, k=kind: check_script_loop(k, folder, cuda))
+    for which in ("peephole-tuple-state", "minimal-dataclass-state"):  # user-written cells
+        attempt(f"custom-{which}-updated", lambda folder, w=which: check_custom_cell(
+            w, torch.float64, 1.0, False, folder, update_between=True, device=cuda))
     for extra in ("dropout", "batchnorm"):  # the CUDA generator forked around seqscope's re-runs
         attempt(f"custom-cell-{extra}-unchanged", lambda folder, e=extra: check_training_unchanged(e, True, folder,
                                                                                                    cuda))
