@@ -493,3 +493,97 @@ def test_the_propagation_re_run_does_not_call_the_cells_forward_hooks(tmp_path):
     with seqscope.open(tmp_path / "t.h5") as trace:
         assert list(trace.steps) == [0, 1, 2]
         np.testing.assert_allclose(trace.propagation("cell", 2)[:, -1], 1.0, rtol=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+@pytest.mark.parametrize("with_gates", [False, True], ids=["", "gates-function"])
+def test_seqscopes_re_runs_call_none_of_the_users_hooks_on_the_cells_submodules(with_gates, tmp_path):
+    """Hooks of the user's on a submodule of a custom cell, and process-wide module
+    hooks, see the training run's calls only: not seqscope's re-run of the cell after
+    each recorded step, nor its gates function's calls. A forward hook collecting
+    activations for an activation penalty (AWD-LSTM's pattern) made the watched run
+    fail at its second backward pass until session 18: the re-run's outputs, whose
+    graph seqscope's own backward pass had freed, landed in the penalty. Four SGD
+    steps, watched and not: bit-identical losses and the same hook calls."""
+    import torch.nn.modules.module as module_mod
+
+    def train(path):
+        torch.manual_seed(0)
+        model = _ElmanLoop("none")
+        acts: list[torch.Tensor] = []
+        calls = {"pre": 0, "backward": 0, "global": 0}
+        model.cell.hh.register_forward_hook(lambda module, args, out: acts.append(out))
+        model.cell.hh.register_forward_pre_hook(lambda module, args: calls.__setitem__("pre", calls["pre"] + 1))
+        model.cell.hh.register_full_backward_hook(
+            lambda module, gi, go: calls.__setitem__("backward", calls["backward"] + 1))
+        every = module_mod.register_module_forward_hook(
+            lambda module, args, out: calls.__setitem__("global", calls["global"] + 1))
+        x = torch.randn(T, B, IN, dtype=torch.float64)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        cells = {model.cell: _pre_gate} if with_gates else [model.cell]
+        losses = []
+        scope = seqscope.watch(model, path, every=1, cells=cells) if path is not None else None
+        try:
+            with scope if scope is not None else contextlib.nullcontext():
+                for _ in range(4):
+                    acts.clear()
+                    out = model(x)
+                    assert len(acts) == T
+                    loss = out.pow(2).sum() + 0.1 * sum(a.pow(2).mean() for a in acts)
+                    loss.backward()
+                    opt.step()
+                    opt.zero_grad()
+                    losses.append(loss.item())
+        finally:
+            every.remove()
+        return losses, calls, model.state_dict()
+
+    want_losses, want_calls, want_state = train(None)
+    losses, calls, state = train(tmp_path / "t.h5")
+    assert losses == want_losses
+    assert calls == want_calls
+    for name, value in want_state.items():
+        assert torch.equal(state[name], value), name
+    with seqscope.open(tmp_path / "t.h5") as trace:
+        assert list(trace.steps) == [0, 1, 2, 3]
+        if with_gates:
+            assert set(trace.gates("cell", 3)) == {"pre"}
+        np.testing.assert_allclose(trace.propagation("cell", 3)[:, -1], 1.0, rtol=1e-12)
+
+
+def test_a_pruned_weight_in_a_custom_cell_is_computed_in_the_re_run_from_the_steps_parameters(tmp_path):
+    """torch.nn.utils.prune computes a submodule's weight in a forward pre-hook from
+    ``weight_orig`` and its mask. seqscope's re-run for the propagation profile keeps
+    that pre-hook (its other hooks do not run): the profile is that of the weight the
+    step's calls used, although the optimizer changed ``weight_orig`` and a call of the
+    cell outside the loop (under no_grad) computed the weight anew before the step's
+    record was finished."""
+    from torch.nn.utils import prune
+
+    torch.manual_seed(0)
+    model = _ElmanLoop("none")
+    before = copy.deepcopy(model.cell)  # the reference's cell: step 0's weights, pruned alike
+    for cell in (model.cell, before):
+        prune.l1_unstructured(cell.hh, "weight", amount=0.5)
+    x = torch.randn(T, B, IN, dtype=torch.float64)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    with seqscope.watch(model, tmp_path / "t.h5", every=1, sequences=B, precision="full", cells=[model.cell]):
+        model(x).pow(2).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        with torch.no_grad():
+            model.cell(x[0], torch.zeros(B, HID, dtype=torch.float64))  # the weight computed anew
+        model(x).pow(2).sum().backward()
+    hs = []
+    h = torch.zeros(B, HID, dtype=torch.float64)
+    for t in range(T):
+        h = before(x[t], h)
+        h.retain_grad()
+        hs.append(h)
+    torch.stack(hs).pow(2).sum().backward(retain_graph=True)
+    with seqscope.open(tmp_path / "t.h5") as trace:
+        profile = trace.propagation("cell", 0)
+        for b in range(B):
+            v = ref.unit_direction(hs[-1].grad[b])
+            back = torch.autograd.grad(hs[-1][b], hs, grad_outputs=v, retain_graph=True)
+            np.testing.assert_allclose(profile[b].data, [ref.norm(g[b]).item() for g in back], rtol=1e-10)

@@ -182,6 +182,59 @@ def _forked_rng(device: torch.device) -> Any:
     return torch.random.fork_rng(devices=[])
 
 
+# a module's hook dictionaries (torch.nn.Module's attributes) and the process-wide ones
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+               "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks")
+_GLOBAL_HOOK_DICTS = ("_global_forward_pre_hooks", "_global_forward_hooks", "_global_forward_hooks_with_kwargs",
+                      "_global_forward_hooks_always_called", "_global_backward_pre_hooks", "_global_backward_hooks")
+
+
+def _computes_weights(hook: Any) -> bool:
+    """A forward pre-hook that computes a weight from the module's parameters before
+    each call (torch.nn.utils.prune, the older weight_norm and spectral_norm): a
+    re-run needs it to compute the weight from the parameters it is given."""
+    from torch.nn.utils import prune
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    return isinstance(hook, (prune.BasePruningMethod, WeightNorm, SpectralNorm))
+
+
+@contextlib.contextmanager
+def _user_hooks_off(module: nn.Module) -> Iterator[None]:
+    """While seqscope runs a user's cell again (its gates function, the propagation
+    re-run), no module hook of the user's fires: not on the cell's submodules, and
+    not the process-wide ones (torch.nn.modules.module.register_module_forward_hook
+    and the like). A hook that collects activations for an activation penalty would
+    otherwise see seqscope's calls, and the training run would change (or fail: a
+    re-run's graph is freed after seqscope's backward pass through it). Pre-hooks
+    that compute a weight (_computes_weights) still run. seqscope's own hooks on
+    those submodules (a watched nn.GRUCell inside the cell) are off too: such calls
+    are no timesteps."""
+    import torch.nn.modules.module as module_mod
+
+    saved: list[tuple[dict[str, Any], str, Any]] = []
+    for sub in module.modules():
+        state = sub.__dict__
+        for name in _HOOK_DICTS:
+            hooks = state.get(name)
+            if hooks:
+                saved.append((state, name, hooks))
+                kept = [(key, h) for key, h in hooks.items() if name == "_forward_pre_hooks" and _computes_weights(h)]
+                state[name] = type(hooks)(kept)
+    global_state = vars(module_mod)
+    for name in _GLOBAL_HOOK_DICTS:
+        hooks = global_state.get(name)
+        if hooks:
+            saved.append((global_state, name, hooks))
+            setattr(module_mod, name, type(hooks)())
+    try:
+        yield
+    finally:
+        for state, name, hooks in reversed(saved):
+            state[name] = hooks
+
+
 @contextlib.contextmanager
 def _leaving_training_unchanged(module: nn.Module, device: torch.device) -> Iterator[None]:
     """Run user code on the live cell (its gates function) without changing the
@@ -190,13 +243,14 @@ def _leaving_training_unchanged(module: nn.Module, device: torch.device) -> Iter
     the copies; the model's own buffers are not written at all, since autograd
     may hold them for the backward pass (a batch norm's running statistics),
     where an in-place write would fail it. The random number generators are
-    restored afterwards (dropout)."""
+    restored afterwards (dropout), and the user's module hooks do not fire
+    (_user_hooks_off)."""
     swapped = [(sub, name, b) for sub in module.modules() for name, b in sub._buffers.items() if b is not None]
     with torch.no_grad():
         for sub, name, b in swapped:
             sub._buffers[name] = b.clone()
     try:
-        with _forked_rng(device):
+        with _forked_rng(device), _user_hooks_off(module):
             yield
     finally:
         for sub, name, b in swapped:
@@ -554,10 +608,12 @@ class CustomCellRecorder(_HookedCell):
         # spectral norm's power iteration in those, not in the model; and it draws its random
         # numbers (dropout) from generators restored afterwards, so training draws the same
         # through _ForwardOnly: the cell's forward without its __call__, so that its forward hooks
-        # (the user's: one that collects activations for a loss) see no call of seqscope's
+        # (the user's: one that collects activations for a loss) see no call of seqscope's; nor
+        # do its submodules' hooks or process-wide ones (_user_hooks_off)
         weights = {"inner." + name: t for name, t in {**calls.weights, **calls.buffers}.items()}
         forward_only = _ForwardOnly(self.module)
-        with torch.enable_grad(), _as_called(calls.autocast, v.device), _forked_rng(v.device):
+        with torch.enable_grad(), _as_called(calls.autocast, v.device), _forked_rng(v.device), \
+                _user_hooks_off(self.module):
             hs: list[torch.Tensor] = []
             for x_t in calls.x:
                 if state is not None:
