@@ -310,6 +310,60 @@ def check_parametrized(kind: str, how: str, weight: str, tmp_path, device: torch
         check_steps(trace, cfg, steps)
 
 
+class _WeightDrop(nn.Module):
+    """AWD-LSTM's DropConnect on the recurrent weights (Merity et al., 2018): the raw
+    weights are parameters of this wrapper; each forward pass sets a dropped-out copy
+    as the module's ``weight_hh_l<k>``, a plain tensor where a Parameter was."""
+
+    def __init__(self, rnn: nn.Module, p: float) -> None:
+        super().__init__()
+        self.rnn, self.p = rnn, p
+        self.names = [f"weight_hh_l{k}" for k in range(rnn.num_layers)]
+        for name in self.names:
+            raw = rnn._parameters.pop(name)
+            self.register_parameter(name + "_raw", nn.Parameter(raw.detach().clone()))
+
+    def forward(self, x):
+        for name in self.names:
+            setattr(self.rnn, name, nn.functional.dropout(getattr(self, name + "_raw"), self.p, self.training))
+        return self.rnn(x)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_recurrent_weights_set_before_each_forward_are_recorded_as_used(kind, tmp_path, scan_path):
+    """A wrapper that sets the module's recurrent weights before each forward pass
+    (AWD-LSTM's weight drop: a new dropout mask on W_hh at every step). Three SGD
+    steps of a 2-layer module on packed sequences; each record equals the reference
+    unrolled on the weights that step's forward pass used, and the parameter
+    gradient norms are PyTorch's, the raw weights' included."""
+    cfg = Config(kind, layers=2, packed=True)
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(3)
+    module = make_module(cfg)
+    names = list(module.state_dict())
+    model = _WeightDrop(module, 0.5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    steps = []
+    with seqscope.watch(model, tmp_path / "trace.h5", every=1, sequences=B, precision="full"):
+        for _ in range(3):
+            seqs, h0, c0 = make_inputs(cfg, gen)
+            terms = make_loss_terms(cfg, gen)
+            output, state = model(module_input(cfg, seqs))
+            used = {name: getattr(module, name).detach().clone() for name in names}
+            h_n, c_n = state if kind == "lstm" else (state, None)
+            loss_of(per_sequence_outputs(cfg, output), h_n, c_n, terms).backward()
+            pg = {name: ref.norm(p.grad).item() for name, p in model.named_parameters()}
+            assert "weight_hh_l0_raw" in pg
+            opt.step()
+            opt.zero_grad()
+            steps.append((used, seqs, h0, c0, terms, pg))
+    for used, *_ in steps:  # the masks differ from step to step
+        assert (used["weight_hh_l0"] == 0).any()
+    with seqscope.open(tmp_path / "trace.h5") as trace:
+        assert trace.layers == ["rnn.l0", "rnn.l1"]
+        check_steps(trace, cfg, steps, prefix="rnn")
+
+
 @pytest.mark.parametrize("update", ["optimizer", "accumulation", "by hand", "lbfgs"])
 def test_a_loop_that_calls_the_models_parts_records_each_step(update, tmp_path, scan_path, caplog):
     """A sequence-to-sequence loop calls ``model["enc"]`` and ``model["dec"]``, never
