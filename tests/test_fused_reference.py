@@ -336,23 +336,28 @@ def test_recurrent_weights_set_before_each_forward_are_recorded_as_used(kind, tm
     steps of a 2-layer module on packed sequences; each record equals the reference
     unrolled on the weights that step's forward pass used, and the parameter
     gradient norms are PyTorch's, the raw weights' included."""
+    check_weight_drop(kind, tmp_path, torch.device("cpu"))
+
+
+def check_weight_drop(kind: str, tmp_path, device: torch.device) -> None:
+    """The wrapped module on ``device``, the reference on the CPU."""
     cfg = Config(kind, layers=2, packed=True)
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(3)
     module = make_module(cfg)
     names = list(module.state_dict())
-    model = _WeightDrop(module, 0.5)
+    model = _WeightDrop(module, 0.5).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.2)
     steps = []
     with seqscope.watch(model, tmp_path / "trace.h5", every=1, sequences=B, precision="full"):
         for _ in range(3):
             seqs, h0, c0 = make_inputs(cfg, gen)
             terms = make_loss_terms(cfg, gen)
-            output, state = model(module_input(cfg, seqs))
-            used = {name: getattr(module, name).detach().clone() for name in names}
+            output, state = model(module_input(cfg, [x.to(device) for x in seqs]))
+            used = {name: getattr(module, name).detach().cpu().clone() for name in names}
             h_n, c_n = state if kind == "lstm" else (state, None)
-            loss_of(per_sequence_outputs(cfg, output), h_n, c_n, terms).backward()
-            pg = {name: ref.norm(p.grad).item() for name, p in model.named_parameters()}
+            loss_of(per_sequence_outputs(cfg, output), h_n, c_n, tuple(t.to(device) for t in terms)).backward()
+            pg = {name: ref.norm(p.grad.cpu()).item() for name, p in model.named_parameters()}
             assert "weight_hh_l0_raw" in pg
             opt.step()
             opt.zero_grad()
@@ -622,10 +627,11 @@ def test_recorded_numbers_on_cuda_match_unrolled_reference(tmp_path):
     RNNCell loops, LSTM/GRU/RNN under autocast float16 (check_autocast), a GradScaler
     (check_grad_scaler), NaN/Inf counts (check_nonfinite), parameters updated in place
     before a step's record is finished (update_between), parametrized cells and
-    modules, loops over timesteps in the training script, user-written cells, a custom
-    cell's re-runs leaving training unchanged (the CUDA generator), and CUDA graphs
-    (one test, so that a machine without CUDA shows one skip). SEQSCOPE_REQUIRE_CUDA=1
-    (set by benchmarks/gpu_check.sh) turns the skip into a failure."""
+    modules, weights set before each forward (weight drop), loops over timesteps in
+    the training script, user-written cells, a custom cell's re-runs leaving training
+    unchanged (the CUDA generator), and CUDA graphs (one test, so that a machine
+    without CUDA shows one skip). SEQSCOPE_REQUIRE_CUDA=1 (set by
+    benchmarks/gpu_check.sh) turns the skip into a failure."""
     if not torch.cuda.is_available():
         if os.environ.get("SEQSCOPE_REQUIRE_CUDA") == "1":
             pytest.fail("SEQSCOPE_REQUIRE_CUDA=1 but torch.cuda.is_available() is False")
@@ -680,6 +686,8 @@ def test_recorded_numbers_on_cuda_match_unrolled_reference(tmp_path):
             "lstm", True, 3, folder, cuda, update_between=True, parametrization=p))
     for kind, how, weight in PARAMETRIZED:  # cuDNN on weights computed at each forward
         attempt(f"{kind}-{how}", lambda folder, k=kind, h=how, w=weight: check_parametrized(k, h, w, folder, cuda))
+    for kind in ("lstm", "gru"):  # recurrent weights set before each forward (AWD-LSTM's weight drop)
+        attempt(f"weight-drop-{kind}", lambda folder, k=kind: check_weight_drop(k, folder, cuda))
     for kind in ("lstm", "gru"):  # a loop over timesteps in the script: steps begin at the cells' calls
         attempt(f"script-loop-{kind}", lambda folder, k=kind: check_script_loop(k, folder, cuda))
     for which in ("peephole-tuple-state", "minimal-dataclass-state"):  # user-written cells
