@@ -624,7 +624,7 @@ CUDA_CONFIGS = [c for c in CONFIGS if c.dtype == torch.float64 and (c.layers == 
 def test_recorded_numbers_on_cuda_match_unrolled_reference(tmp_path):
     """The module and the recording on the GPU (cuDNN), the reference on the CPU
     in the module's dtype, over a subset of the configurations, LSTMCell/GRUCell/
-    RNNCell loops, LSTM/GRU/RNN under autocast float16 (check_autocast), a GradScaler
+    RNNCell loops, LSTM/GRU/RNN under autocast float16 and bfloat16 (check_autocast), a GradScaler
     (check_grad_scaler), NaN/Inf counts (check_nonfinite), parameters updated in place
     before a step's record is finished (update_between), parametrized cells and
     modules, weights set before each forward (weight drop), loops over timesteps in
@@ -676,6 +676,8 @@ def test_recorded_numbers_on_cuda_match_unrolled_reference(tmp_path):
         attempt(f"cells-{kind}-updated", lambda folder, kind=kind: check_cell_loop(kind, True, 3, folder, cuda,
                                                                                     update_between=True))
         attempt(f"autocast-float16-{kind}", lambda folder, kind=kind: check_autocast(kind, folder, cuda, torch.float16))
+        attempt(f"autocast-bfloat16-{kind}", lambda folder, kind=kind: check_autocast(kind, folder, cuda,
+                                                                                     torch.bfloat16))
     attempt("grad-scaler", lambda folder: check_grad_scaler(folder, cuda))
     for cfg in UPDATED:  # parameters updated in place before the step's record is finished
         attempt(cfg.id + "-updated", lambda folder, cfg=cfg: check_against_reference(cfg, folder, cuda,
