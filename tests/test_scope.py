@@ -697,3 +697,27 @@ def test_data_parallel_over_several_devices_is_refused_at_watch(tmp_path):
         seqscope.watch(dp, tmp_path / "two.h5")
     assert not (tmp_path / "two.h5").exists()
     _no_seqscope_in(dp)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")
+def test_a_recurrent_layer_compiled_with_torchscript_is_named_in_the_error(tmp_path):
+    """A model scripted or traced with TorchScript holds ScriptModules, which take no
+    hooks and have no Python forward: watch() says which layer is compiled and what
+    to do, rather than only that it found no recurrent layer."""
+    with pytest.raises(UnsupportedModelError, match=r"found in LSTM; the model is compiled with TorchScript"):
+        seqscope.watch(torch.jit.script(nn.LSTM(3, 5)), tmp_path / "a.h5")
+
+    class Wrapper(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = nn.Linear(5, 1)
+            self.rnn = torch.jit.trace(nn.GRU(3, 5), torch.randn(4, 2, 3))
+
+        def forward(self, x):
+            return self.head(self.rnn(x)[0])
+
+    with pytest.raises(UnsupportedModelError, match=r"rnn is compiled with TorchScript .* watch the model unscripted"):
+        seqscope.watch(Wrapper(), tmp_path / "b.h5")
+    with pytest.raises(UnsupportedModelError, match=r"no recurrent layer .* found in Linear$"):
+        seqscope.watch(nn.Linear(2, 2), tmp_path / "c.h5")
+    assert not any(tmp_path.iterdir())

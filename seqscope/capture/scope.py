@@ -299,9 +299,16 @@ class Scope:
         if problems:
             raise UnsupportedModelError("cannot record: " + "; ".join(problems))
         if not self._recorders and not self._cell_recorders and not self._custom_recorders:
+            # a recurrent layer compiled with TorchScript is a ScriptModule: no hooks, no Python forward
+            scripted = [name or "the model" for name, module in self.model.named_modules()
+                        if isinstance(module, torch.jit.ScriptModule)
+                        and getattr(module, "original_name", "") in {t.__name__ for t in (*FUSED_TYPES, *CELL_TYPES)}]
+            hint = (f"; {', '.join(scripted)} is compiled with TorchScript (torch.jit.script or trace), whose "
+                    "modules seqscope cannot record: watch the model unscripted (script it after training)"
+                    if scripted else "")
             raise UnsupportedModelError(
                 "no recurrent layer (nn.RNN, nn.GRU, nn.LSTM, nn.RNNCell, nn.GRUCell, nn.LSTMCell) "
-                f"found in {type(self.model).__name__}"
+                f"found in {getattr(self.model, 'original_name', type(self.model).__name__)}{hint}"
             )
 
     def _install(self) -> None:
