@@ -624,14 +624,15 @@ CUDA_CONFIGS = [c for c in CONFIGS if c.dtype == torch.float64 and (c.layers == 
 def test_recorded_numbers_on_cuda_match_unrolled_reference(tmp_path):
     """The module and the recording on the GPU (cuDNN), the reference on the CPU
     in the module's dtype, over a subset of the configurations, LSTMCell/GRUCell/
-    RNNCell loops, LSTM/GRU/RNN under autocast float16 and bfloat16 (check_autocast), a GradScaler
-    (check_grad_scaler), NaN/Inf counts (check_nonfinite), parameters updated in place
-    before a step's record is finished (update_between), parametrized cells and
-    modules, weights set before each forward (weight drop), loops over timesteps in
-    the training script, user-written cells, a custom cell's re-runs leaving training
-    unchanged (the CUDA generator), and CUDA graphs (one test, so that a machine
-    without CUDA shows one skip). SEQSCOPE_REQUIRE_CUDA=1 (set by
-    benchmarks/gpu_check.sh) turns the skip into a failure."""
+    RNNCell loops, LSTM/GRU/RNN under autocast float16 and bfloat16 (check_autocast),
+    a GradScaler (check_grad_scaler), NaN/Inf counts (check_nonfinite), parameters
+    updated in place before a step's record is finished (update_between),
+    parametrized cells and modules, weights set before each forward (weight drop),
+    torch.compile (inductor, reduce-overhead), loops over timesteps in the training
+    script, user-written cells, a custom cell's re-runs leaving training unchanged
+    (the CUDA generator), and CUDA graphs (one test, so that a machine without CUDA
+    shows one skip). SEQSCOPE_REQUIRE_CUDA=1 (set by benchmarks/gpu_check.sh) turns
+    the skip into a failure."""
     if not torch.cuda.is_available():
         if os.environ.get("SEQSCOPE_REQUIRE_CUDA") == "1":
             pytest.fail("SEQSCOPE_REQUIRE_CUDA=1 but torch.cuda.is_available() is False")
@@ -688,6 +689,8 @@ def test_recorded_numbers_on_cuda_match_unrolled_reference(tmp_path):
             "lstm", True, 3, folder, cuda, update_between=True, parametrization=p))
     for kind, how, weight in PARAMETRIZED:  # cuDNN on weights computed at each forward
         attempt(f"{kind}-{how}", lambda folder, k=kind, h=how, w=weight: check_parametrized(k, h, w, folder, cuda))
+    for mode in (None, "reduce-overhead"):  # torch.compile: inductor, and with PyTorch's own CUDA graphs
+        attempt(f"compiled-{mode or 'default'}", lambda folder, m=mode: check_compiled(folder, cuda, m))
     for kind in ("lstm", "gru"):  # recurrent weights set before each forward (AWD-LSTM's weight drop)
         attempt(f"weight-drop-{kind}", lambda folder, k=kind: check_weight_drop(k, folder, cuda))
     for kind in ("lstm", "gru"):  # a loop over timesteps in the script: steps begin at the cells' calls
@@ -1210,6 +1213,60 @@ def test_torch_compile_does_not_trace_the_recorder(tmp_path):
         for b in range(B):
             want = [ref.norm(h.grad).item() for h in layers[(0, 0)].h[b]]
             np.testing.assert_allclose(grads["hidden"][b].data, want, rtol=1e-10)
+
+
+class _RnnHead(nn.Module):
+    def __init__(self, cfg: Config) -> None:
+        super().__init__()
+        self.rnn = make_module(cfg)
+        self.head = nn.Linear(HID, 1).to(cfg.dtype)
+
+    def forward(self, x):
+        out, _ = self.rnn(x)
+        return torch.tanh(self.head(out))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # TorchScript calls inside inductor (torch 2.13)
+def test_a_model_compiled_by_inductor_is_recorded_step_after_step(tmp_path):
+    """torch.compile with its default backend (inductor): three steps on different
+    batches, each step's record against the reference."""
+    check_compiled(tmp_path, torch.device("cpu"), None)
+
+
+def check_compiled(tmp_path, device: torch.device, mode: str | None) -> None:
+    """A torch.compile'd model on ``device`` (inductor; ``mode="reduce-overhead"``:
+    PyTorch's own CUDA graphs around the graph breaks at seqscope's code, whose
+    output buffers a later replay overwrites). Three steps on different batches,
+    the weights unchanged, each step's hidden states and gradient norms against the
+    reference on the CPU."""
+    cfg = Config("lstm", layers=2)
+    gen = torch.Generator().manual_seed(1)
+    torch.manual_seed(0)
+    model = _RnnHead(cfg)
+    torch._dynamo.reset()
+    compiled = torch.compile(copy.deepcopy(model).to(device), mode=mode)
+    batches = []
+    with seqscope.watch(compiled, tmp_path / "trace.h5", every=1, sequences=B, precision="full"):
+        for _ in range(3):
+            seqs, _, _ = make_inputs(cfg, gen)
+            compiled(module_input(cfg, [x.to(device) for x in seqs])).pow(2).sum().backward()
+            batches.append(seqs)
+    torch._dynamo.reset()
+    tol = _tol(cfg, device)
+    with seqscope.open(tmp_path / "trace.h5") as trace:
+        assert list(trace.steps) == [0, 1, 2]
+        for step, seqs in enumerate(batches):
+            layers, ref_out, _, _ = ref.run_reference(model.rnn, seqs)
+            head = copy.deepcopy(model.head)
+            torch.tanh(head(torch.stack(ref_out, 1))).pow(2).sum().backward()
+            for k in range(cfg.layers):
+                name = f"_orig_mod.rnn.l{k}"
+                grads, hidden = trace.grad_norms(name, step), trace.hidden(name, step)
+                for b in range(B):
+                    np.testing.assert_allclose(hidden[b].data, torch.stack(layers[(k, 0)].h[b]).detach().numpy(),
+                                               rtol=tol["states"], atol=tol["atol_states"])
+                    want = [ref.norm(h.grad).item() for h in layers[(k, 0)].h[b]]
+                    np.testing.assert_allclose(grads["hidden"][b].data, want, rtol=tol["grads"])
 
 
 CHECKPOINTING = [(True, False, True), (True, False, False), (False, False, True), (False, True, True)]
