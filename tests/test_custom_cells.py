@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import logging
 from typing import Any
 
 import numpy as np
@@ -587,3 +588,107 @@ def test_a_pruned_weight_in_a_custom_cell_is_computed_in_the_re_run_from_the_ste
             v = ref.unit_direction(hs[-1].grad[b])
             back = torch.autograd.grad(hs[-1][b], hs, grad_outputs=v, retain_graph=True)
             np.testing.assert_allclose(profile[b].data, [ref.norm(g[b]).item() for g in back], rtol=1e-10)
+
+
+class _AttendingCell(nn.Module):
+    """A decoder cell called with more than (x_t, state): a mask (positional), the
+    timestep (an int) and an attention memory (keyword), as attention decoders are."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.W = nn.Linear(IN + 2 * HID, HID).double()
+        self.seen: list[int] = []
+
+    def forward(self, x, h, mask, t, memory=None):
+        scores = torch.softmax((memory * h.unsqueeze(1)).sum(-1), dim=-1)  # [batch, source]
+        self.last_scores = scores.detach()  # kept for a plot, as attention decoders do
+        self.seen.append(t)
+        context = (scores.unsqueeze(-1) * memory).sum(1)
+        return torch.tanh(self.W(torch.cat([x, h, context], -1))) * mask + 0.01 * t
+
+
+def test_a_cell_called_with_more_arguments_is_re_run_with_them(tmp_path):
+    """A user-written cell that takes arguments beyond (x_t, state): seqscope's re-run
+    for the propagation profile failed without them (TypeError), and the whole step
+    was dropped, every step, the other layers' records too (until session 18). Now
+    the re-run gets each call's arguments as the call had them, and the record equals
+    the unrolled reference with those arguments held fixed. What the cell keeps in its
+    attributes (the last attention scores, the timesteps it saw) is the training
+    loop's after each step, not the re-run's (2 of 3 sequences stored)."""
+    torch.manual_seed(0)
+    cell = _AttendingCell()
+    gru = nn.GRU(IN, HID).double()
+    model = nn.ModuleDict({"cell": cell, "gru": gru})
+    x = torch.randn(T, B, IN, dtype=torch.float64)
+    memory = torch.randn(B, 5, HID, dtype=torch.float64)
+    masks = [(torch.rand(B, HID, generator=torch.Generator().manual_seed(t)) > 0.2).double() for t in range(T)]
+    original = copy.deepcopy(cell)
+
+    def loop(c, keep=None):
+        c.seen.clear()
+        h = torch.zeros(B, HID, dtype=torch.float64)
+        for t in range(T):
+            h = c(x[t], h, masks[t], t, memory=memory)
+            if keep is not None:
+                h.retain_grad()
+                keep.append(h)
+        return h
+
+    with seqscope.watch(model, tmp_path / "t.h5", every=1, sequences=2, precision="full", cells=[cell]):
+        for _ in range(3):
+            (loop(cell).pow(2).sum() + gru(x)[0].pow(2).sum()).backward()
+            assert cell.seen == list(range(T)) and cell.last_scores.shape == (B, 5)
+            cell.seen.append("the user's")
+    assert cell.seen == [*range(T), "the user's"] and cell.last_scores.shape == (B, 5)  # after the last re-run
+    hs: list[torch.Tensor] = []
+    loop(original, hs).pow(2).sum().backward(retain_graph=True)
+    with seqscope.open(tmp_path / "t.h5") as trace:
+        assert list(trace.steps) == [0, 1, 2] and sorted(trace.layers) == ["cell", "gru.l0"]
+        prop = trace.propagation("cell", 0)
+        assert prop.data.shape == (2, T)
+        for b in range(2):
+            np.testing.assert_allclose(trace.hidden("cell", 0)[b].data,
+                                       torch.stack(hs)[:, b].detach().numpy(), rtol=1e-12)
+            np.testing.assert_allclose(trace.grad_norms("cell", 0)["hidden"][b].data,
+                                       [ref.norm(h.grad[b]).item() for h in hs], rtol=1e-10)
+            v = ref.unit_direction(hs[-1].grad[b])
+            back = torch.autograd.grad(hs[-1][b], hs, grad_outputs=v, retain_graph=True)
+            np.testing.assert_allclose(prop[b].data, [ref.norm(g[b]).item() for g in back], rtol=1e-10)
+
+
+def test_a_cell_that_cannot_be_re_run_is_recorded_without_its_profile(tmp_path, caplog):
+    """A cell whose forward cannot run again outside the training loop (here: it
+    counts its calls and refuses more than the loop makes) still gets its states and
+    gradient norms recorded, and the other layers their whole record; its
+    propagation profile is missing, said once. Training is unchanged."""
+
+    class OnceOnly(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.W = nn.Linear(IN + HID, HID).double()
+            self.calls = 0
+
+        def forward(self, x, h):
+            self.calls += 1
+            if self.calls > T:
+                raise RuntimeError("called more often than the loop calls me")
+            return torch.tanh(self.W(torch.cat([x, h], -1)))
+
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"cell": OnceOnly(), "gru": nn.GRU(IN, HID).double()})
+    x = torch.randn(T, B, IN, dtype=torch.float64)
+    with caplog.at_level(logging.WARNING, logger="seqscope"):
+        with seqscope.watch(model, tmp_path / "t.h5", every=1, cells=[model["cell"]]):
+            for _ in range(3):
+                model["cell"].calls = 0
+                h = torch.zeros(B, HID, dtype=torch.float64)
+                for t in range(T):
+                    h = model["cell"](x[t], h)
+                (h.pow(2).sum() + model["gru"](x)[0].pow(2).sum()).backward()
+    said = [r.getMessage() for r in caplog.records if "no propagation profile" in r.getMessage()]
+    assert len(said) == 1 and "called more often" in said[0]
+    with seqscope.open(tmp_path / "t.h5") as trace:
+        assert list(trace.steps) == [0, 1, 2]
+        for step in trace.steps:
+            assert np.isfinite(trace.grad_norms("cell", step)["hidden"].data).all()
+            assert np.isfinite(trace.propagation("gru.l0", step).data).all()

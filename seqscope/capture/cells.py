@@ -236,6 +236,34 @@ def _user_hooks_off(module: nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def _attributes_kept(module: nn.Module) -> Iterator[None]:
+    """The Python attributes of ``module`` and its submodules as they were before
+    seqscope ran the user's code on them (a re-run, a gates function): an attribute
+    that the code rebinds (a call counter, the last attention weights kept for a
+    plot) gets its value back, and a list, dict or set attribute its items (a
+    history the cell appends to). Objects inside those are not copied."""
+    saved = []
+    for sub in module.modules():
+        state = sub.__dict__
+        contents = {name: (value, copy.copy(value)) for name, value in state.items()
+                    if type(value) in (list, dict, set) and not name.startswith("_")}
+        saved.append((state, dict(state), contents))
+    try:
+        yield
+    finally:
+        for state, before, contents in saved:
+            for name in [name for name in state if name not in before]:
+                del state[name]
+            state.update(before)
+            for value, items in contents.values():
+                if isinstance(value, list):
+                    value[:] = items
+                else:
+                    value.clear()
+                    value.update(items)
+
+
+@contextlib.contextmanager
 def _leaving_training_unchanged(module: nn.Module, device: torch.device) -> Iterator[None]:
     """Run user code on the live cell (its gates function) without changing the
     training run. The module's buffers are swapped for copies meanwhile, so that
@@ -243,14 +271,15 @@ def _leaving_training_unchanged(module: nn.Module, device: torch.device) -> Iter
     the copies; the model's own buffers are not written at all, since autograd
     may hold them for the backward pass (a batch norm's running statistics),
     where an in-place write would fail it. The random number generators are
-    restored afterwards (dropout), and the user's module hooks do not fire
-    (_user_hooks_off)."""
+    restored afterwards (dropout), the user's module hooks do not fire
+    (_user_hooks_off), and the modules' Python attributes are restored afterwards
+    (_attributes_kept)."""
     swapped = [(sub, name, b) for sub in module.modules() for name, b in sub._buffers.items() if b is not None]
     with torch.no_grad():
         for sub, name, b in swapped:
             sub._buffers[name] = b.clone()
     try:
-        with _forked_rng(device), _user_hooks_off(module):
+        with _forked_rng(device), _attributes_kept(module), _user_hooks_off(module):
             yield
     finally:
         for sub, name, b in swapped:
@@ -483,6 +512,11 @@ class _CustomCalls(_CallsBase):
     # per call: the user's gates [sequence, gate, unit], computed at the call (with the
     # parameters and in the autocast region the call had)
     gates: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    # per call: its arguments after x_t and the state (a mask, an attention context, the
+    # timestep), positional and keyword, tensors detached and K-selected, for the re-run
+    extra: list[tuple[tuple[Any, ...], dict[str, Any]]] = dataclasses.field(default_factory=list)
+    # id -> (the argument, its version, its copy): one copy of a tensor that every call receives
+    extra_copies: dict[int, tuple[torch.Tensor, int, torch.Tensor]] = dataclasses.field(default_factory=dict)
     KEEPS_BUFFERS: ClassVar[bool] = True  # the propagation profile re-runs the cell
 
 
@@ -516,6 +550,7 @@ class CustomCellRecorder(_HookedCell):
         self._parametrization_handles = []
         self._disabled = False
         self._warned_shared_node = False
+        self._warned_rerun = False
 
     @torch.compiler.disable  # seqscope's own code is never traced by torch.compile
     def _on_call(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
@@ -533,11 +568,14 @@ class CustomCellRecorder(_HookedCell):
             self.scope.recording_failed(f"recording {self.name} failed: {type(exc).__name__}: {exc}")
 
     def _record_call(self, step: StepState, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-        values = list(args) + list(kwargs.values())
+        # x_t and the state: the first two arguments, positional or keyword; the rest go to the re-run as given
+        named = list(kwargs)
+        values = list(args[:2]) + [kwargs[k] for k in named[: max(0, 2 - len(args))]]
         if not values or not isinstance(values[0], torch.Tensor):
             raise TypeError("a recorded cell must be called as cell(x_t, state)")
         x = values[0]
         state_in = values[1] if len(values) > 1 else None
+        extra_args, extra_kwargs = args[2:], {k: kwargs[k] for k in named[max(0, 2 - len(args)):]}
         out_tensors, _ = flatten_state(output)
         h_out = out_tensors[0]
         c_out = out_tensors[1] if len(out_tensors) > 1 and out_tensors[1].shape[0] == h_out.shape[0] else None
@@ -564,6 +602,12 @@ class CustomCellRecorder(_HookedCell):
             calls.h.append(h_out.detach().index_select(0, sel))
             if c_out is not None:
                 calls.c.append(c_out.detach().index_select(0, sel))
+            if extra_args or extra_kwargs:
+                def kept(value: Any) -> Any:
+                    return _extra_argument(calls, value, sel, batch)
+                calls.extra.append((tuple(map(kept, extra_args)), {k: kept(v) for k, v in extra_kwargs.items()}))
+            else:
+                calls.extra.append(((), {}))
             if self.gates_fn is not None:
                 with _leaving_training_unchanged(self.module, x.device):
                     gates = self.gates_fn(self.module, calls.x[-1], calls.state_in[-1])
@@ -589,7 +633,14 @@ class CustomCellRecorder(_HookedCell):
         )
         grads = _gradient_norms(calls, h, c, capture)
         if grads is not None:
-            capture.propagation = self._propagation(calls, rec.unit_seed(grads[-1]))
+            try:
+                capture.propagation = self._propagation(calls, rec.unit_seed(grads[-1]))
+            except Exception as exc:  # noqa: BLE001 - the rest of the record stands without the profile
+                if not self._warned_rerun:
+                    self._warned_rerun = True
+                    log.warning("seqscope: %s: no propagation profile (re-running the cell over the stored "
+                                "sequences failed: %s: %s); its states, gates and gradient norms are recorded",
+                                self.name, type(exc).__name__, exc)
         if capture.grad_cell is not None and any(calls.c_shares_node):
             # h and c came from one autograd node: c's hook missed the part of dL/dc_t that
             # flows through h_t inside the cell, which seqscope cannot derive for a custom cell
@@ -609,18 +660,19 @@ class CustomCellRecorder(_HookedCell):
         # numbers (dropout) from generators restored afterwards, so training draws the same
         # through _ForwardOnly: the cell's forward without its __call__, so that its forward hooks
         # (the user's: one that collects activations for a loss) see no call of seqscope's; nor
-        # do its submodules' hooks or process-wide ones (_user_hooks_off)
+        # do its submodules' hooks or process-wide ones (_user_hooks_off); and what the cell's
+        # code stores in its attributes is undone afterwards (_attributes_kept)
         weights = {"inner." + name: t for name, t in {**calls.weights, **calls.buffers}.items()}
         forward_only = _ForwardOnly(self.module)
         with torch.enable_grad(), _as_called(calls.autocast, v.device), _forked_rng(v.device), \
-                _user_hooks_off(self.module):
+                _attributes_kept(self.module), _user_hooks_off(self.module):
             hs: list[torch.Tensor] = []
-            for x_t in calls.x:
+            for x_t, (extra_args, extra_kwargs) in zip(calls.x, calls.extra):
                 if state is not None:
                     tensors, rebuild = flatten_state(state)
                     state = rebuild([t.detach().requires_grad_(True) if not hs else t for t in tensors])
-                args = (x_t, state) if state is not None else (x_t,)
-                state = torch.func.functional_call(forward_only, weights, args)
+                args = (x_t, state, *extra_args) if state is not None else (x_t, *extra_args)
+                state = torch.func.functional_call(forward_only, weights, args, extra_kwargs)
                 h_t = flatten_state(state)[0][0]
                 hs.append(h_t)
             grads = torch.autograd.grad(hs[-1], hs, grad_outputs=v, allow_unused=True)
@@ -636,8 +688,32 @@ class _ForwardOnly(nn.Module):
         super().__init__()
         self.inner = inner
 
-    def forward(self, *args: Any) -> Any:
-        return self.inner.forward(*args)
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.inner.forward(*args, **kwargs)
+
+
+def _extra_argument(calls: _CustomCalls, value: Any, sel: torch.Tensor, batch: int) -> Any:
+    """A cell call's further argument as the re-run gets it: tensors detached (the
+    profile holds the cell's other inputs fixed), those with a row per sequence
+    K-selected; one copy of a tensor that several calls receive unchanged (an
+    attention context, a mask). Other values, and containers of them, as they are."""
+    if isinstance(value, torch.Tensor):
+        seen = calls.extra_copies.get(id(value))
+        if seen is not None and seen[0] is value and seen[1] == value._version:
+            return seen[2]
+        copy_ = value.detach()
+        if copy_.dim() > 0 and copy_.shape[0] == batch:
+            copy_ = copy_.index_select(0, sel.to(copy_.device))
+        else:
+            copy_ = copy_.clone()
+        calls.extra_copies[id(value)] = (value, value._version, copy_)
+        return copy_
+    if isinstance(value, (tuple, list)):
+        return type(value)(_extra_argument(calls, v, sel, batch) for v in value) if not hasattr(value, "_fields") \
+            else type(value)(*(_extra_argument(calls, v, sel, batch) for v in value))
+    if isinstance(value, dict):
+        return type(value)((k, _extra_argument(calls, v, sel, batch)) for k, v in value.items())
+    return value
 
 
 def _recurrent_matrix(parameters: dict[str, torch.Tensor]) -> torch.Tensor | None:
