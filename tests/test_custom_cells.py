@@ -600,6 +600,8 @@ class _AttendingCell(nn.Module):
         self.seen: list[int] = []
 
     def forward(self, x, h, mask, t, memory=None):
+        if h is None:  # the first call of a loop that starts from None
+            h = x.new_zeros(x.shape[0], HID)
         scores = torch.softmax((memory * h.unsqueeze(1)).sum(-1), dim=-1)  # [batch, source]
         self.last_scores = scores.detach()  # kept for a plot, as attention decoders do
         self.seen.append(t)
@@ -607,7 +609,8 @@ class _AttendingCell(nn.Module):
         return torch.tanh(self.W(torch.cat([x, h, context], -1))) * mask + 0.01 * t
 
 
-def test_a_cell_called_with_more_arguments_is_re_run_with_them(tmp_path):
+@pytest.mark.parametrize("first_state", ["zeros", "None"])
+def test_a_cell_called_with_more_arguments_is_re_run_with_them(first_state, tmp_path):
     """A user-written cell that takes arguments beyond (x_t, state): seqscope's re-run
     for the propagation profile failed without them (TypeError), and the whole step
     was dropped, every step, the other layers' records too (until session 18). Now
@@ -626,7 +629,7 @@ def test_a_cell_called_with_more_arguments_is_re_run_with_them(tmp_path):
 
     def loop(c, keep=None):
         c.seen.clear()
-        h = torch.zeros(B, HID, dtype=torch.float64)
+        h = torch.zeros(B, HID, dtype=torch.float64) if first_state == "zeros" else None
         for t in range(T):
             h = c(x[t], h, masks[t], t, memory=memory)
             if keep is not None:
@@ -641,7 +644,7 @@ def test_a_cell_called_with_more_arguments_is_re_run_with_them(tmp_path):
             cell.seen.append("the user's")
     assert cell.seen == [*range(T), "the user's"] and cell.last_scores.shape == (B, 5)  # after the last re-run
     hs: list[torch.Tensor] = []
-    loop(original, hs).pow(2).sum().backward(retain_graph=True)
+    loop(original, hs).pow(2).sum().backward(retain_graph=True)  # the reference
     with seqscope.open(tmp_path / "t.h5") as trace:
         assert list(trace.steps) == [0, 1, 2] and sorted(trace.layers) == ["cell", "gru.l0"]
         prop = trace.propagation("cell", 0)

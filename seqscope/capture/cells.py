@@ -517,6 +517,7 @@ class _CustomCalls(_CallsBase):
     extra: list[tuple[tuple[Any, ...], dict[str, Any]]] = dataclasses.field(default_factory=list)
     # id -> (the argument, its version, its copy): one copy of a tensor that every call receives
     extra_copies: dict[int, tuple[torch.Tensor, int, torch.Tensor]] = dataclasses.field(default_factory=dict)
+    state_given: bool = False  # whether the calls pass a state (None included) after x_t
     KEEPS_BUFFERS: ClassVar[bool] = True  # the propagation profile re-runs the cell
 
 
@@ -592,6 +593,7 @@ class CustomCellRecorder(_HookedCell):
         if opened is None:
             return
         calls, sel = opened
+        calls.state_given = len(values) > 1
         with torch.no_grad():
             calls.x.append(x.detach().index_select(0, sel))
             if state_in is None:
@@ -671,10 +673,14 @@ class CustomCellRecorder(_HookedCell):
                 if state is not None:
                     tensors, rebuild = flatten_state(state)
                     state = rebuild([t.detach().requires_grad_(True) if not hs else t for t in tensors])
-                args = (x_t, state, *extra_args) if state is not None else (x_t, *extra_args)
+                # the state where the call had it, None included (a cell that starts from None)
+                args = (x_t, state, *extra_args) if calls.state_given or state is not None else (x_t, *extra_args)
                 state = torch.func.functional_call(forward_only, weights, args, extra_kwargs)
-                h_t = flatten_state(state)[0][0]
-                hs.append(h_t)
+                tensors, rebuild = flatten_state(state)
+                if not hs and not any(t.requires_grad for t in tensors):
+                    # a first call from a None state: the chain starts at its output
+                    state = rebuild([t.detach().requires_grad_(True) for t in tensors])
+                hs.append(flatten_state(state)[0][0])
             grads = torch.autograd.grad(hs[-1], hs, grad_outputs=v, allow_unused=True)
         return torch.stack([rec.norms(g) if g is not None else torch.zeros_like(v[:, 0], dtype=torch.float64)
                             for g in grads])
