@@ -695,3 +695,67 @@ def test_a_cell_that_cannot_be_re_run_is_recorded_without_its_profile(tmp_path, 
         for step in trace.steps:
             assert np.isfinite(trace.grad_norms("cell", step)["hidden"].data).all()
             assert np.isfinite(trace.propagation("gru.l0", step).data).all()
+
+
+class _PairLSTM(nn.Module):
+    """An LSTM cell in the convention of PyTorch's scripted-LSTM examples: it returns
+    ``(output, (h, c))``, not the state alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight_ih = nn.Parameter(torch.randn(4 * HID, IN, dtype=torch.float64) * 0.5)
+        self.weight_hh = nn.Parameter(torch.randn(4 * HID, HID, dtype=torch.float64) * 0.5)
+        self.bias = nn.Parameter(torch.randn(4 * HID, dtype=torch.float64) * 0.1)
+
+    def forward(self, x, state):
+        h, c = state
+        i, f, g, o = (x @ self.weight_ih.T + h @ self.weight_hh.T + self.bias).chunk(4, 1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        return h, (h, c)
+
+
+def test_a_cell_that_returns_its_output_and_its_state_is_recorded(tmp_path):
+    """``out, state = cell(x_t, state)``: the state is the second item. seqscope said
+    it found no tensors in such a cell's return value and did not record it (until
+    session 18). Hidden and cell states, both gradient norms, the propagation profile
+    and sigma_max against the unrolled reference."""
+    torch.manual_seed(0)
+    cell = _PairLSTM()
+    model = nn.ModuleDict({"cell": cell})
+    x = torch.randn(T, B, IN, dtype=torch.float64)
+    original = copy.deepcopy(cell)
+
+    def loop(c, hs=None, cs=None):
+        state = (torch.zeros(B, HID, dtype=torch.float64), torch.zeros(B, HID, dtype=torch.float64))
+        outs = []
+        for t in range(T):
+            out, state = c(x[t], state)
+            if hs is not None:
+                for kept, tensor in ((hs, state[0]), (cs, state[1])):
+                    tensor.retain_grad()
+                    kept.append(tensor)
+            outs.append(out)
+        return torch.stack(outs)
+
+    with seqscope.watch(model, tmp_path / "t.h5", every=1, sequences=B, precision="full", cells=[cell]):
+        loop(cell).pow(2).sum().backward()
+    hs: list[torch.Tensor] = []
+    cs: list[torch.Tensor] = []
+    loop(original, hs, cs).pow(2).sum().backward(retain_graph=True)  # the reference
+    with seqscope.open(tmp_path / "t.h5") as trace:
+        assert trace.layers == ["cell"] and list(trace.steps) == [0]
+        grads = trace.grad_norms("cell", 0)
+        for b in range(B):
+            np.testing.assert_allclose(trace.hidden("cell", 0)[b].data, torch.stack(hs)[:, b].detach().numpy(),
+                                       rtol=1e-12)
+            np.testing.assert_allclose(trace.cell("cell", 0)[b].data, torch.stack(cs)[:, b].detach().numpy(),
+                                       rtol=1e-12)
+            np.testing.assert_allclose(grads["hidden"][b].data, [ref.norm(h.grad[b]).item() for h in hs], rtol=1e-10)
+            np.testing.assert_allclose(grads["cell"][b].data, [ref.norm(c.grad[b]).item() for c in cs], rtol=1e-10)
+            v = ref.unit_direction(hs[-1].grad[b])
+            back = torch.autograd.grad(hs[-1][b], hs, grad_outputs=v, retain_graph=True)
+            np.testing.assert_allclose(trace.propagation("cell", 0)[b].data, [ref.norm(g[b]).item() for g in back],
+                                       rtol=1e-10)
+        want_sigma = torch.linalg.svdvals(original.weight_hh.detach())[0].item()
+        assert trace.scalars()["sigma_max/cell"].values[0] == pytest.approx(want_sigma, rel=1e-9)

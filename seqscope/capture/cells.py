@@ -471,6 +471,20 @@ class CellRecorder(_HookedCell):
 GatesFn = Callable[[nn.Module, torch.Tensor, Any], "dict[str, torch.Tensor]"]
 
 
+def returned_state(output: Any) -> Any:
+    """The state a cell call returned: its output, or the second item of an
+    ``(output, state)`` pair (a tensor, then a tuple, dict or object of tensors: the
+    convention of PyTorch's own scripted LSTM examples, ``return h, (h, c)``)."""
+    if (isinstance(output, tuple) and len(output) == 2 and isinstance(output[0], torch.Tensor)
+            and not isinstance(output[1], torch.Tensor) and output[1] is not None):
+        try:
+            flatten_state(output[1])
+        except TypeError:
+            return output
+        return output[1]
+    return output
+
+
 def flatten_state(state: Any) -> tuple[list[torch.Tensor], Callable[[list[torch.Tensor]], Any]]:
     """The tensors of a cell state and a function that rebuilds the same kind of
     state from new tensors. A state is a tensor, a tuple/list/dict of tensors,
@@ -577,7 +591,7 @@ class CustomCellRecorder(_HookedCell):
         x = values[0]
         state_in = values[1] if len(values) > 1 else None
         extra_args, extra_kwargs = args[2:], {k: kwargs[k] for k in named[max(0, 2 - len(args)):]}
-        out_tensors, _ = flatten_state(output)
+        out_tensors, _ = flatten_state(returned_state(output))
         h_out = out_tensors[0]
         c_out = out_tensors[1] if len(out_tensors) > 1 and out_tensors[1].shape[0] == h_out.shape[0] else None
         batch = h_out.shape[0]
@@ -675,7 +689,7 @@ class CustomCellRecorder(_HookedCell):
                     state = rebuild([t.detach().requires_grad_(True) if not hs else t for t in tensors])
                 # the state where the call had it, None included (a cell that starts from None)
                 args = (x_t, state, *extra_args) if calls.state_given or state is not None else (x_t, *extra_args)
-                state = torch.func.functional_call(forward_only, weights, args, extra_kwargs)
+                state = returned_state(torch.func.functional_call(forward_only, weights, args, extra_kwargs))
                 tensors, rebuild = flatten_state(state)
                 if not hs and not any(t.requires_grad for t in tensors):
                     # a first call from a None state: the chain starts at its output

@@ -992,8 +992,9 @@ def watch(
     max_bytes: stop recording (with one warning; training goes on) when the
         trace would grow beyond this many bytes of data.
     cells: user-written cells to record, each a submodule called as
-        ``cell(x_t, state) -> state`` (state: a tensor, a tuple of tensors or a
-        dict or dataclass of tensors, h first, c second if any). A mapping gives each
+        ``cell(x_t, state, ...) -> state`` or ``-> (output, state)`` (state: a
+        tensor, a tuple of tensors or a dict or dataclass of tensors, h first, c
+        second if any; further arguments go to seqscope's re-run). A mapping gives each
         cell a function ``(cell, x_t, state) -> {gate name: [batch, unit]}``.
         nn.RNNCell/GRUCell/LSTMCell and nn.RNN/GRU/LSTM are found by themselves.
     grad_scaler: the ``torch.amp.GradScaler`` of mixed-precision training, if any.
