@@ -282,32 +282,48 @@ def check_parametrized(kind: str, how: str, weight: str, tmp_path, device: torch
     device computed them."""
     cfg = Config(kind, layers=2)
     torch.manual_seed(0)
-    gen = torch.Generator().manual_seed(3)
     model = make_module(cfg)
     getattr(torch.nn.utils.parametrizations, how)(model, weight)
     model = model.to(device)
     names = list(make_module(cfg).state_dict())  # the plain module's: weight_ih_l0, weight_hh_l0, ...
-    opt = torch.optim.SGD(model.parameters(), lr=0.2)
-    steps = []
-    with seqscope.watch(model, tmp_path / "trace.h5", every=1, sequences=B, precision="full"):
-        for _ in range(3):
-            seqs, h0, c0 = make_inputs(cfg, gen)
-            terms = make_loss_terms(cfg, gen)
-            output, state = model(module_input(cfg, [x.to(device) for x in seqs]))
-            model.eval()
-            used = {name: getattr(model, name).detach().cpu().clone() for name in names}
+
+    def used() -> dict[str, torch.Tensor]:
+        model.eval()  # a spectral norm computes the weight from its vectors as they are
+        try:
+            return {name: getattr(model, name).detach().cpu().clone() for name in names}
+        finally:
             model.train()
-            h_n, c_n = state if kind == "lstm" else (state, None)
-            loss_of(per_sequence_outputs(cfg, output), h_n, c_n, tuple(t.to(device) for t in terms)).backward()
-            pg = {name: ref.norm(p.grad.cpu()).item() for name, p in model.named_parameters()}
-            assert any(name.startswith("parametrizations.") for name in pg)
-            opt.step()
-            opt.zero_grad()
-            steps.append((used, seqs, h0, c0, terms, pg))
+
+    steps = sgd_steps_with_weights(model, cfg, tmp_path / "trace.h5", device, used)
+    assert any(name.startswith("parametrizations.") for name in steps[0][5])
     with seqscope.open(tmp_path / "trace.h5") as trace:
         # a watched parametrized module is named after the class it was made from
         assert trace.layers == [f"{kind.split('_')[0]}.l0", f"{kind.split('_')[0]}.l1"]
         check_steps(trace, cfg, steps)
+
+
+def sgd_steps_with_weights(model: nn.Module, cfg: Config, path, device: torch.device,
+                           used: Callable[[], dict[str, torch.Tensor]]) -> list[tuple[Any, ...]]:
+    """Three SGD steps of ``model`` on ``device``, every one recorded into ``path``;
+    per step, as check_steps takes them: the weights its forward pass ran with
+    (``used()`` right after it), its sequences, h0, c0, loss terms, and PyTorch's
+    gradient norms."""
+    gen = torch.Generator().manual_seed(3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    steps = []
+    with seqscope.watch(model, path, every=1, sequences=B, precision="full"):
+        for _ in range(3):
+            seqs, h0, c0 = make_inputs(cfg, gen)
+            terms = make_loss_terms(cfg, gen)
+            output, state = model(module_input(cfg, [x.to(device) for x in seqs]))
+            weights = used()
+            h_n, c_n = state if cfg.kind == "lstm" else (state, None)
+            loss_of(per_sequence_outputs(cfg, output), h_n, c_n, tuple(t.to(device) for t in terms)).backward()
+            pg = {name: ref.norm(p.grad.cpu()).item() for name, p in model.named_parameters()}
+            opt.step()
+            opt.zero_grad()
+            steps.append((weights, seqs, h0, c0, terms, pg))
+    return steps
 
 
 class _WeightDrop(nn.Module):
@@ -343,25 +359,12 @@ def check_weight_drop(kind: str, tmp_path, device: torch.device) -> None:
     """The wrapped module on ``device``, the reference on the CPU."""
     cfg = Config(kind, layers=2, packed=True)
     torch.manual_seed(0)
-    gen = torch.Generator().manual_seed(3)
     module = make_module(cfg)
     names = list(module.state_dict())
     model = _WeightDrop(module, 0.5).to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=0.2)
-    steps = []
-    with seqscope.watch(model, tmp_path / "trace.h5", every=1, sequences=B, precision="full"):
-        for _ in range(3):
-            seqs, h0, c0 = make_inputs(cfg, gen)
-            terms = make_loss_terms(cfg, gen)
-            output, state = model(module_input(cfg, [x.to(device) for x in seqs]))
-            used = {name: getattr(module, name).detach().cpu().clone() for name in names}
-            h_n, c_n = state if kind == "lstm" else (state, None)
-            loss_of(per_sequence_outputs(cfg, output), h_n, c_n, tuple(t.to(device) for t in terms)).backward()
-            pg = {name: ref.norm(p.grad.cpu()).item() for name, p in model.named_parameters()}
-            assert "weight_hh_l0_raw" in pg
-            opt.step()
-            opt.zero_grad()
-            steps.append((used, seqs, h0, c0, terms, pg))
+    steps = sgd_steps_with_weights(model, cfg, tmp_path / "trace.h5", device, lambda: {
+        name: getattr(module, name).detach().cpu().clone() for name in names})
+    assert "weight_hh_l0_raw" in steps[0][5]
     for used, *_ in steps:  # the masks differ from step to step
         assert (used["weight_hh_l0"] == 0).any()
     with seqscope.open(tmp_path / "trace.h5") as trace:
