@@ -759,3 +759,50 @@ def test_a_cell_that_returns_its_output_and_its_state_is_recorded(tmp_path):
                                        rtol=1e-10)
         want_sigma = torch.linalg.svdvals(original.weight_hh.detach())[0].item()
         assert trace.scalars()["sigma_max/cell"].values[0] == pytest.approx(want_sigma, rel=1e-9)
+
+
+class _MultiheadDecoderCell(nn.Module):
+    """A decoder cell that attends over an encoder memory with nn.MultiheadAttention
+    in its default, time-major layout: memory [source, batch, unit]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention = nn.MultiheadAttention(HID, 2).double()
+        self.W = nn.Linear(IN + 2 * HID, HID).double()
+
+    def forward(self, x, h, memory):
+        context, _ = self.attention(h.unsqueeze(0), memory, memory)  # query [1, batch, unit]
+        return torch.tanh(self.W(torch.cat([x, h, context[0]], -1)))
+
+
+def test_a_time_major_memory_argument_is_re_run_with_the_stored_sequences_rows(tmp_path):
+    """An extra argument laid out [source, batch, ...] (time-major) is K-selected along
+    its second dimension for the re-run; its first dimension is not the batch's. The
+    propagation profile against the unrolled reference (2 of 3 sequences stored)."""
+    torch.manual_seed(0)
+    cell = _MultiheadDecoderCell()
+    model = nn.ModuleDict({"cell": cell})
+    x = torch.randn(T, B, IN, dtype=torch.float64)
+    memory = torch.randn(7, B, HID, dtype=torch.float64)
+    original = copy.deepcopy(cell)
+
+    def loop(c, hs=None):
+        h = torch.zeros(B, HID, dtype=torch.float64)
+        for t in range(T):
+            h = c(x[t], h, memory)
+            if hs is not None:
+                h.retain_grad()
+                hs.append(h)
+        return h
+
+    with seqscope.watch(model, tmp_path / "t.h5", every=1, sequences=[2, 0], precision="full", cells=[cell]):
+        loop(cell).pow(2).sum().backward()
+    hs: list[torch.Tensor] = []
+    loop(original, hs).pow(2).sum().backward(retain_graph=True)  # the reference
+    with seqscope.open(tmp_path / "t.h5") as trace:
+        prop = trace.propagation("cell", 0)
+        assert prop.data.shape == (2, T)
+        for row, b in enumerate([2, 0]):
+            v = ref.unit_direction(hs[-1].grad[b])
+            back = torch.autograd.grad(hs[-1][b], hs, grad_outputs=v, retain_graph=True)
+            np.testing.assert_allclose(prop[row].data, [ref.norm(g[b]).item() for g in back], rtol=1e-10)

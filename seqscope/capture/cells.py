@@ -715,7 +715,9 @@ class _ForwardOnly(nn.Module):
 def _extra_argument(calls: _CustomCalls, value: Any, sel: torch.Tensor, batch: int) -> Any:
     """A cell call's further argument as the re-run gets it: tensors detached (the
     profile holds the cell's other inputs fixed), those with a row per sequence
-    K-selected; one copy of a tensor that several calls receive unchanged (an
+    K-selected (along their first dimension when it is the batch's, else along the
+    second: a time-major attention memory [source, batch, ...], nn.MultiheadAttention's
+    default layout); one copy of a tensor that several calls receive unchanged (an
     attention context, a mask). Other values, and containers of them, as they are."""
     if isinstance(value, torch.Tensor):
         seen = calls.extra_copies.get(id(value))
@@ -724,6 +726,8 @@ def _extra_argument(calls: _CustomCalls, value: Any, sel: torch.Tensor, batch: i
         copy_ = value.detach()
         if copy_.dim() > 0 and copy_.shape[0] == batch:
             copy_ = copy_.index_select(0, sel.to(copy_.device))
+        elif copy_.dim() > 1 and copy_.shape[1] == batch:
+            copy_ = copy_.index_select(1, sel.to(copy_.device))
         else:
             copy_ = copy_.clone()
         calls.extra_copies[id(value)] = (value, value._version, copy_)
