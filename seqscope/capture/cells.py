@@ -24,7 +24,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
+from torch.nn.utils import parametrize, prune
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from seqscope.capture import attach
 from seqscope.capture import recurrences as rec
@@ -189,15 +191,10 @@ _GLOBAL_HOOK_DICTS = ("_global_forward_pre_hooks", "_global_forward_hooks", "_gl
                       "_global_forward_hooks_always_called", "_global_backward_pre_hooks", "_global_backward_hooks")
 
 
-def _computes_weights(hook: Any) -> bool:
-    """A forward pre-hook that computes a weight from the module's parameters before
-    each call (torch.nn.utils.prune, the older weight_norm and spectral_norm): a
-    re-run needs it to compute the weight from the parameters it is given."""
-    from torch.nn.utils import prune
-    from torch.nn.utils.spectral_norm import SpectralNorm
-    from torch.nn.utils.weight_norm import WeightNorm
-
-    return isinstance(hook, (prune.BasePruningMethod, WeightNorm, SpectralNorm))
+# forward pre-hooks that compute a weight from the module's parameters before each call
+# (torch.nn.utils.prune, the older weight_norm and spectral_norm): a re-run needs them to
+# compute the weight from the parameters it is given
+_WEIGHT_PRE_HOOKS = (prune.BasePruningMethod, WeightNorm, SpectralNorm)
 
 
 @contextlib.contextmanager
@@ -208,7 +205,7 @@ def _user_hooks_off(module: nn.Module) -> Iterator[None]:
     and the like). A hook that collects activations for an activation penalty would
     otherwise see seqscope's calls, and the training run would change (or fail: a
     re-run's graph is freed after seqscope's backward pass through it). Pre-hooks
-    that compute a weight (_computes_weights) still run. seqscope's own hooks on
+    that compute a weight (_WEIGHT_PRE_HOOKS) still run. seqscope's own hooks on
     those submodules (a watched nn.GRUCell inside the cell) are off too: such calls
     are no timesteps."""
     import torch.nn.modules.module as module_mod
@@ -220,7 +217,8 @@ def _user_hooks_off(module: nn.Module) -> Iterator[None]:
             hooks = state.get(name)
             if hooks:
                 saved.append((state, name, hooks))
-                kept = [(key, h) for key, h in hooks.items() if name == "_forward_pre_hooks" and _computes_weights(h)]
+                kept = [(key, h) for key, h in hooks.items()
+                        if name == "_forward_pre_hooks" and isinstance(h, _WEIGHT_PRE_HOOKS)]
                 state[name] = type(hooks)(kept)
     global_state = vars(module_mod)
     for name in _GLOBAL_HOOK_DICTS:
@@ -264,22 +262,28 @@ def _attributes_kept(module: nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def _contained(module: nn.Module, device: torch.device) -> Iterator[None]:
+    """Around any of the user's code that seqscope runs on the live cell: the random
+    number generators restored afterwards (dropout), none of the user's module hooks
+    firing (_user_hooks_off), the modules' Python attributes put back (_attributes_kept)."""
+    with _forked_rng(device), _attributes_kept(module), _user_hooks_off(module):
+        yield
+
+
+@contextlib.contextmanager
 def _leaving_training_unchanged(module: nn.Module, device: torch.device) -> Iterator[None]:
     """Run user code on the live cell (its gates function) without changing the
     training run. The module's buffers are swapped for copies meanwhile, so that
     what the code updates (batch-norm statistics, a spectral norm's vectors) is
     the copies; the model's own buffers are not written at all, since autograd
     may hold them for the backward pass (a batch norm's running statistics),
-    where an in-place write would fail it. The random number generators are
-    restored afterwards (dropout), the user's module hooks do not fire
-    (_user_hooks_off), and the modules' Python attributes are restored afterwards
-    (_attributes_kept)."""
+    where an in-place write would fail it. The rest as _contained."""
     swapped = [(sub, name, b) for sub in module.modules() for name, b in sub._buffers.items() if b is not None]
     with torch.no_grad():
         for sub, name, b in swapped:
             sub._buffers[name] = b.clone()
     try:
-        with _forked_rng(device), _attributes_kept(module), _user_hooks_off(module):
+        with _contained(module, device):
             yield
     finally:
         for sub, name, b in swapped:
@@ -618,12 +622,8 @@ class CustomCellRecorder(_HookedCell):
             calls.h.append(h_out.detach().index_select(0, sel))
             if c_out is not None:
                 calls.c.append(c_out.detach().index_select(0, sel))
-            if extra_args or extra_kwargs:
-                def kept(value: Any) -> Any:
-                    return _extra_argument(calls, value, sel, batch)
-                calls.extra.append((tuple(map(kept, extra_args)), {k: kept(v) for k, v in extra_kwargs.items()}))
-            else:
-                calls.extra.append(((), {}))
+            calls.extra.append((tuple(_extra_argument(calls, v, sel, batch) for v in extra_args),
+                                {k: _extra_argument(calls, v, sel, batch) for k, v in extra_kwargs.items()}))
             if self.gates_fn is not None:
                 with _leaving_training_unchanged(self.module, x.device):
                     gates = self.gates_fn(self.module, calls.x[-1], calls.state_in[-1])
@@ -676,12 +676,11 @@ class CustomCellRecorder(_HookedCell):
         # numbers (dropout) from generators restored afterwards, so training draws the same
         # through _ForwardOnly: the cell's forward without its __call__, so that its forward hooks
         # (the user's: one that collects activations for a loss) see no call of seqscope's; nor
-        # do its submodules' hooks or process-wide ones (_user_hooks_off); and what the cell's
-        # code stores in its attributes is undone afterwards (_attributes_kept)
+        # do its submodules' hooks or process-wide ones, and what the cell's code stores in its
+        # attributes is undone afterwards (_contained)
         weights = {"inner." + name: t for name, t in {**calls.weights, **calls.buffers}.items()}
         forward_only = _ForwardOnly(self.module)
-        with torch.enable_grad(), _as_called(calls.autocast, v.device), _forked_rng(v.device), \
-                _attributes_kept(self.module), _user_hooks_off(self.module):
+        with torch.enable_grad(), _as_called(calls.autocast, v.device), _contained(self.module, v.device):
             hs: list[torch.Tensor] = []
             for x_t, (extra_args, extra_kwargs) in zip(calls.x, calls.extra):
                 if state is not None:
@@ -693,8 +692,9 @@ class CustomCellRecorder(_HookedCell):
                 tensors, rebuild = flatten_state(state)
                 if not hs and not any(t.requires_grad for t in tensors):
                     # a first call from a None state: the chain starts at its output
-                    state = rebuild([t.detach().requires_grad_(True) for t in tensors])
-                hs.append(flatten_state(state)[0][0])
+                    tensors = [t.detach().requires_grad_(True) for t in tensors]
+                    state = rebuild(tensors)
+                hs.append(tensors[0])
             grads = torch.autograd.grad(hs[-1], hs, grad_outputs=v, allow_unused=True)
         return torch.stack([rec.norms(g) if g is not None else torch.zeros_like(v[:, 0], dtype=torch.float64)
                             for g in grads])
@@ -733,8 +733,8 @@ def _extra_argument(calls: _CustomCalls, value: Any, sel: torch.Tensor, batch: i
         calls.extra_copies[id(value)] = (value, value._version, copy_)
         return copy_
     if isinstance(value, (tuple, list)):
-        return type(value)(_extra_argument(calls, v, sel, batch) for v in value) if not hasattr(value, "_fields") \
-            else type(value)(*(_extra_argument(calls, v, sel, batch) for v in value))
+        items = [_extra_argument(calls, v, sel, batch) for v in value]
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)  # a namedtuple takes fields
     if isinstance(value, dict):
         return type(value)((k, _extra_argument(calls, v, sel, batch)) for k, v in value.items())
     return value

@@ -85,17 +85,16 @@ def unfinished_run(path: Path) -> str | None:
     return "logged values and no recorded step" if info["scalars"] or info["evaluation_passes"] else None
 
 
-def _claim_one(path: Path, keep_unfinished: list[str]) -> int | None:
+def _claim_one(path: Path) -> tuple[int | None, str | None]:
     """The file at ``path``, empty and locked for this process, as an open
-    descriptor; None when another writer holds the file there, or when it holds
-    an unfinished run, which is kept (what it holds is appended to
-    ``keep_unfinished``)."""
+    descriptor, or None when another writer holds the file there or when it holds
+    an unfinished run, which is kept; and what that unfinished run holds."""
     for _ in range(20):  # each retry means another process replaced the file meanwhile
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
             if not _try_lock(fd):
                 os.close(fd)
-                return None
+                return None, None
             held = os.fstat(fd)
             try:
                 now = os.stat(path)
@@ -105,19 +104,18 @@ def _claim_one(path: Path, keep_unfinished: list[str]) -> int | None:
                 os.close(fd)
                 continue
             if held.st_size == 0:
-                return fd
+                return fd, None
             # the trace of a run that was killed is what its user most needs: never replaced
             unfinished = unfinished_run(path)
             if unfinished is not None:
-                keep_unfinished.append(unfinished)
                 os.close(fd)
-                return None
+                return None, unfinished
             # an earlier trace: replace it rather than truncate it under its readers
             try:
                 os.unlink(path)
             except PermissionError:  # a directory we may not change: truncate in place, as before
                 os.ftruncate(fd, 0)
-                return fd
+                return fd, None
             os.close(fd)
         except BaseException:
             try:
@@ -136,22 +134,21 @@ def claim(path: Path) -> tuple[Path, int | None]:
         path = Path(os.path.realpath(path))  # write through the link, as opening it did
     if fcntl is None:  # pragma: no cover
         return path, None
-    unfinished: list[str] = []
-    fd = _claim_one(path, unfinished)
+    fd, unfinished = _claim_one(path)
     if fd is not None:
         return path, fd
     for n in range(2, _FALLBACK_NAMES):
         other = path.with_name(f"{path.stem}-{n}{path.suffix}")
         if other.exists() or other.is_symlink():
             continue  # an earlier run's trace: left as it is
-        fd = _claim_one(other, [])
+        fd, _ = _claim_one(other)
         if fd is not None:
             if unfinished:
                 log.warning(
                     "seqscope: %s holds a run that ended without closing its trace (killed, or crashed outside "
                     "Python), with %s: it is kept, and this run records to %s (delete or move the old trace to "
                     "record at its path again)",
-                    path, unfinished[0], other,
+                    path, unfinished, other,
                 )
             else:
                 log.warning(
