@@ -1,6 +1,10 @@
 """Figure builders: plain functions from numpy arrays to plotly figures.
 
 No Dash and no file access here, so every view is testable without a browser.
+Figures are plain dicts (``{"data": [...], "layout": {...}}``), as Dash sends
+them: a ``go.Figure`` validated and then copied every property of every figure
+of a slider move on the server, most of the step callback's time. The tests
+validate each builder's output by building a ``go.Figure`` from it.
 Arrays go into the figures as numpy (plotly sends them base64-encoded).
 NaN and Inf are never dropped silently: heatmaps draw them in a distinct colour
 (NONFINITE_COLOUR) on an overlay and count them in the title; padded timesteps
@@ -9,17 +13,18 @@ are masked (left blank) and said so.
 
 from __future__ import annotations
 
+import base64
 import functools
 import math
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import plotly.graph_objects as go
 import plotly.io as pio
 
 NONFINITE_COLOUR = "#ff00ff"
 MAX_CELLS = 250_000  # a heatmap with more cells than this is reduced on the server
+Figure = dict[str, Any]  # {"data": [trace, ...], "layout": {...}}: plotly's figure as JSON
 _TANH_GATES = frozenset({"cell", "new"})
 SEVERITY_COLOUR = {"error": "#d62728", "warning": "#ff7f0e", "info": "#1f77b4"}
 
@@ -29,23 +34,48 @@ def _base_layout(title: str, height: int = 320) -> dict[str, Any]:
             "margin": {"l": 60, "r": 20, "t": 40, "b": 40}}
 
 
-def _layout(fig: go.Figure, title: str, height: int = 320) -> go.Figure:
-    fig.update_layout(**_base_layout(title, height))
-    return fig
-
-
 @functools.lru_cache(maxsize=1)
 def _template() -> dict[str, Any]:
     return pio.templates["plotly_white"].to_plotly_json()  # type: ignore[no-any-return]
 
 
-def to_dict(fig: go.Figure) -> dict[str, Any]:
-    """The figure as Dash sends it, in the dashboard's template. Setting the
-    template on a go.Figure validates and copies all of it (9 ms per figure, most
-    of a slider callback's time); here it is converted once and shared."""
-    out: dict[str, Any] = fig.to_plotly_json()
-    out["layout"]["template"] = _template()
-    return out
+def to_dict(fig: Figure) -> Figure:
+    """The figure as Dash sends it: in the dashboard's template (converted from
+    plotly's once, and shared), its traces' numpy arrays as plotly.js typed arrays
+    (base64; Dash's encoder would write each number out in decimal, twice the
+    bytes). The builder's own dict is left as it is."""
+    return {**fig, "data": [_typed(trace) for trace in fig.get("data", [])],
+            "layout": {**fig.get("layout", {}), "template": _template()}}
+
+
+# numpy dtypes that plotly.js's typed-array spec ({"dtype", "bdata", "shape"}) takes, by its names
+_TYPED = {"float32": "f4", "float64": "f8", "int8": "i1", "uint8": "u1", "int16": "i2", "uint16": "u2",
+          "int32": "i4", "uint32": "u4"}
+
+
+def _typed(value: Any) -> Any:
+    """``value`` with every numpy array in it (dicts and lists walked) as a typed
+    array spec: float16 as float32, bool as uint8, 64-bit integers as 32-bit
+    ones where they fit and as float64 where they do not."""
+    if isinstance(value, dict):
+        return {key: _typed(v) for key, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_typed(v) for v in value]
+    if not isinstance(value, np.ndarray) or value.dtype.kind not in "biuf":
+        return value
+    a = value
+    if a.dtype == np.float16:
+        a = a.astype(np.float32)
+    elif a.dtype == np.bool_:
+        a = a.astype(np.uint8)
+    elif a.dtype.kind in "iu" and a.dtype.name not in _TYPED:  # 64-bit
+        fits = a.size == 0 or (a.min() >= np.iinfo(np.int32).min and a.max() <= np.iinfo(np.int32).max)
+        a = a.astype(np.int32 if fits else np.float64)
+    a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))  # plotly.js reads little-endian
+    spec = {"dtype": _TYPED[a.dtype.name], "bdata": base64.b64encode(a.data).decode("ascii")}
+    if a.ndim > 1:
+        spec["shape"] = ", ".join(str(n) for n in a.shape)
+    return spec
 
 
 def count_nonfinite(values: np.ndarray, mask: np.ndarray | None = None) -> tuple[int, int]:
@@ -100,14 +130,14 @@ def heatmap(
     zmid: float | None = None,
     colorbar_title: str = "",
     height: int = 320,
-) -> go.Figure:
+) -> Figure:
     """A heatmap of ``z`` [y, x]; ``mask`` marks padding (drawn blank, not counted).
     NaN and Inf are drawn in NONFINITE_COLOUR and counted in the title."""
     traces, notes = _heatmap_traces(z, x=x, y=y, x_title=x_title, y_title=y_title, mask=mask, log=log,
                                     colorscale=colorscale, zmid=zmid, colorbar_title=colorbar_title)
     full = title + ("  —  " + ", ".join(notes) if notes else "")
-    return go.Figure(data=traces, layout={**_base_layout(full, height), "xaxis": {"title": {"text": x_title}},
-                                          "yaxis": {"title": {"text": y_title}}})
+    return {"data": traces, "layout": {**_base_layout(full, height), "xaxis": {"title": {"text": x_title}},
+                                       "yaxis": {"title": {"text": y_title}}}}
 
 
 def _heatmap_traces(
@@ -124,7 +154,7 @@ def _heatmap_traces(
     colorbar_title: str = "",
     axes: tuple[str, str] = ("x", "y"),
     coloraxis: str | None = None,
-) -> tuple[list[go.Heatmap], list[str]]:
+) -> tuple[list[dict[str, Any]], list[str]]:
     """The traces of one heatmap (the values, and an overlay for NaN/Inf) and
     the notes its title needs."""
     z = np.asarray(z, dtype=np.float64)
@@ -139,18 +169,22 @@ def _heatmap_traces(
     xs = None if x is None else np.asarray(x)[::fc]
     ys = None if y is None else np.asarray(y)[::fr]
     colour: dict[str, Any] = {"coloraxis": coloraxis} if coloraxis else {
-        "colorscale": colorscale, "zmid": zmid, "colorbar": {"title": {"text": colorbar_title}}}
-    traces = [go.Heatmap(
-        z=values.astype(np.float32), x=xs, y=ys, hoverongaps=False, xaxis=axes[0], yaxis=axes[1], **colour,
-        hovertemplate=f"{x_title} %{{x}}<br>{y_title} %{{y}}<br>"
+        "colorscale": colorscale, "colorbar": {"title": {"text": colorbar_title}}}
+    if zmid is not None and not coloraxis:
+        colour["zmid"] = zmid
+    coords = {key: v for key, v in (("x", xs), ("y", ys)) if v is not None}
+    traces = [{
+        "type": "heatmap", "z": values.astype(np.float32), **coords, "hoverongaps": False, "xaxis": axes[0],
+        "yaxis": axes[1], **colour,
+        "hovertemplate": f"{x_title} %{{x}}<br>{y_title} %{{y}}<br>"
         + ("log10 value %{z:.3g}" if log else "value %{z:.4g}") + "<extra></extra>",
-    )]
+    }]
     if n_nan or n_inf:
-        traces.append(go.Heatmap(
-            z=nonfinite.astype(np.float32), x=xs, y=ys, showscale=False, hoverongaps=False,
-            colorscale=[[0, NONFINITE_COLOUR], [1, NONFINITE_COLOUR]], name="NaN/Inf", xaxis=axes[0], yaxis=axes[1],
-            hovertemplate="NaN or Inf<extra></extra>",
-        ))
+        traces.append({
+            "type": "heatmap", "z": nonfinite.astype(np.float32), **coords, "showscale": False, "hoverongaps": False,
+            "colorscale": [[0, NONFINITE_COLOUR], [1, NONFINITE_COLOUR]], "name": "NaN/Inf", "xaxis": axes[0],
+            "yaxis": axes[1], "hovertemplate": "NaN or Inf<extra></extra>",
+        })
     notes = []
     if n_nan or n_inf:
         notes.append(f"<span style='color:{NONFINITE_COLOUR}'>NaN {n_nan}, Inf {n_inf}</span>")
@@ -161,7 +195,7 @@ def _heatmap_traces(
     return traces, notes
 
 
-def gates_figure(gates: dict[str, np.ma.MaskedArray], sequence: int, row_height: int = 280) -> go.Figure:
+def gates_figure(gates: dict[str, np.ma.MaskedArray], sequence: int, row_height: int = 280) -> Figure:
     """All gates of one sequence in one figure, two per row, each [unit, time].
     One figure (not one per gate) so that the browser updates it in place when
     the step changes."""
@@ -197,9 +231,7 @@ def gates_figure(gates: dict[str, np.ma.MaskedArray], sequence: int, row_height:
         span = 1 / len(axes)
         axes[key]["colorbar"] = {"x": 1.01, "xanchor": "left", "y": 1 - (i + 0.5) * span, "len": span * 0.9,
                                  "thickness": 12, "title": {"text": ", ".join(n for n in names if axis_of[n] == key)}}
-    # built as one layout and one trace list: plotly validates the figure once
-    # (adding parts one by one cost ~60 ms for four gates)
-    traces: list[go.Heatmap] = []
+    traces: list[dict[str, Any]] = []
     annotations: list[dict[str, Any]] = []
     layout: dict[str, Any] = {"title": {"text": "", "font": {"size": 14}}, "height": row_height * rows,
                               "margin": {"l": 60, "r": 90, "t": 30, "b": 40}}
@@ -223,11 +255,13 @@ def gates_figure(gates: dict[str, np.ma.MaskedArray], sequence: int, row_height:
             "yanchor": "bottom", "showarrow": False, "font": {"size": 13}})
     layout["annotations"] = annotations
     layout.update(axes)
-    return go.Figure(data=traces, layout=layout)
+    return {"data": traces, "layout": layout}
 
 
 # the overview's two lines and their axes: loss (left), global gradient norm (right)
 OVERVIEW_COLOURS = {"y": "#636efa", "y2": "#00a67e"}
+# the current-step marker's colour on each figure that has one (by the dashboard's graph id)
+MARKER_COLOURS = {"overview": "#444", "gradflow": "white"}
 
 
 def overview_figure(
@@ -235,53 +269,64 @@ def overview_figure(
     grad_norm: tuple[np.ndarray, np.ndarray] | None,
     findings: Sequence[dict[str, Any]] = (),
     current_step: int | None = None,
-) -> go.Figure:
+) -> Figure:
     """Loss and global gradient norm over training steps (log y), findings marked."""
-    fig = go.Figure()
+    traces: list[dict[str, Any]] = []
     for name, series, axis in (("loss", loss, "y"), ("global gradient norm", grad_norm, "y2")):
         if series is None or not len(series[0]):
             continue
         steps, values = np.asarray(series[0]), np.asarray(series[1], dtype=np.float64)
         finite = np.isfinite(values)
-        fig.add_trace(go.Scatter(x=steps[finite], y=values[finite], name=name, mode="lines", yaxis=axis,
-                                 line={"color": OVERVIEW_COLOURS[axis]}))
+        traces.append({"type": "scatter", "x": steps[finite], "y": values[finite], "name": name, "mode": "lines",
+                       "yaxis": axis, "line": {"color": OVERVIEW_COLOURS[axis]}})
         if (~finite).any():
-            fig.add_trace(go.Scatter(
-                x=steps[~finite], y=np.full(int((~finite).sum()), np.nanmax(values[finite]) if finite.any() else 1.0),
-                mode="markers", marker={"color": NONFINITE_COLOUR, "symbol": "x", "size": 9},
-                name=f"{name}: NaN/Inf ({int((~finite).sum())})", yaxis=axis,
-            ))
-    # shape 0 is the current-step marker (the slider callback patches it)
-    fig.add_vline(x=current_step if current_step is not None else 0, line_dash="dot", line_color="#444")
+            traces.append({
+                "type": "scatter", "x": steps[~finite],
+                "y": np.full(int((~finite).sum()), np.nanmax(values[finite]) if finite.any() else 1.0),
+                "mode": "markers", "marker": {"color": NONFINITE_COLOUR, "symbol": "x", "size": 9},
+                "name": f"{name}: NaN/Inf ({int((~finite).sum())})", "yaxis": axis,
+            })
+    # shape 0: the current-step marker, when one is asked for (the dashboard draws its own
+    # over the figure instead: moving a shape costs a full redraw of the figure)
+    shapes = [] if current_step is None else [_vline(current_step, MARKER_COLOURS["overview"])]
     for f in findings:
-        colour = SEVERITY_COLOUR.get(f["severity"], "#888")
-        fig.add_vrect(x0=f["first_step"], x1=max(f["last_step"], f["first_step"]) + 1e-9, fillcolor=colour,
-                      opacity=0.10, line_width=0)
+        shapes.append({"type": "rect", "xref": "x", "x0": f["first_step"],
+                       "x1": max(f["last_step"], f["first_step"]) + 1e-9, "yref": "y domain", "y0": 0, "y1": 1,
+                       "fillcolor": SEVERITY_COLOUR.get(f["severity"], "#888"), "opacity": 0.10,
+                       "line": {"width": 0}})
     # each axis in its line's colour; the gradient norm's own ticks ("tickmode": "auto"):
     # an overlaying axis otherwise took the loss axis's tick positions, labelled
     # 3.29246, 32.86504, ... (and clipped to one digit in a narrow window)
-    fig.update_layout(yaxis={"title": {"text": "loss", "font": {"color": OVERVIEW_COLOURS["y"]}}, "type": "log",
-                             "tickfont": {"color": OVERVIEW_COLOURS["y"]}},
-                      yaxis2={"title": {"text": "grad norm", "font": {"color": OVERVIEW_COLOURS["y2"]}},
-                              "type": "log", "overlaying": "y", "side": "right", "tickmode": "auto",
-                              "showgrid": False, "tickfont": {"color": OVERVIEW_COLOURS["y2"]}},
-                      legend={"orientation": "h", "y": -0.25}, xaxis={"title": "training step"})
-    return _layout(fig, "Overview: loss and global gradient norm", 340)
+    layout = {**_base_layout("Overview: loss and global gradient norm", 340),
+              "yaxis": {"title": {"text": "loss", "font": {"color": OVERVIEW_COLOURS["y"]}}, "type": "log",
+                        "tickfont": {"color": OVERVIEW_COLOURS["y"]}},
+              "yaxis2": {"title": {"text": "grad norm", "font": {"color": OVERVIEW_COLOURS["y2"]}},
+                         "type": "log", "overlaying": "y", "side": "right", "tickmode": "auto",
+                         "showgrid": False, "tickfont": {"color": OVERVIEW_COLOURS["y2"]}},
+              "legend": {"orientation": "h", "y": -0.25}, "xaxis": {"title": {"text": "training step"}},
+              "shapes": shapes}
+    return {"data": traces, "layout": layout}
+
+
+def _vline(x: float, colour: str) -> dict[str, Any]:
+    """A dotted vertical line at ``x`` over the plot's height (as ``go.Figure.add_vline``)."""
+    return {"type": "line", "xref": "x", "x0": x, "x1": x, "yref": "y domain", "y0": 0, "y1": 1,
+            "line": {"dash": "dot", "color": colour}}
 
 
 def gradient_flow_figure(steps: np.ndarray, norms: np.ndarray, mask: np.ndarray, layer: str,
-                         current_step: int | None = None) -> go.Figure:
+                         current_step: int | None = None) -> Figure:
     """Training step x timestep heatmap of ||dL/dh_t|| (log colour)."""
     fig = heatmap(norms.T, x=steps, y=np.arange(norms.shape[1]), mask=mask.T, log=True, colorscale="Viridis",
                   title=f"Gradient flow in {layer}: ||dL/dh_t|| (median over stored sequences)",
                   x_title="training step", y_title="timestep", colorbar_title="log10", height=360)
-    # shape 0: the current-step marker (the slider callback patches it)
-    marker = current_step if current_step is not None else (int(steps[0]) if len(steps) else 0)
-    fig.add_vline(x=marker, line_dash="dot", line_color="white")
+    # shape 0: the current-step marker, when one is asked for (as in overview_figure)
+    if current_step is not None:
+        fig["layout"]["shapes"] = [_vline(current_step, MARKER_COLOURS["gradflow"])]
     return fig
 
 
-def propagation_figure(profile: np.ma.MaskedArray, selected: int | None, layer: str, step: int) -> go.Figure:
+def propagation_figure(profile: np.ma.MaskedArray, selected: int | None, layer: str, step: int) -> Figure:
     """The propagation profile of one step: one line per stored sequence, log y."""
     data = np.ma.filled(profile.astype(np.float64), np.nan)
     traces: list[dict[str, Any]] = []
@@ -303,17 +348,17 @@ def propagation_figure(profile: np.ma.MaskedArray, selected: int | None, layer: 
         "showlegend": False,
         "yaxis": {"type": "log", "title": {"text": "||(dh_T/dh_t)^T v||"}, "exponentformat": "power"},
         "xaxis": {"title": {"text": "timestep"}},
-        # one figure built at once (plotly validates it once): the float32 resolution line
+        # the float32 resolution line
         "shapes": [{"type": "line", "xref": "x domain", "x0": 0, "x1": 1, "yref": "y", "y0": resolution,
                     "y1": resolution, "line": {"dash": "dot", "color": "#999"}}],
         "annotations": [{"text": "float32 resolution", "xref": "x domain", "x": 1, "xanchor": "right",
                          "yref": "y", "y": math.log10(resolution), "yanchor": "bottom", "showarrow": False,
                          "font": {"size": 10}}],
     }
-    return go.Figure(data=traces, layout=layout)
+    return {"data": traces, "layout": layout}
 
 
-def saturation_figure(gates: dict[str, np.ma.MaskedArray], margin: float = 0.02) -> go.Figure:
+def saturation_figure(gates: dict[str, np.ma.MaskedArray], margin: float = 0.02) -> Figure:
     """Fraction of saturated gate values over time, one line per gate."""
     traces: list[dict[str, Any]] = []
     for name, g in gates.items():
@@ -326,14 +371,12 @@ def saturation_figure(gates: dict[str, np.ma.MaskedArray], margin: float = 0.02)
         frac = np.where(valid.any(axis=(0, 2)),
                         (sat & valid).sum(axis=(0, 2)) / np.maximum(valid.sum(axis=(0, 2)), 1), np.nan)
         traces.append({"type": "scatter", "x": np.arange(len(frac)), "y": frac, "mode": "lines", "name": name})
-    return go.Figure(data=traces, layout={**_base_layout(f"Gate saturation (within {margin} of the bounds)"),
-                                          "yaxis": {"range": [0, 1], "title": {"text": "saturated fraction"}},
-                                          "xaxis": {"title": {"text": "timestep"}}})
+    return {"data": traces, "layout": {**_base_layout(f"Gate saturation (within {margin} of the bounds)"),
+                                       "yaxis": {"range": [0, 1], "title": {"text": "saturated fraction"}},
+                                       "xaxis": {"title": {"text": "timestep"}}}}
 
 
-def empty_figure(message: str) -> go.Figure:
-    fig = go.Figure()
-    fig.add_annotation(text=message, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper")
-    fig.update_xaxes(visible=False)
-    fig.update_yaxes(visible=False)
-    return _layout(fig, "", 200)
+def empty_figure(message: str) -> Figure:
+    return {"data": [], "layout": {**_base_layout("", 200), "xaxis": {"visible": False}, "yaxis": {"visible": False},
+                                   "annotations": [{"text": message, "showarrow": False, "x": 0.5, "y": 0.5,
+                                                    "xref": "paper", "yref": "paper"}]}}

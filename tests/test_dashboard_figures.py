@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import plotly.graph_objects as go
 import pytest
 
 from seqscope.dashboard import TraceSource, create_app, figures
@@ -14,6 +15,14 @@ def trace_path(tmp_path_factory):
     return make_trace(tmp_path_factory.mktemp("dash") / "t.h5")
 
 
+def _checked(fig: dict) -> go.Figure:
+    """A builder's figure (a plain dict, as Dash sends it) through plotly's own
+    validation, which raises on any property or value plotly.js does not know;
+    the tests read it through the go.Figure."""
+    assert set(fig) <= {"data", "layout"}
+    return go.Figure(fig)
+
+
 def test_heatmap_shows_and_counts_nonfinite_and_masks_padding():
     z = np.arange(12, dtype=float).reshape(3, 4)
     z[0, 1] = np.nan
@@ -21,7 +30,7 @@ def test_heatmap_shows_and_counts_nonfinite_and_masks_padding():
     mask = np.zeros_like(z, bool)
     mask[1, 3] = True  # padding
     z[1, 3] = np.nan  # padding content never counts
-    fig = figures.heatmap(z, mask=mask, title="t")
+    fig = _checked(figures.heatmap(z, mask=mask, title="t"))
     assert "NaN 1, Inf 1" in fig.layout.title.text and "padding masked" in fig.layout.title.text
     main, overlay = fig.data
     shown = np.asarray(main.z, dtype=float)
@@ -43,11 +52,51 @@ def test_reduce_grid_keeps_nonfinite_visible():
 def test_overview_marks_nonfinite_loss():
     steps = np.arange(6)
     loss = np.array([1.0, 0.5, np.nan, np.inf, 0.2, 0.1])
-    fig = figures.overview_figure((steps, loss), None, [{"severity": "error", "kind": "nonfinite",
-                                                        "first_step": 2, "last_step": 3}], current_step=4)
+    found = [{"severity": "error", "kind": "nonfinite", "first_step": 2, "last_step": 3}]
+    fig = _checked(figures.overview_figure((steps, loss), None, found, current_step=4))
     names = [t.name for t in fig.data]
     assert "loss: NaN/Inf (2)" in names
     assert fig.layout.shapes[0].x0 == 4  # the step marker comes first
+    assert (fig.layout.shapes[1].x0, fig.layout.shapes[1].type) == (2, "rect")  # then the finding
+    # the dashboard asks for no marker (it draws its own over the figure)
+    assert [s.type for s in _checked(figures.overview_figure((steps, loss), None, found)).layout.shapes] == ["rect"]
+
+
+def test_every_figure_builder_gives_a_figure_plotly_accepts():
+    """The builders return plain dicts (what Dash sends); plotly's validation,
+    which a go.Figure would have applied on the server, runs here on each of them."""
+    rng = np.random.default_rng(0)
+    steps = np.arange(0, 50, 5)
+    norms = rng.uniform(1e-6, 1.0, (len(steps), 12))
+    norms[3, 4] = np.inf
+    mask = np.zeros(norms.shape, bool)
+    mask[:, 10:] = True
+    gates = {"reset": np.ma.masked_array(rng.uniform(0, 1, (2, 12, 3))),
+             "new": np.ma.masked_array(rng.uniform(-1, 1, (2, 12, 3))),
+             "odd": np.ma.masked_array(rng.uniform(-3, 3, (2, 12, 3)))}
+    profile = np.ma.masked_array(rng.uniform(1e-8, 1.0, (2, 12)))
+    profile[1, 2] = np.nan
+    built = [
+        figures.heatmap(rng.normal(size=(3, 12)), title="h", x_title="timestep", y_title="unit", zmid=0.0),
+        figures.heatmap(np.abs(rng.normal(size=(3, 12))), title="log", log=True, colorscale="Viridis"),
+        figures.gradient_flow_figure(steps, norms, mask, "gru.l0"),
+        figures.gradient_flow_figure(steps, norms, mask, "gru.l0", current_step=15),
+        figures.overview_figure((steps, rng.uniform(0.1, 1, len(steps))), (steps, rng.uniform(1, 2, len(steps))),
+                                [{"severity": "warning", "first_step": 5, "last_step": 5}], current_step=10),
+        figures.overview_figure(None, None),
+        figures.propagation_figure(profile, 1, "gru.l0", 15),
+        figures.saturation_figure(gates),
+        figures.gates_figure(gates, 0),
+        figures.empty_figure("no recorded steps yet"),
+    ]
+    for fig in built:
+        checked = _checked(fig)
+        assert checked.layout.title.text is not None
+        sent = figures.to_dict(fig)
+        assert sent["layout"]["template"] and "template" not in fig["layout"]  # the builder's dict is not changed
+    flow = _checked(built[3])
+    assert [t.type for t in flow.data] == ["heatmap", "heatmap"]  # the values, and the Inf overlay
+    assert flow.layout.shapes[0].x0 == 15 and not _checked(built[2]).layout.shapes
 
 
 def test_source_grad_matrix_and_findings(trace_path):
@@ -81,7 +130,7 @@ def test_gates_figure_one_heatmap_per_gate_with_fixed_ranges_and_counts():
     gates["cell"] = np.ma.masked_array(rng.uniform(-1, 1, (2, 7, 5)))
     gates["forget"][1, 3, 2] = np.nan
     gates["input"][1, 5:] = np.ma.masked  # padding of sequence 1
-    fig = figures.gates_figure(gates, 1)
+    fig = _checked(figures.gates_figure(gates, 1))
     titles = [a.text for a in fig.layout.annotations]
     assert [t.split(" gate")[0] for t in titles] == ["input", "forget", "output", "cell"]
     assert "NaN 1, Inf 0" in titles[1] and "padding masked" in titles[0] and "NaN" not in titles[0]
@@ -92,7 +141,8 @@ def test_gates_figure_one_heatmap_per_gate_with_fixed_ranges_and_counts():
     # each gate's heatmap is [unit, time] of the chosen sequence, on its own axes
     np.testing.assert_allclose(np.asarray(values[2].z, float), gates["output"][1].T, rtol=1e-6)
     assert len({(t.xaxis, t.yaxis) for t in values}) == 4
-    assert figures.gates_figure({}, 0).layout.annotations[0].text.startswith("No gates recorded for this layer")
+    assert _checked(figures.gates_figure({}, 0)).layout.annotations[0].text.startswith(
+        "No gates recorded for this layer")
 
 
 def test_a_failed_read_is_a_message_in_the_page_not_a_traceback(trace_path, monkeypatch):
