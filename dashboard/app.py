@@ -6,13 +6,12 @@ call a figure builder from ``figures``.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import socket
 from typing import Any
 
 import numpy as np
-from dash import ALL, Dash, Input, Output, Patch, State, ctx, dcc, html, no_update
+from dash import ALL, Dash, Input, Output, State, ctx, dcc, html, no_update
 
 from seqscope.dashboard import figures
 from seqscope.dashboard.data import TraceSource
@@ -34,6 +33,17 @@ def _marks(steps: np.ndarray) -> dict[int, str]:
 
 def _graph(id_: str, height: int = 320) -> dcc.Graph:
     return dcc.Graph(id=id_, config={"displaylogo": False}, style={"height": f"{height}px"})
+
+
+def _marked_graph(id_: str, height: int) -> html.Div:
+    """A graph with the current-step marker drawn over it: a line the browser moves
+    (``_PLACE_MARKERS``) when the slider moves, so that the figure itself is not
+    sent or redrawn (a Plotly shape moved costs the figure's whole redraw, 20-25 ms
+    each on results.md's machine)."""
+    line = f"2px dotted {figures.MARKER_COLOURS[id_]}"
+    return html.Div([_graph(id_, height),
+                     html.Div(id=f"{id_}-marker", className="step-marker", style={"borderLeft": line})],
+                    style={"position": "relative"})
 
 
 def _section(title: str, *children: Any) -> html.Div:
@@ -59,11 +69,11 @@ def create_app(source: TraceSource | str) -> Dash:
     """A Dash app for one trace (a TraceSource, or a path that is opened now)."""
     src = source if isinstance(source, TraceSource) else TraceSource(source)
     app = Dash(__name__, title=f"seqscope — {src.path}")
-    revisions = itertools.count(1)
     # the slider's value is an index into the recorded steps; its marks and the
     # step label show step numbers, so Dash's numeric input box would mislead
     app.index_string = app.index_string.replace(
-        "{%css%}", "{%css%}<style>#slider input.dash-range-slider-input {display: none;}</style>")
+        "{%css%}", "{%css%}<style>#slider input.dash-range-slider-input {display: none;}"
+        " .step-marker {position: absolute; display: none; width: 0; pointer-events: none; z-index: 5;}</style>")
     steps = src.steps
     layers = src.layers
     first_layer = layers[0] if layers else None
@@ -96,13 +106,15 @@ def create_app(source: TraceSource | str) -> Dash:
             dcc.Interval(id="replay", interval=REPLAY_MS, disabled=True),
             dcc.Interval(id="live", interval=LIVE_MS),
             dcc.Store(id="n-steps", data=len(steps)),
+            dcc.Store(id="steps", data=[int(s) for s in steps]),
+            dcc.Store(id="marker-step"),
             dcc.Store(id="run", data=src.run),
             dcc.Store(id="findings-version", data=-1),
             html.Div(id="status", style={"color": "#b00"}),
             html.Div(
                 [
-                    html.Div([_section("Overview", _graph("overview", 340)),
-                              _section("Gradient flow", _graph("gradflow", 360), _graph("propagation"))],
+                    html.Div([_section("Overview", _marked_graph("overview", 340)),
+                              _section("Gradient flow", _marked_graph("gradflow", 360), _graph("propagation"))],
                              style={"flex": "3", "minWidth": "0"}),
                     html.Div([_section("Findings", html.Div(id="findings", children="diagnosing…"))],
                              style={"flex": "1", "minWidth": "260px", "maxHeight": "1100px", "overflowY": "auto"}),
@@ -118,7 +130,8 @@ def create_app(source: TraceSource | str) -> Dash:
     )
 
     @app.callback(
-        Output("slider", "max"), Output("slider", "marks"), Output("n-steps", "data"), Output("run", "data"),
+        Output("slider", "max"), Output("slider", "marks"), Output("n-steps", "data"), Output("steps", "data"),
+        Output("run", "data"),
         Output("slider", "value", allow_duplicate=True), Output("layer", "options"),
         Output("layer", "value", allow_duplicate=True), Output("sequence", "options"),
         Output("sequence", "value"),
@@ -132,41 +145,35 @@ def create_app(source: TraceSource | str) -> Dash:
         new_run = run != shown_run
         now = src.steps
         layers = src.layers
-        out: list[Any] = [no_update] * 9
+        out: list[Any] = [no_update] * 10
         if len(now) != known or new_run:
-            out[:3] = max(len(now) - 1, 0), _marks(now), len(now)
+            out[:4] = max(len(now) - 1, 0), _marks(now), len(now), [int(s) for s in now]
         if layers != options or new_run:
             # layers appear with a live trace's first record, or change with a new run
-            out[5] = layers
+            out[6] = layers
             if layer not in layers:
-                out[6] = layers[0] if layers else None
+                out[7] = layers[0] if layers else None
         if new_run or (known == 0 and len(now)):
-            out[7], out[8] = _sequence_options(_sequence_count(src)), 0
+            out[8], out[9] = _sequence_options(_sequence_count(src)), 0
         if new_run:  # a new run replaced the trace at the path: show it from its start
-            out[3], out[4] = run, 0
+            out[4], out[5] = run, 0
         return tuple(out)
 
     @app.callback(
         Output("overview", "figure"), Output("gradflow", "figure"),
-        Input("layer", "value"), Input("n-steps", "data"), Input("run", "data"), State("slider", "value"),
+        Input("layer", "value"), Input("n-steps", "data"), Input("run", "data"),
     )
-    def layer_views(layer: Any, _: int, __: int, index: int | None) -> Any:
+    def layer_views(layer: Any, _: int, __: int) -> Any:
         if not src.layers:  # a live trace before its first record
             empty = figures.to_dict(figures.empty_figure("no recorded steps yet"))
             return empty, empty
         layer = src.check_layer(layer)
-        steps = src.steps
-        current = int(steps[min(index or 0, len(steps) - 1)]) if len(steps) else None
         found = src.findings() or []
-        overview = figures.overview_figure(src.series("loss"), src.series("grad_norm"), found, current)
+        # no step marker in the figures: the page draws its own over them (_marked_graph)
+        overview = figures.overview_figure(src.series("loss"), src.series("grad_norm"), found)
         s, norms, mask = src.grad_matrix(layer)
-        flow = figures.gradient_flow_figure(s, norms, mask, layer, current) if len(s) else \
+        flow = figures.gradient_flow_figure(s, norms, mask, layer) if len(s) else \
             figures.empty_figure("no recorded steps yet")
-        # a new data revision for new figures; the slider's marker patches keep it, which
-        # tells Plotly.react that no data array changed
-        revision = next(revisions)
-        for fig in (overview, flow):
-            fig.update_layout(datarevision=revision)
         return figures.to_dict(overview), figures.to_dict(flow)
 
     @app.callback(
@@ -219,35 +226,23 @@ def create_app(source: TraceSource | str) -> Dash:
     @app.callback(
         Output("step-label", "children"), Output("propagation", "figure"), Output("hidden", "figure"),
         Output("cell", "figure"), Output("gates", "figure"), Output("saturation", "figure"),
-        Output("gradflow", "figure", allow_duplicate=True), Output("overview", "figure", allow_duplicate=True),
         Output("status", "children"),
         Input("slider", "value"), Input("layer", "value"), Input("sequence", "value"), Input("run", "data"),
-        prevent_initial_call="initial_duplicate",
     )
     def step_views(index: Any, layer: Any, sequence: Any, _: int) -> Any:
         steps = src.steps
         if not len(steps):
             empty = figures.to_dict(figures.empty_figure("no recorded steps yet"))
-            return "no steps", empty, empty, empty, empty, empty, no_update, no_update, ""
+            return "no steps", empty, empty, empty, empty, empty, ""
         layer = src.check_layer(layer)
         index = int(index) if isinstance(index, (int, float)) else 0
         index = min(max(index, 0), len(steps) - 1)
         step = int(steps[index])
-        marker: Any = Patch()
-        marker["layout"]["shapes"][0]["x0"] = step
-        marker["layout"]["shapes"][0]["x1"] = step
-        marker2: Any = Patch()
-        marker2["layout"]["shapes"][0]["x0"] = step
-        marker2["layout"]["shapes"][0]["x1"] = step
-        if ctx.triggered_id != "slider":
-            # initial call or layer change: layer_views draws the figures with the marker
-            # in place; a patch could reach the browser before the figure exists
-            marker = marker2 = no_update
         try:
             data = src.step_data(layer, step)
         except Exception as exc:  # noqa: BLE001 - shown in the page, not a traceback
             empty = figures.to_dict(figures.empty_figure(str(exc)))
-            return f"step {step}", empty, empty, empty, empty, empty, marker, marker2, str(exc)
+            return f"step {step}", empty, empty, empty, empty, empty, str(exc)
         hidden = data["hidden"]
         k = int(sequence) if isinstance(sequence, (int, float)) and 0 <= int(sequence) < hidden.shape[0] else 0
         label = f"step {step}  ({index + 1} of {len(steps)})"
@@ -266,7 +261,7 @@ def create_app(source: TraceSource | str) -> Dash:
         gates_fig = figures.gates_figure(data["gates"], k)
         sat_fig = figures.saturation_figure(data["gates"]) if data["gates"] else figures.empty_figure("no gates")
         views = [figures.to_dict(f) for f in (prop_fig, hidden_fig, cell_fig, gates_fig, sat_fig)]
-        return (label, *views, marker, marker2, "")
+        return (label, *views, "")
 
     @app.callback(
         Output("replay", "disabled"), Output("play", "children"),
@@ -276,6 +271,15 @@ def create_app(source: TraceSource | str) -> Dash:
     def toggle_play(_: int, disabled: bool) -> Any:
         playing = bool(disabled)  # it was paused: start
         return (not playing), ("⏸ pause" if playing else "▶ play")
+
+    # the current-step markers over the overview and the gradient flow: placed from the
+    # slider's step, and again after every redraw of their figure (a layer change, a
+    # zoom, a resize)
+    app.clientside_callback(
+        _PLACE_MARKERS,
+        Output("marker-step", "data"),
+        Input("slider", "value"), Input("steps", "data"), Input("overview", "figure"), Input("gradflow", "figure"),
+    )
 
     app.clientside_callback(
         """
@@ -289,6 +293,56 @@ def create_app(source: TraceSource | str) -> Dash:
         prevent_initial_call=True,
     )
     return app
+
+
+# Puts each marker (a div over its graph, _marked_graph) on the current step's
+# x: the graph's plot area from Plotly's own layout (its x axis maps a step to
+# pixels), hidden where the step is outside the axis's range (zoomed) or the
+# figure has no data. Retries while the graph is still being drawn; after that,
+# Plotly's "plotly_afterplot" event places it again after every redraw.
+_PLACE_MARKERS = """
+function(index, steps, overview, gradflow) {
+    const m = window.seqscopeMarkers = window.seqscopeMarkers || {
+        step: null,
+        waiting: {},
+        place: function (id) {
+            const box = document.getElementById(id + '-marker');
+            const graph = document.getElementById(id);
+            const gd = graph && graph.querySelector('.js-plotly-plot');
+            if (!box) { return; }
+            const fl = gd && gd._fullLayout;
+            if (!fl || !fl.xaxis || !fl._size || typeof gd.on !== 'function') {
+                box.style.display = 'none';
+                if (!m.waiting[id]) {
+                    m.waiting[id] = true;
+                    setTimeout(function () { m.waiting[id] = false; m.place(id); }, 100);
+                }
+                return;
+            }
+            if (!gd.seqscopeMarker) {
+                gd.seqscopeMarker = true;
+                gd.on('plotly_afterplot', function () { m.place(id); });
+            }
+            const xa = fl.xaxis, step = m.step;
+            const lo = Math.min(xa.range[0], xa.range[1]), hi = Math.max(xa.range[0], xa.range[1]);
+            if (step === null || !(gd.data && gd.data.length) || !(step >= lo && step <= hi)) {
+                box.style.display = 'none';
+                return;
+            }
+            const outer = box.parentElement.getBoundingClientRect(), plot = gd.getBoundingClientRect();
+            box.style.left = (plot.left - outer.left + xa._offset + xa.l2p(step) - 1) + 'px';
+            box.style.top = (plot.top - outer.top + fl._size.t) + 'px';
+            box.style.height = fl._size.h + 'px';
+            box.style.display = 'block';
+        }
+    };
+    const n = (steps || []).length;
+    m.step = n ? steps[Math.min(Math.max(Math.round(index || 0), 0), n - 1)] : null;
+    m.place('overview');
+    m.place('gradflow');
+    return m.step;
+}
+"""
 
 
 def _check_port(host: str, port: int) -> None:

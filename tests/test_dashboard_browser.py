@@ -158,9 +158,97 @@ def test_slider_moves_every_view(page):
     page.wait_for_function("document.querySelector('#step-label').textContent.startsWith('step 3')")
     page.wait_for_function("document.querySelector('#propagation .gtitle').textContent.includes('step 3')")
     assert page.locator("#hidden .heatmaplayer").inner_html() != before
-    # the marker on the gradient-flow heatmap follows the slider
-    page.wait_for_function(
-        "document.getElementById('gradflow').querySelector('.js-plotly-plot').layout.shapes[0].x0 === 3")
+    # the markers over the overview and the gradient flow follow the slider
+    for graph in ("overview", "gradflow"):
+        _assert_marker_at(page, graph, 3)
+
+
+# Where the marker over a graph is (the middle of its box, in page pixels; null when
+# hidden), and where Plotly itself draws a vertical line at the given step on that
+# graph's x axis: a shape added for the comparison, then taken away again
+_MARKER_AND_PLOTLY_LINE = """async ([graph, step]) => {
+    const gd = document.querySelector('#' + graph + ' .js-plotly-plot');
+    const box = document.getElementById(graph + '-marker');
+    const at = box.style.display === 'none' ? null : box.getBoundingClientRect();  // before the relayouts below
+    const shapes = (gd.layout.shapes || []).slice();
+    await Plotly.relayout(gd, {shapes: shapes.concat([{type: 'line', xref: 'x', x0: step, x1: step,
+                                                        yref: 'paper', y0: 0, y1: 1, line: {width: 1}}])});
+    const lines = gd.querySelectorAll('.shapelayer path');
+    const drawn = lines[lines.length - 1].getBoundingClientRect();
+    await Plotly.relayout(gd, {shapes: shapes});
+    return {marker: at && (at.left + at.right) / 2, top: at && at.top, height: at && at.height,
+            line: (drawn.left + drawn.right) / 2, lineTop: drawn.top, lineHeight: drawn.height};
+}"""
+
+
+def _assert_marker_at(page, graph: str, step: int, wait: bool = True) -> None:
+    """The marker over ``graph`` stands where Plotly draws x = ``step``, over the plot's
+    whole height, to within 1.5 pixels (within 10 s, or at once)."""
+    deadline = time.time() + (10 if wait else 0)
+    while True:
+        got = page.evaluate(_MARKER_AND_PLOTLY_LINE, [graph, step])
+        ok = got["marker"] is not None and abs(got["marker"] - got["line"]) <= 1.5 \
+            and abs(got["top"] - got["lineTop"]) <= 1.5 and abs(got["height"] - got["lineHeight"]) <= 1.5
+        if ok or time.time() > deadline:
+            break
+        time.sleep(0.2)
+    assert ok, (graph, step, got)
+
+
+def test_the_step_markers_mark_recorded_step_numbers_and_follow_zoom(browser, tmp_path):
+    """The markers over the overview and the gradient flow are drawn in the page,
+    not in the figures: a slider move sends neither figure again (each used to be
+    redrawn whole to move its marker). They stand at the step's number, not at the
+    slider's position (steps 0, 5, 10, ... here), and follow a zoom (hidden while the
+    step is outside the shown range, back when it is inside again) and a resize."""
+    import torch
+    from torch import nn
+
+    import seqscope
+
+    path = tmp_path / "every5.h5"
+    torch.manual_seed(0)
+    lstm = nn.LSTM(3, 8)
+    with seqscope.watch(lstm, path, every=5) as scope:
+        for step in range(40):
+            out, _ = lstm(torch.randn(12, 2, 3))
+            loss = out.pow(2).mean()
+            loss.backward()
+            scope.log(loss=loss)
+    page = browser.new_page(viewport={"width": 1400, "height": 1800})
+    errors: list[str] = []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    try:
+        page.goto(_serve(path))
+        page.wait_for_selector("#gradflow .main-svg", timeout=30_000)
+        for graph in ("overview", "gradflow"):
+            _assert_marker_at(page, graph, 0)
+        page.locator("#slider [role=slider]").focus()
+        for _ in range(3):
+            page.keyboard.press("ArrowRight")
+        page.wait_for_function("document.querySelector('#step-label').textContent.startsWith('step 15 ')")
+        for graph in ("overview", "gradflow"):
+            _assert_marker_at(page, graph, 15)
+        # zoomed to steps 20-30: step 15 is not shown, and neither is its marker
+        page.evaluate("() => Plotly.relayout(document.querySelector('#overview .js-plotly-plot'), "
+                      "{'xaxis.range': [20, 30]})")
+        page.wait_for_function("document.getElementById('overview-marker').style.display === 'none'")
+        page.evaluate("() => Plotly.relayout(document.querySelector('#overview .js-plotly-plot'), "
+                      "{'xaxis.range': [10, 30]})")
+        _assert_marker_at(page, "overview", 15)
+        # a narrower window: the figures are drawn again at their new width, the markers with them
+        widths = "() => ['overview', 'gradflow'].map(g => document.querySelector('#' + g + ' .js-plotly-plot')" \
+                 "._fullLayout.width)"
+        before = page.evaluate(widths)
+        page.set_viewport_size({"width": 900, "height": 1800})
+        page.wait_for_function(f"({widths})().every((w, i) => w < {before}[i])")
+        time.sleep(0.5)
+        for graph in ("overview", "gradflow"):
+            _assert_marker_at(page, graph, 15, wait=False)
+        assert errors == [], errors
+    finally:
+        page.close()
 
 
 def test_play_replays_and_pauses(page):
