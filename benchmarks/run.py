@@ -543,7 +543,7 @@ def part4(quick: bool) -> list[str]:
             "", "| measure | value | target |", "|---|---|---|",
             f"| open trace + build app + serve page + first gradient-flow view | {startup:.2f} s | < 2 s |",
             f"| slider callback (the app's step callback through its request handler: read the step, build and "
-            f"serialise 8 figures), median | {lat[len(lat) // 2] * 1e3:.0f} ms | |",
+            f"serialise its 5 figures), median | {lat[len(lat) // 2] * 1e3:.0f} ms | |",
             f"| slider callback, 95th percentile | {p95 * 1e3:.0f} ms | < 300 ms |"]
     measured = browser_latency(app, len(src.steps), 8 if quick else 40)
     if isinstance(measured, str):
@@ -564,9 +564,10 @@ def part4(quick: bool) -> list[str]:
             shown = {name: ms for name, ms in unchanged.items() if name in per_figure}
             parts = ", ".join(f"{name} {ms:.0f}" for name, ms in shown.items())
             total = sum(shown.values())
-            rows += ["", f"Plotly.react on each of those figures unchanged (its own data and layout again, nothing to "
-                         f"redraw), median ms: {parts} (sum {total:.0f} ms): plotly.js's fixed work per figure and "
-                         "subplot, part of every move whatever the server sends."]
+            rows += ["", f"Plotly.react on each of those figures unchanged (its own data and layout again), median "
+                         f"ms: {parts} (sum {total:.0f} ms): plotly.js draws a figure whole whatever changed (its "
+                         "subplots' axes, and each heatmap's every cell), so this is part of every move whatever the "
+                         "server sends."]
     return rows
 
 
@@ -576,9 +577,9 @@ def browser_latency(app: object, n_steps: int, moves: int
     the new step (label and propagation figure drawn by Plotly), over HTTP to the
     dashboard's own server, the milliseconds each figure's Plotly.react took
     per move (by the graph's id), and the median milliseconds of Plotly.react on
-    each figure unchanged (its own data and layout again: plotly.js's fixed work
-    per figure, which no change on the server can remove); or why it could not
-    be measured."""
+    each figure unchanged (its own data and layout again: plotly.js's work for the
+    figure as it is, which no change in what the server sends can remove); or why
+    it could not be measured."""
     import socket
     import threading
 
