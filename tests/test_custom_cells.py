@@ -806,3 +806,84 @@ def test_a_time_major_memory_argument_is_re_run_with_the_stored_sequences_rows(t
             v = ref.unit_direction(hs[-1].grad[b])
             back = torch.autograd.grad(hs[-1][b], hs, grad_outputs=v, retain_graph=True)
             np.testing.assert_allclose(prop[row].data, [ref.norm(g[b]).item() for g in back], rtol=1e-10)
+
+
+class _SquareMemoryCell(nn.Module):
+    """A decoder cell attending over a memory with as many sources as sequences, so
+    that its first two dimensions are both the batch size: time-major
+    ([source, batch, unit], nn.MultiheadAttention's default) or batch-first. With
+    ``drop``, dropout on the attention's context (training mode)."""
+
+    def __init__(self, batch_first: bool, drop: bool = False) -> None:
+        super().__init__()
+        self.batch_first = batch_first
+        self.attention = nn.MultiheadAttention(HID, 2, batch_first=batch_first).double()
+        self.W = nn.Linear(IN + 2 * HID, HID).double()
+        self.drop = nn.Dropout(0.5) if drop else nn.Identity()
+
+    def forward(self, x, h, memory):
+        query = h.unsqueeze(1 if self.batch_first else 0)
+        context, _ = self.attention(query, memory, memory)
+        context = context[:, 0] if self.batch_first else context[0]
+        return torch.tanh(self.W(torch.cat([x, h, self.drop(context)], -1)))
+
+
+def _square_memory_loop(cell, x, memory, hs=None):
+    h = torch.zeros(B, HID, dtype=torch.float64)
+    for t in range(T):
+        h = cell(x[t], h, memory)
+        if hs is not None:
+            h.retain_grad()
+            hs.append(h)
+    return h
+
+
+@pytest.mark.parametrize("batch_first", [False, True], ids=["time-major", "batch-first"])
+def test_a_memory_with_as_many_sources_as_sequences_is_re_run_with_the_right_rows(batch_first, tmp_path):
+    """A further argument [batch, batch, ...]: which dimension holds the sequences
+    cannot be told from its shape. Until session 19 seqscope took the first, so a
+    time-major memory with as many sources as sequences gave the re-run the wrong
+    rows, and a propagation profile of another computation, silently. Now the first
+    call is re-run with both, and the layout that reproduces the call's output is
+    used. The profile against the unrolled reference (2 of 3 sequences stored)."""
+    torch.manual_seed(0)
+    cell = _SquareMemoryCell(batch_first)
+    model = nn.ModuleDict({"cell": cell})
+    x = torch.randn(T, B, IN, dtype=torch.float64)
+    memory = torch.randn(B, B, HID, dtype=torch.float64)
+    original = copy.deepcopy(cell)
+    with seqscope.watch(model, tmp_path / "t.h5", every=1, sequences=[2, 0], precision="full", cells=[cell]):
+        _square_memory_loop(cell, x, memory).pow(2).sum().backward()
+    hs: list[torch.Tensor] = []
+    _square_memory_loop(original, x, memory, hs).pow(2).sum().backward(retain_graph=True)  # the reference
+    with seqscope.open(tmp_path / "t.h5") as trace:
+        prop = trace.propagation("cell", 0)
+        assert prop.data.shape == (2, T)
+        for row, b in enumerate([2, 0]):
+            v = ref.unit_direction(hs[-1].grad[b])
+            back = torch.autograd.grad(hs[-1][b], hs, grad_outputs=v, retain_graph=True)
+            np.testing.assert_allclose(prop[row].data, [ref.norm(g[b]).item() for g in back], rtol=1e-10)
+
+
+def test_a_square_memory_whose_layout_cannot_be_settled_costs_the_profile_only(tmp_path, caplog):
+    """Where neither layout reproduces the call's output (here a dropout whose mask
+    the re-run does not draw again), the layer is recorded without its propagation
+    profile, said once; its states and gradient norms, and the other layers, are
+    recorded as always."""
+    torch.manual_seed(0)
+    cell = _SquareMemoryCell(batch_first=False, drop=True)
+    model = nn.ModuleDict({"cell": cell, "gru": nn.GRU(IN, HID).double()})
+    x = torch.randn(T, B, IN, dtype=torch.float64)
+    memory = torch.randn(B, B, HID, dtype=torch.float64)
+    with caplog.at_level(logging.WARNING, logger="seqscope"):
+        with seqscope.watch(model, tmp_path / "t.h5", every=1, sequences=[2, 0], cells=[cell]):
+            for _ in range(2):
+                (_square_memory_loop(cell, x, memory).pow(2).sum() + model["gru"](x)[0].pow(2).sum()).backward()
+    said = [r.getMessage() for r in caplog.records if "no propagation profile" in r.getMessage()]
+    assert len(said) == 1 and "both the batch size" in said[0], said
+    with seqscope.open(tmp_path / "t.h5") as trace:
+        assert list(trace.steps) == [0, 1]
+        for step in trace.steps:
+            assert not trace.has("cell", step, "propagation")
+            assert np.isfinite(trace.grad_norms("cell", step)["hidden"].data).all()
+            assert np.isfinite(trace.propagation("gru.l0", step).data).all()

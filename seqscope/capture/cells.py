@@ -534,7 +534,7 @@ class _CustomCalls(_CallsBase):
     # timestep), positional and keyword, tensors detached and K-selected, for the re-run
     extra: list[tuple[tuple[Any, ...], dict[str, Any]]] = dataclasses.field(default_factory=list)
     # id -> (the argument, its version, its copy): one copy of a tensor that every call receives
-    extra_copies: dict[int, tuple[torch.Tensor, int, torch.Tensor]] = dataclasses.field(default_factory=dict)
+    extra_copies: dict[int, tuple[torch.Tensor, int, Any]] = dataclasses.field(default_factory=dict)
     state_given: bool = False  # whether the calls pass a state (None included) after x_t
     KEEPS_BUFFERS: ClassVar[bool] = True  # the propagation profile re-runs the cell
 
@@ -681,8 +681,11 @@ class CustomCellRecorder(_HookedCell):
         weights = {"inner." + name: t for name, t in {**calls.weights, **calls.buffers}.items()}
         forward_only = _ForwardOnly(self.module)
         with torch.enable_grad(), _as_called(calls.autocast, v.device), _contained(self.module, v.device):
+            extras = calls.extra
+            if _has_either(extras):
+                extras = _settled_layout(calls, forward_only, weights)
             hs: list[torch.Tensor] = []
-            for x_t, (extra_args, extra_kwargs) in zip(calls.x, calls.extra):
+            for x_t, (extra_args, extra_kwargs) in zip(calls.x, extras):
                 if state is not None:
                     tensors, rebuild = flatten_state(state)
                     state = rebuild([t.detach().requires_grad_(True) if not hs else t for t in tensors])
@@ -698,6 +701,39 @@ class CustomCellRecorder(_HookedCell):
             grads = torch.autograd.grad(hs[-1], hs, grad_outputs=v, allow_unused=True)
         return torch.stack([rec.norms(g) if g is not None else torch.zeros_like(v[:, 0], dtype=torch.float64)
                             for g in grads])
+
+
+_LAYOUT_TOLERANCE = {torch.float64: 1e-7, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+
+def _settled_layout(calls: _CustomCalls, forward_only: nn.Module, weights: dict[str, torch.Tensor]) -> list[Any]:
+    """The calls' further arguments with each ``_EitherLayout`` settled: the first
+    call is run again with the rows and with the columns, and the layout whose output
+    is the one the call returned (its stored sequences' rows) is the cell's. If both
+    or neither give it, the profile cannot be trusted: an error (the layer keeps its
+    other records, without the profile)."""
+    state = calls.state_in[0]
+    args = (calls.x[0], state) if calls.state_given or state is not None else (calls.x[0],)
+    want = calls.h[0]
+    matches = []
+    for columns in (False, True):
+        extra_args, extra_kwargs = _picked(calls.extra[0], columns)
+        try:
+            with torch.no_grad():
+                out = torch.func.functional_call(forward_only, weights, (*args, *extra_args), extra_kwargs)
+            got = flatten_state(returned_state(out))[0][0]
+        except Exception:  # noqa: BLE001 - the wrong layout often fails on shapes: not this one
+            continue
+        # a re-run over fewer rows may round differently (other kernels): far below what another
+        # memory's rows change, which is of the order of the output itself
+        tol = _LAYOUT_TOLERANCE.get(got.dtype, 1e-4)
+        if got.shape == want.shape and torch.allclose(got.to(want.dtype), want, rtol=tol, atol=tol):
+            matches.append(columns)
+    if len(matches) != 1:
+        raise RuntimeError("a further argument's first two dimensions are both the batch size, and "
+                           + ("both layouts" if matches else "neither layout, batch-first nor time-major,")
+                           + " reproduce the cell's output: which rows are the stored sequences' is not known")
+    return [_picked(extra, matches[0]) for extra in calls.extra]
 
 
 class _ForwardOnly(nn.Module):
@@ -717,16 +753,23 @@ def _extra_argument(calls: _CustomCalls, value: Any, sel: torch.Tensor, batch: i
     profile holds the cell's other inputs fixed), those with a row per sequence
     K-selected (along their first dimension when it is the batch's, else along the
     second: a time-major attention memory [source, batch, ...], nn.MultiheadAttention's
-    default layout); one copy of a tensor that several calls receive unchanged (an
+    default layout; when both are the batch's, both selections, settled at the re-run:
+    ``_EitherLayout``); one copy of a tensor that several calls receive unchanged (an
     attention context, a mask). Other values, and containers of them, as they are."""
     if isinstance(value, torch.Tensor):
         seen = calls.extra_copies.get(id(value))
         if seen is not None and seen[0] is value and seen[1] == value._version:
             return seen[2]
-        copy_ = value.detach()
-        if copy_.dim() > 0 and copy_.shape[0] == batch:
+        copy_: Any = value.detach()
+        rows = copy_.dim() > 0 and copy_.shape[0] == batch
+        columns = copy_.dim() > 1 and copy_.shape[1] == batch
+        if rows and columns:  # [batch, batch, ...]: batch-first, or time-major with as many sources as sequences
+            either = _EitherLayout(copy_.index_select(0, sel.to(copy_.device)),
+                                   copy_.index_select(1, sel.to(copy_.device)))
+            copy_ = either.rows if torch.equal(either.rows, either.columns) else either
+        elif rows:
             copy_ = copy_.index_select(0, sel.to(copy_.device))
-        elif copy_.dim() > 1 and copy_.shape[1] == batch:
+        elif columns:
             copy_ = copy_.index_select(1, sel.to(copy_.device))
         else:
             copy_ = copy_.clone()
@@ -738,6 +781,39 @@ def _extra_argument(calls: _CustomCalls, value: Any, sel: torch.Tensor, batch: i
     if isinstance(value, dict):
         return type(value)((k, _extra_argument(calls, v, sel, batch)) for k, v in value.items())
     return value
+
+
+@dataclasses.dataclass
+class _EitherLayout:
+    """A further argument whose first two dimensions are both the batch's: the
+    stored sequences' rows along the first (batch-first) and along the second
+    (time-major, [source, batch, ...], with as many sources as sequences). Which one
+    the cell reads is settled when it is re-run (``_settled_layout``)."""
+
+    rows: torch.Tensor
+    columns: torch.Tensor
+
+
+def _picked(value: Any, columns: bool) -> Any:
+    """``value`` with each ``_EitherLayout`` in it replaced by one of its layouts."""
+    if isinstance(value, _EitherLayout):
+        return value.columns if columns else value.rows
+    if isinstance(value, (tuple, list)):
+        items = [_picked(v, columns) for v in value]
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+    if isinstance(value, dict):
+        return type(value)((k, _picked(v, columns)) for k, v in value.items())
+    return value
+
+
+def _has_either(value: Any) -> bool:
+    if isinstance(value, _EitherLayout):
+        return True
+    if isinstance(value, (tuple, list)):
+        return any(_has_either(v) for v in value)
+    if isinstance(value, dict):
+        return any(_has_either(v) for v in value.values())
+    return False
 
 
 def _recurrent_matrix(parameters: dict[str, torch.Tensor]) -> torch.Tensor | None:
