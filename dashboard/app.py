@@ -298,14 +298,14 @@ def create_app(source: TraceSource | str) -> Dash:
 # Puts each marker (a div over its graph, _marked_graph) on the current step's
 # x: the graph's plot area from Plotly's own layout (its x axis maps a step to
 # pixels), hidden where the step is outside the axis's range (zoomed) or the
-# figure has no data. Retries while the graph is still being drawn; after that,
+# figure has no data. Retries while the graph is still being drawn (10 s); after that,
 # Plotly's "plotly_afterplot" event places it again after every redraw.
 _PLACE_MARKERS = """
 function(index, steps, overview, gradflow) {
     const m = window.seqscopeMarkers = window.seqscopeMarkers || {
         step: null,
         waiting: {},
-        place: function (id) {
+        place: function (id, tries) {
             const box = document.getElementById(id + '-marker');
             const graph = document.getElementById(id);
             const gd = graph && graph.querySelector('.js-plotly-plot');
@@ -313,9 +313,10 @@ function(index, steps, overview, gradflow) {
             const fl = gd && gd._fullLayout;
             if (!fl || !fl.xaxis || !fl._size || typeof gd.on !== 'function') {
                 box.style.display = 'none';
-                if (!m.waiting[id]) {
+                tries = tries || 0;
+                if (!m.waiting[id] && tries < 100) {  // for 10 s; a new figure calls this again
                     m.waiting[id] = true;
-                    setTimeout(function () { m.waiting[id] = false; m.place(id); }, 100);
+                    setTimeout(function () { m.waiting[id] = false; m.place(id, tries + 1); }, 100);
                 }
                 return;
             }

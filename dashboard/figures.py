@@ -5,7 +5,7 @@ Figures are plain dicts (``{"data": [...], "layout": {...}}``), as Dash sends
 them: a ``go.Figure`` validated and then copied every property of every figure
 of a slider move on the server, most of the step callback's time. The tests
 validate each builder's output by building a ``go.Figure`` from it.
-Arrays go into the figures as numpy (plotly sends them base64-encoded).
+Arrays go into the figures as numpy (``to_dict`` sends them base64-encoded).
 NaN and Inf are never dropped silently: heatmaps draw them in a distinct colour
 (NONFINITE_COLOUR) on an overlay and count them in the title; padded timesteps
 are masked (left blank) and said so.
