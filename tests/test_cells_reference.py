@@ -491,6 +491,55 @@ def test_cell_loop_under_activation_checkpointing(kind, reentrant, tmp_path, sca
                                                [ref.norm(c.grad[b]).item() for c in rec["c"]], rtol=1e-10)
 
 
+class _CheckpointedPerStep(Loop):
+    """``Loop`` with each timestep (both cells and the head) in a torch.utils.checkpoint
+    of its own, the states passed as tensors (as use_reentrant=True needs)."""
+
+    def __init__(self, kind: str, stacked: bool, future: int, reentrant: bool) -> None:
+        super().__init__(kind, stacked, future)
+        self.reentrant = reentrant
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        k = 2 if self.kind == "lstm" else 1
+        flat = [x.new_zeros(x.shape[1], HID)] * (k * (2 if self.c2 is not None else 1))
+
+        def one(inp, *flat):
+            s1 = tuple(flat[:k]) if k == 2 else flat[0]
+            s2 = (tuple(flat[k:]) if k == 2 else flat[k]) if self.c2 is not None else None
+            s1, s2, y = self.step(inp, s1, s2)
+            states = [s1] + ([s2] if s2 is not None else [])
+            return (y, *[t for s in states for t in (s if k == 2 else (s,))])
+
+        outs: list[torch.Tensor] = []
+        for t in range(x.shape[0] + self.future):
+            y, *flat = checkpoint(one, x[t] if t < x.shape[0] else outs[-1], *flat, use_reentrant=self.reentrant)
+            outs.append(y)
+        return torch.stack(outs)
+
+
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_cell_loop_with_each_timestep_checkpointed(kind, reentrant, tmp_path, scan_path):
+    """Each timestep in a checkpoint of its own. With use_reentrant=True the cells
+    run under no_grad in the forward pass and again in the backward pass, timestep
+    by timestep from the last: until session 19 seqscope recorded the calls in that
+    order, so h_t ran backwards in time, with its gradient norms, and the propagation
+    profile was that of the reversed chain. Every recorded number against the
+    reference (two stacked cells, three steps fed from the model's own output)."""
+    torch.manual_seed(0)
+    model = _CheckpointedPerStep(kind, stacked=True, future=3, reentrant=reentrant)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(T, B, IN, generator=g, dtype=torch.float64, requires_grad=True)
+    target = torch.randn(T + 3, B, IN, generator=g, dtype=torch.float64)
+    path = tmp_path / "t.h5"
+    with seqscope.watch(model, path, every=1, sequences=B, precision="full"):
+        out = model(x)
+        ((out - target) ** 2).sum().backward()
+    torch.testing.assert_close(check_cell_step(path, 0, model, x.detach(), target), out.detach())
+
+
 class EncoderDecoder(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -887,3 +887,76 @@ def test_a_square_memory_whose_layout_cannot_be_settled_costs_the_profile_only(t
             assert not trace.has("cell", step, "propagation")
             assert np.isfinite(trace.grad_norms("cell", step)["hidden"].data).all()
             assert np.isfinite(trace.propagation("gru.l0", step).data).all()
+
+
+class _CheckpointedElman(nn.Module):
+    """An Elman loop over a cell of one's own, each call in a reentrant checkpoint."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cell = _CellWith("none")
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        h = torch.zeros(x.shape[1], HID, dtype=x.dtype)
+        outs = []
+        for t in range(x.shape[0]):
+            h = checkpoint(self.cell, x[t], h, use_reentrant=True)
+            outs.append(h)
+        return torch.stack(outs)
+
+
+def test_a_custom_cell_checkpointed_call_by_call_is_recorded_in_time_order(tmp_path):
+    """Each call in its own torch.utils.checkpoint(use_reentrant=True): the calls
+    that seqscope sees are the recomputations in the backward pass, from the last
+    timestep to the first. Recorded states, gradient norms and the propagation
+    profile in time order, against the unrolled reference (until session 19: reversed)."""
+    torch.manual_seed(0)
+    model = _CheckpointedElman()
+    original = copy.deepcopy(model.cell)
+    x = torch.randn(T, B, IN, dtype=torch.float64, requires_grad=True)
+    with seqscope.watch(model, tmp_path / "t.h5", every=1, sequences=B, precision="full", cells=[model.cell]):
+        model(x).pow(2).sum().backward()
+    hs = []
+    h = torch.zeros(B, HID, dtype=torch.float64)
+    for t in range(T):
+        h = original(x[t].detach(), h)
+        h.retain_grad()
+        hs.append(h)
+    torch.stack(hs).pow(2).sum().backward(retain_graph=True)
+    with seqscope.open(tmp_path / "t.h5") as trace:
+        assert list(trace.steps) == [0]
+        prop = trace.propagation("cell", 0)
+        for b in range(B):
+            np.testing.assert_allclose(trace.hidden("cell", 0)[b].data, torch.stack(hs)[:, b].detach().numpy(),
+                                       rtol=1e-12)
+            np.testing.assert_allclose(trace.grad_norms("cell", 0)["hidden"][b].data,
+                                       [ref.norm(h.grad[b]).item() for h in hs], rtol=1e-10)
+            v = ref.unit_direction(hs[-1].grad[b])
+            back = torch.autograd.grad(hs[-1][b], hs, grad_outputs=v, retain_graph=True)
+            np.testing.assert_allclose(prop[b].data, [ref.norm(g[b]).item() for g in back], rtol=1e-10)
+
+
+def test_checkpointed_calls_that_form_no_single_chain_are_not_recorded_in_a_guessed_order(tmp_path, caplog):
+    """Two sequences through one cell in one forward pass (a siamese encoder), each
+    call in a reentrant checkpoint: the recomputations in the backward pass form two
+    chains, whose order in time seqscope cannot tell. The cell's record of each step
+    is left out, and said, rather than written in a guessed order; the GRU beside
+    it is recorded."""
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"enc": _CheckpointedElman(), "gru": nn.GRU(IN, HID).double()})
+    x = torch.randn(T, B, IN, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(T, B, IN, dtype=torch.float64, requires_grad=True)
+    with caplog.at_level(logging.WARNING, logger="seqscope"):
+        with seqscope.watch(model, tmp_path / "t.h5", every=1, cells=[model["enc"].cell]):
+            for _ in range(2):
+                loss = (model["enc"](x) - model["enc"](y)).pow(2).sum() + model["gru"](x)[0].pow(2).sum()
+                loss.backward()
+    said = [r.getMessage() for r in caplog.records if "in an order seqscope cannot tell" in r.getMessage()]
+    assert len(said) == 2 and "enc.cell not recorded at step 0" in said[0], said
+    with seqscope.open(tmp_path / "t.h5") as trace:
+        assert list(trace.steps) == [0, 1]
+        for step in trace.steps:
+            assert not trace.has("enc.cell", step, "hidden")
+            assert np.isfinite(trace.propagation("gru.l0", step).data).all()

@@ -315,6 +315,54 @@ def _gradient_norms(calls: _CallsBase, h: torch.Tensor, c: torch.Tensor | None,
     return grads
 
 
+def _in_forward_order(calls: _CallsBase, states_in: list[torch.Tensor | None]) -> None:
+    """Put a step's calls in the order of the forward pass, when they were recorded
+    in a backward pass: ``torch.utils.checkpoint`` with ``use_reentrant=True``
+    around each call (or a few) runs the cell under no_grad in the forward pass
+    and again in backward, where the recomputations come segment by segment from
+    the last (until session 19 they were recorded reversed: h_t over time backwards,
+    and a propagation profile of that reversed chain). The order is the chain
+    itself: the call whose input state is another call's output comes after it.
+    ``states_in[t]``: the state tensor (h) that call t received, None for none.
+    Where no single chain links every call, the step's record of the cell is
+    dropped (``calls.broken``), never written in a wrong order."""
+    n = len(calls.h)
+    if not calls.in_backward or n < 2:
+        return
+
+    def key(t: torch.Tensor) -> tuple[Any, ...]:
+        return (t.dtype, tuple(t.shape), t.detach().cpu().numpy().tobytes())
+
+    takes: dict[tuple[Any, ...], list[int]] = {}  # input state -> the calls that received it
+    for j, state in enumerate(states_in):
+        if state is not None:
+            takes.setdefault(key(state), []).append(j)
+    following: list[int | None] = []
+    chained = True
+    for i in range(n):
+        after = [j for j in takes.get(key(calls.h[i]), []) if j != i]
+        chained = chained and len(after) <= 1  # two calls that took one output: not one chain
+        following.append(after[0] if after else None)
+    starts = [i for i in range(n) if i not in set(following)]
+    order: list[int] = []
+    if chained and len(starts) == 1:
+        at: int | None = starts[0]
+        while at is not None and at not in order:
+            order.append(at)
+            at = following[at]
+    if sorted(order) != list(range(n)):
+        calls.broken = ("its calls were recomputed in the backward pass (torch.utils.checkpoint with "
+                        "use_reentrant=True) in an order seqscope cannot tell; checkpoint with use_reentrant=False "
+                        "to have it recorded")
+        return
+    if order != list(range(n)):
+        # every per-call list (the gradient hooks have filled theirs: the backward pass is over)
+        for field in dataclasses.fields(calls):
+            value = getattr(calls, field.name)
+            if isinstance(value, list) and len(value) == n:
+                setattr(calls, field.name, [value[i] for i in order])
+
+
 class _HookedCell:
     """A forward hook on one cell module, installed for recorded steps. A
     parametrized tensor of the cell (torch.nn.utils.parametrize: weight_norm,
@@ -419,6 +467,7 @@ class CellRecorder(_HookedCell):
         calls: _Calls | None = step.cell_calls.get(id(self))
         if calls is None or not calls.x:
             return None
+        _in_forward_order(calls, list(calls.h_prev))
         if calls.broken:
             log.warning("seqscope: %s not recorded at step %d: %s", self.name, step.step, calls.broken)
             return None
@@ -634,6 +683,7 @@ class CustomCellRecorder(_HookedCell):
         calls: _CustomCalls | None = step.cell_calls.get(id(self))
         if calls is None or not calls.x or self.layer_id is None:
             return None
+        _in_forward_order(calls, [None if st is None else flatten_state(st)[0][0] for st in calls.state_in])
         if calls.broken:
             log.warning("seqscope: %s not recorded at step %d: %s", self.name, step.step, calls.broken)
             return None
