@@ -4,6 +4,7 @@ unrolled with autograd and retain_grad on every h_t and c_t."""
 from __future__ import annotations
 
 import copy
+import logging
 
 import numpy as np
 import pytest
@@ -538,6 +539,34 @@ def test_cell_loop_with_each_timestep_checkpointed(kind, reentrant, tmp_path, sc
         out = model(x)
         ((out - target) ** 2).sum().backward()
     torch.testing.assert_close(check_cell_step(path, 0, model, x.detach(), target), out.detach())
+
+
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])
+def test_a_script_loop_checkpointed_per_timestep(reentrant, tmp_path, caplog):
+    """A loop in the training script (the watched model is never called) with each
+    cell call in a checkpoint. Non-reentrant: recorded, every step. Reentrant: the
+    cell runs under no_grad in the forward pass, so no step ever begins, and nothing
+    can be recorded; until session 19 nothing said so. Now a warning does, once."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    cell = make_cell("lstm", IN, HID)
+    model = nn.ModuleDict({"cell": cell})
+    x = torch.randn(T, B, IN, dtype=torch.float64, requires_grad=True)
+    with caplog.at_level(logging.WARNING, logger="seqscope"):
+        with seqscope.watch(model, tmp_path / "t.h5", every=1):
+            for _ in range(3):
+                h = c = torch.zeros(B, HID, dtype=torch.float64)
+                for t in range(T):
+                    h, c = checkpoint(lambda a, b, d: cell(a, (b, d)), x[t], h, c, use_reentrant=reentrant)
+                h.pow(2).sum().backward()
+    said = [r.getMessage() for r in caplog.records if "inside a backward pass" in r.getMessage()]
+    with seqscope.open(tmp_path / "t.h5") as trace:
+        if reentrant:
+            assert len(said) == 1 and "use_reentrant=False" in said[0] and list(trace.steps) == []
+        else:
+            assert said == [] and list(trace.steps) == [0, 1, 2]
+            assert trace.hidden("cell", 2).shape[:2] == (B, T)
 
 
 class EncoderDecoder(nn.Module):

@@ -196,6 +196,7 @@ class Scope:
         self._warned = False
         self._warned_backward = False
         self._warned_eval_mode = False
+        self._warned_reentrant = False
 
         config = {
             "every": getattr(self.schedule, "__name__", repr(every)),
@@ -413,7 +414,17 @@ class Scope:
         layer call begins the step; calls after its backward pass are later
         evaluations of the same step. Calls under ``no_grad`` are not recorded here:
         evaluation passes are recorded when they call the watched model."""
-        if self._closed or self._finalizing or not torch.is_grad_enabled() or rec.in_backward():
+        if self._closed or self._finalizing or not torch.is_grad_enabled():
+            return
+        if rec.in_backward():
+            if self._current is None and not self._warned_reentrant:
+                # the layer's forward ran under no_grad, and runs again only now: a reentrant
+                # checkpoint in a loop that never calls the watched model (no step ever begins)
+                self._warned_reentrant = True
+                log.warning(
+                    "seqscope: a recurrent layer ran for the first time inside a backward pass "
+                    "(torch.utils.checkpoint with use_reentrant=True, in a loop that does not call the watched "
+                    "model): nothing is recorded; checkpoint with use_reentrant=False, or call the watched model")
             return
         current = self._current
         if self._opt_depth > 0:
