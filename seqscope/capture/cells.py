@@ -330,8 +330,8 @@ def _in_forward_order(calls: _CallsBase, states_in: list[torch.Tensor | None]) -
     if not calls.in_backward or n < 2:
         return
 
-    def key(t: torch.Tensor) -> tuple[Any, ...]:
-        return (t.dtype, tuple(t.shape), t.detach().cpu().numpy().tobytes())
+    def key(t: torch.Tensor) -> tuple[Any, ...]:  # the bits (bfloat16 has no numpy dtype)
+        return (t.dtype, tuple(t.shape), t.detach().contiguous().view(torch.uint8).cpu().numpy().tobytes())
 
     takes: dict[tuple[Any, ...], list[int]] = {}  # input state -> the calls that received it
     for j, state in enumerate(states_in):
