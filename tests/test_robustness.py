@@ -446,6 +446,37 @@ def test_a_new_run_replaces_a_trace_that_a_reader_has_open(tmp_path):
         assert list(trace.steps) == [0, 1, 2, 3] and set(trace.scalars()["run"].values) == {2}
 
 
+def test_an_earlier_trace_that_cannot_be_unlinked_is_overwritten_in_place(tmp_path, monkeypatch):
+    """A directory where the earlier trace may be written but not removed (a sticky
+    /tmp with another user's file, an immutable directory): the new run truncates the
+    file in place and records into it, at the same path (the fallback of the claim,
+    untested until session 19)."""
+    from seqscope.trace import claim
+
+    path = tmp_path / "trace.h5"
+    model = nn.GRU(3, 5)
+    with seqscope.watch(model, path, every=1) as scope:
+        _run_steps(scope, model, 2, 1)
+    real_unlink = os.unlink
+    refused: list[str] = []
+
+    def unlink(target, *args, **kwargs):
+        if os.fspath(target) == os.fspath(path):
+            refused.append(os.fspath(target))
+            raise PermissionError(1, "Operation not permitted", os.fspath(target))
+        return real_unlink(target, *args, **kwargs)
+
+    monkeypatch.setattr(claim.os, "unlink", unlink)
+    inode = os.stat(path).st_ino
+    with seqscope.watch(model, path, every=1) as scope:
+        assert scope.path == str(path)
+        _run_steps(scope, model, 3, 2)
+    assert refused and os.stat(path).st_ino == inode  # the same file, truncated
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["trace.h5"]
+    with seqscope.open(path) as trace:
+        assert list(trace.steps) == [0, 1, 2] and set(trace.scalars()["run"].values) == {2}
+
+
 def test_a_watch_that_fails_leaves_the_earlier_trace_as_it_was(tmp_path):
     """watch() checks the model before it touches the path: a model that cannot be
     watched used to leave the earlier trace there truncated. A path that cannot be
