@@ -57,6 +57,9 @@ class _CallsBase:
     # per call: h_t and c_t are outputs of one autograd node (CUDA's fused LSTMCell), so
     # c_t's hook sees only the gradient from outside the call, not the part through h_t
     c_shares_node: list[bool] = dataclasses.field(default_factory=list)
+    # per call recorded in a backward pass: the autograd node (a reentrant checkpoint's)
+    # that recomputed it, which gives the calls' order in the forward pass (_in_forward_order)
+    segment: list[Any] = dataclasses.field(default_factory=list)
     broken: str | None = None
     # the caller's autocast region at the first call (device type, dtype or None):
     # the recomputation rounds like it, re-runs of a custom cell run in it
@@ -120,6 +123,7 @@ def _hook_outputs(scope: Scope, step: StepState, calls: _CallsBase, h_out: torch
     t = len(calls.x) - 1
     calls.grad_h.append(None)
     calls.grad_c.append(None)
+    calls.segment.append(rec.current_autograd_node() if calls.in_backward else None)
     calls.c_shares_node.append(c_out is not None and _same_node(h_out, c_out))
     for tensor, slot in ((h_out, calls.grad_h), (c_out, calls.grad_c)):
         if tensor is None or not tensor.requires_grad:
@@ -315,52 +319,33 @@ def _gradient_norms(calls: _CallsBase, h: torch.Tensor, c: torch.Tensor | None,
     return grads
 
 
-def _in_forward_order(calls: _CallsBase, states_in: list[torch.Tensor | None]) -> None:
+def _in_forward_order(calls: _CallsBase) -> None:
     """Put a step's calls in the order of the forward pass, when they were recorded
-    in a backward pass: ``torch.utils.checkpoint`` with ``use_reentrant=True``
-    around each call (or a few) runs the cell under no_grad in the forward pass
-    and again in backward, where the recomputations come segment by segment from
-    the last (until session 19 they were recorded reversed: h_t over time backwards,
-    and a propagation profile of that reversed chain). The order is the chain
-    itself: the call whose input state is another call's output comes after it.
-    ``states_in[t]``: the state tensor (h) that call t received, None for none.
-    Where no single chain links every call, the step's record of the cell is
-    dropped (``calls.broken``), never written in a wrong order."""
+    in a backward pass: ``torch.utils.checkpoint`` with ``use_reentrant=True`` runs
+    the cell under no_grad in the forward pass and again in backward, segment by
+    segment, from the last segment created to the first (autograd runs ready nodes
+    newest first), each segment's calls in their own order. With a checkpoint
+    around each call, the calls came last timestep first: until session 19 they
+    were recorded so (h_t over time backwards, and a propagation profile of that
+    reversed chain). The calls are grouped by the checkpoint node that recomputed
+    them (``calls.segment``) and the groups put back in creation order."""
     n = len(calls.h)
-    if not calls.in_backward or n < 2:
+    if not calls.in_backward or n < 2 or len(calls.segment) != n:
         return
-
-    def key(t: torch.Tensor) -> tuple[Any, ...]:  # the bits (bfloat16 has no numpy dtype)
-        return (t.dtype, tuple(t.shape), t.detach().contiguous().view(torch.uint8).cpu().numpy().tobytes())
-
-    takes: dict[tuple[Any, ...], list[int]] = {}  # input state -> the calls that received it
-    for j, state in enumerate(states_in):
-        if state is not None:
-            takes.setdefault(key(state), []).append(j)
-    following: list[int | None] = []
-    chained = True
-    for i in range(n):
-        after = [j for j in takes.get(key(calls.h[i]), []) if j != i]
-        chained = chained and len(after) <= 1  # two calls that took one output: not one chain
-        following.append(after[0] if after else None)
-    starts = [i for i in range(n) if i not in set(following)]
-    order: list[int] = []
-    if chained and len(starts) == 1:
-        at: int | None = starts[0]
-        while at is not None and at not in order:
-            order.append(at)
-            at = following[at]
-    if sorted(order) != list(range(n)):
-        calls.broken = ("its calls were recomputed in the backward pass (torch.utils.checkpoint with "
-                        "use_reentrant=True) in an order seqscope cannot tell; checkpoint with use_reentrant=False "
-                        "to have it recorded")
-        return
-    if order != list(range(n)):
-        # every per-call list (the gradient hooks have filled theirs: the backward pass is over)
-        for field in dataclasses.fields(calls):
-            value = getattr(calls, field.name)
-            if isinstance(value, list) and len(value) == n:
-                setattr(calls, field.name, [value[i] for i in order])
+    groups: list[list[int]] = []
+    for i, node in enumerate(calls.segment):
+        if groups and calls.segment[groups[-1][0]] is node:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    if len(groups) < 2:
+        return  # one checkpoint around the whole loop: recomputed in the forward order
+    order = [i for group in reversed(groups) for i in group]
+    # every per-call list (the gradient hooks have filled theirs: the backward pass is over)
+    for field in dataclasses.fields(calls):
+        value = getattr(calls, field.name)
+        if isinstance(value, list) and len(value) == n:
+            setattr(calls, field.name, [value[i] for i in order])
 
 
 class _HookedCell:
@@ -467,7 +452,7 @@ class CellRecorder(_HookedCell):
         calls: _Calls | None = step.cell_calls.get(id(self))
         if calls is None or not calls.x:
             return None
-        _in_forward_order(calls, list(calls.h_prev))
+        _in_forward_order(calls)
         if calls.broken:
             log.warning("seqscope: %s not recorded at step %d: %s", self.name, step.step, calls.broken)
             return None
@@ -683,7 +668,7 @@ class CustomCellRecorder(_HookedCell):
         calls: _CustomCalls | None = step.cell_calls.get(id(self))
         if calls is None or not calls.x or self.layer_id is None:
             return None
-        _in_forward_order(calls, [None if st is None else flatten_state(st)[0][0] for st in calls.state_in])
+        _in_forward_order(calls)
         if calls.broken:
             log.warning("seqscope: %s not recorded at step %d: %s", self.name, step.step, calls.broken)
             return None

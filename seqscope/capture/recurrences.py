@@ -130,6 +130,14 @@ def in_backward() -> bool:
     return task is not None and task() != -1
 
 
+def current_autograd_node() -> Any:
+    """The autograd node whose backward is running on this thread (in a reentrant
+    checkpoint's recomputation: that checkpoint's node), None outside backward or
+    where PyTorch does not say."""
+    node = getattr(torch._C, "_current_autograd_node", None)
+    return node() if node is not None else None
+
+
 def no_autocast(device: torch.device) -> Any:
     """A context in which seqscope's own arithmetic is not recast by the caller's
     autocast region (it would run the recomputation in half precision, or fail on
