@@ -364,7 +364,7 @@ def test_the_page_follows_a_trace_from_its_start_and_a_new_run_on_its_path(brows
         first.stdin.flush()
         assert first.stdout.readline().strip() == "done"
         page.wait_for_function("document.querySelector('#step-label')?.textContent?.includes('(1 of 4)')",
-                               timeout=20_000)
+                               timeout=60_000)
         page.wait_for_function("document.querySelector('#gradflow .gtitle')?.textContent?.includes('lstm.l0')")
         assert "lstm.l0" in page.locator("#layer").text_content()
         assert _sequence_menu(page) == ["0", "1"]
@@ -376,7 +376,7 @@ def test_the_page_follows_a_trace_from_its_start_and_a_new_run_on_its_path(brows
                                 capture_output=True, text=True, timeout=120)
         assert second.returncode == 0 and second.stdout.split() == ["open", "done"], second.stderr
         page.wait_for_function("document.querySelector('#step-label')?.textContent?.startsWith('step 0  (1 of 3)')",
-                               timeout=20_000)
+                               timeout=60_000)
         page.wait_for_function("document.querySelector('#gradflow .gtitle')?.textContent?.includes('gru.l0')")
         page.wait_for_function("document.querySelector('#hidden .gtitle')?.textContent?.includes('gru.l0')")
         assert "gru.l0" in page.locator("#layer").text_content()
