@@ -761,58 +761,10 @@ def test_a_cell_that_returns_its_output_and_its_state_is_recorded(tmp_path):
         assert trace.scalars()["sigma_max/cell"].values[0] == pytest.approx(want_sigma, rel=1e-9)
 
 
-class _MultiheadDecoderCell(nn.Module):
-    """A decoder cell that attends over an encoder memory with nn.MultiheadAttention
-    in its default, time-major layout: memory [source, batch, unit]."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.attention = nn.MultiheadAttention(HID, 2).double()
-        self.W = nn.Linear(IN + 2 * HID, HID).double()
-
-    def forward(self, x, h, memory):
-        context, _ = self.attention(h.unsqueeze(0), memory, memory)  # query [1, batch, unit]
-        return torch.tanh(self.W(torch.cat([x, h, context[0]], -1)))
-
-
-def test_a_time_major_memory_argument_is_re_run_with_the_stored_sequences_rows(tmp_path):
-    """An extra argument laid out [source, batch, ...] (time-major) is K-selected along
-    its second dimension for the re-run; its first dimension is not the batch's. The
-    propagation profile against the unrolled reference (2 of 3 sequences stored)."""
-    torch.manual_seed(0)
-    cell = _MultiheadDecoderCell()
-    model = nn.ModuleDict({"cell": cell})
-    x = torch.randn(T, B, IN, dtype=torch.float64)
-    memory = torch.randn(7, B, HID, dtype=torch.float64)
-    original = copy.deepcopy(cell)
-
-    def loop(c, hs=None):
-        h = torch.zeros(B, HID, dtype=torch.float64)
-        for t in range(T):
-            h = c(x[t], h, memory)
-            if hs is not None:
-                h.retain_grad()
-                hs.append(h)
-        return h
-
-    with seqscope.watch(model, tmp_path / "t.h5", every=1, sequences=[2, 0], precision="full", cells=[cell]):
-        loop(cell).pow(2).sum().backward()
-    hs: list[torch.Tensor] = []
-    loop(original, hs).pow(2).sum().backward(retain_graph=True)  # the reference
-    with seqscope.open(tmp_path / "t.h5") as trace:
-        prop = trace.propagation("cell", 0)
-        assert prop.data.shape == (2, T)
-        for row, b in enumerate([2, 0]):
-            v = ref.unit_direction(hs[-1].grad[b])
-            back = torch.autograd.grad(hs[-1][b], hs, grad_outputs=v, retain_graph=True)
-            np.testing.assert_allclose(prop[row].data, [ref.norm(g[b]).item() for g in back], rtol=1e-10)
-
-
-class _SquareMemoryCell(nn.Module):
-    """A decoder cell attending over a memory with as many sources as sequences, so
-    that its first two dimensions are both the batch size: time-major
-    ([source, batch, unit], nn.MultiheadAttention's default) or batch-first. With
-    ``drop``, dropout on the attention's context (training mode)."""
+class _MemoryCell(nn.Module):
+    """A decoder cell attending over an encoder memory with nn.MultiheadAttention,
+    time-major ([source, batch, unit], its default) or batch-first. With ``drop``,
+    dropout on the attention's context (training mode)."""
 
     def __init__(self, batch_first: bool, drop: bool = False) -> None:
         super().__init__()
@@ -828,7 +780,7 @@ class _SquareMemoryCell(nn.Module):
         return torch.tanh(self.W(torch.cat([x, h, self.drop(context)], -1)))
 
 
-def _square_memory_loop(cell, x, memory, hs=None):
+def _memory_loop(cell, x, memory, hs=None):
     h = torch.zeros(B, HID, dtype=torch.float64)
     for t in range(T):
         h = cell(x[t], h, memory)
@@ -838,24 +790,30 @@ def _square_memory_loop(cell, x, memory, hs=None):
     return h
 
 
-@pytest.mark.parametrize("batch_first", [False, True], ids=["time-major", "batch-first"])
-def test_a_memory_with_as_many_sources_as_sequences_is_re_run_with_the_right_rows(batch_first, tmp_path):
-    """A further argument [batch, batch, ...]: which dimension holds the sequences
-    cannot be told from its shape. Until session 19 seqscope took the first, so a
-    time-major memory with as many sources as sequences gave the re-run the wrong
-    rows, and a propagation profile of another computation, silently. Now the first
-    call is re-run with both, and the layout that reproduces the call's output is
-    used. The profile against the unrolled reference (2 of 3 sequences stored)."""
+MEMORIES = [(False, 7), (False, B), (True, B)]
+
+
+@pytest.mark.parametrize("batch_first,sources", MEMORIES, ids=["time-major", "time-major-square", "batch-first-square"])
+def test_a_memory_argument_is_re_run_with_the_stored_sequences_rows(batch_first, sources, tmp_path):
+    """A further argument laid out [source, batch, ...] (time-major) is K-selected
+    along its second dimension for the re-run (session 18). One [batch, batch, ...]
+    (as many sources as sequences): which dimension holds the sequences cannot be
+    told from its shape. Until session 19 seqscope took the first, so a time-major
+    one gave the re-run the wrong rows, and a propagation profile of another
+    computation, silently. Now the first call is re-run with both, and the layout
+    that reproduces the call's output is used. The profile against the unrolled
+    reference (2 of 3 sequences stored)."""
     torch.manual_seed(0)
-    cell = _SquareMemoryCell(batch_first)
+    cell = _MemoryCell(batch_first)
     model = nn.ModuleDict({"cell": cell})
     x = torch.randn(T, B, IN, dtype=torch.float64)
-    memory = torch.randn(B, B, HID, dtype=torch.float64)
+    memory = torch.randn(B, sources, HID, dtype=torch.float64) if batch_first else \
+        torch.randn(sources, B, HID, dtype=torch.float64)
     original = copy.deepcopy(cell)
     with seqscope.watch(model, tmp_path / "t.h5", every=1, sequences=[2, 0], precision="full", cells=[cell]):
-        _square_memory_loop(cell, x, memory).pow(2).sum().backward()
+        _memory_loop(cell, x, memory).pow(2).sum().backward()
     hs: list[torch.Tensor] = []
-    _square_memory_loop(original, x, memory, hs).pow(2).sum().backward(retain_graph=True)  # the reference
+    _memory_loop(original, x, memory, hs).pow(2).sum().backward(retain_graph=True)  # the reference
     with seqscope.open(tmp_path / "t.h5") as trace:
         prop = trace.propagation("cell", 0)
         assert prop.data.shape == (2, T)
@@ -871,14 +829,14 @@ def test_a_square_memory_whose_layout_cannot_be_settled_costs_the_profile_only(t
     profile, said once; its states and gradient norms, and the other layers, are
     recorded as always."""
     torch.manual_seed(0)
-    cell = _SquareMemoryCell(batch_first=False, drop=True)
+    cell = _MemoryCell(batch_first=False, drop=True)
     model = nn.ModuleDict({"cell": cell, "gru": nn.GRU(IN, HID).double()})
     x = torch.randn(T, B, IN, dtype=torch.float64)
     memory = torch.randn(B, B, HID, dtype=torch.float64)
     with caplog.at_level(logging.WARNING, logger="seqscope"):
         with seqscope.watch(model, tmp_path / "t.h5", every=1, sequences=[2, 0], cells=[cell]):
             for _ in range(2):
-                (_square_memory_loop(cell, x, memory).pow(2).sum() + model["gru"](x)[0].pow(2).sum()).backward()
+                (_memory_loop(cell, x, memory).pow(2).sum() + model["gru"](x)[0].pow(2).sum()).backward()
     said = [r.getMessage() for r in caplog.records if "no propagation profile" in r.getMessage()]
     assert len(said) == 1 and "both the batch size" in said[0], said
     with seqscope.open(tmp_path / "t.h5") as trace:
