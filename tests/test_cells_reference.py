@@ -529,16 +529,22 @@ def test_cell_loop_with_each_timestep_checkpointed(kind, reentrant, tmp_path, sc
     order, so h_t ran backwards in time, with its gradient norms, and the propagation
     profile was that of the reversed chain. Every recorded number against the
     reference (two stacked cells, three steps fed from the model's own output)."""
+    check_checkpointed_per_step(kind, reentrant, tmp_path, torch.device("cpu"))
+
+
+def check_checkpointed_per_step(kind: str, reentrant: bool, tmp_path, device: torch.device) -> None:
+    """The loop of ``_CheckpointedPerStep`` on ``device``, recorded; the reference on the CPU."""
     torch.manual_seed(0)
     model = _CheckpointedPerStep(kind, stacked=True, future=3, reentrant=reentrant)
+    on_device = copy.deepcopy(model).to(device)
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(T, B, IN, generator=g, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(T, B, IN, generator=g, dtype=torch.float64)
     target = torch.randn(T + 3, B, IN, generator=g, dtype=torch.float64)
     path = tmp_path / "t.h5"
-    with seqscope.watch(model, path, every=1, sequences=B, precision="full"):
-        out = model(x)
-        ((out - target) ** 2).sum().backward()
-    torch.testing.assert_close(check_cell_step(path, 0, model, x.detach(), target), out.detach())
+    with seqscope.watch(on_device, path, every=1, sequences=B, precision="full"):
+        out = on_device(x.to(device).requires_grad_(True))
+        ((out - target.to(device)) ** 2).sum().backward()
+    torch.testing.assert_close(check_cell_step(path, 0, model, x, target), out.detach().cpu())
 
 
 @pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])

@@ -25,8 +25,8 @@ from seqscope.capture import graphs, recurrences
 from seqscope.capture import scope as scope_module
 from seqscope.diagnose import diagnose
 from tests import reference as ref
-from tests.test_cells_reference import check_cell_loop, check_script_loop
-from tests.test_custom_cells import check_custom_cell, check_training_unchanged
+from tests.test_cells_reference import check_cell_loop, check_checkpointed_per_step, check_script_loop
+from tests.test_custom_cells import check_custom_cell, check_memory_argument, check_training_unchanged
 
 
 @dataclasses.dataclass(frozen=True)
@@ -704,6 +704,12 @@ def test_recorded_numbers_on_cuda_match_unrolled_reference(tmp_path):
     for extra in ("dropout", "batchnorm"):  # the CUDA generator forked around seqscope's re-runs
         attempt(f"custom-cell-{extra}-unchanged", lambda folder, e=extra: check_training_unchanged(e, True, folder,
                                                                                                    cuda))
+    for kind in ("lstm", "gru"):  # each timestep in a reentrant checkpoint: calls recomputed newest first
+        attempt(f"checkpointed-per-step-{kind}", lambda folder, k=kind: check_checkpointed_per_step(k, True, folder,
+                                                                                                    cuda))
+    for batch_first, sources in ((False, 7), (False, None), (True, None)):  # a memory argument's layout
+        attempt(f"memory-{'batch-first' if batch_first else 'time-major'}-{sources or 'square'}",
+                lambda folder, bf=batch_first, s=sources: check_memory_argument(bf, s, folder, cuda))
     assert not failures, "\n".join(failures)
 
 
