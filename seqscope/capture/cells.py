@@ -356,9 +356,22 @@ class _HookedCell:
     the step's first call copies (_open_calls)."""
 
     module: nn.Module
+    name: str
     _handle: Any = None
     _parametrization_handles: list[tuple[nn.Module, Any]]
     effective: dict[str, torch.Tensor]
+
+    def _calls_to_build(self, step: StepState) -> Any:
+        """This step's calls of the cell in the forward pass's order, or None when
+        it made none or its record broke (said in a warning)."""
+        calls = step.cell_calls.get(id(self))
+        if calls is None or not calls.x:
+            return None
+        _in_forward_order(calls)
+        if calls.broken:
+            log.warning("seqscope: %s not recorded at step %d: %s", self.name, step.step, calls.broken)
+            return None
+        return calls
 
     def _on_call(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         raise NotImplementedError
@@ -449,12 +462,8 @@ class CellRecorder(_HookedCell):
 
     # ---- end of step ---------------------------------------------------------------------
     def build_capture(self, step: StepState) -> LayerCapture | None:
-        calls: _Calls | None = step.cell_calls.get(id(self))
-        if calls is None or not calls.x:
-            return None
-        _in_forward_order(calls)
-        if calls.broken:
-            log.warning("seqscope: %s not recorded at step %d: %s", self.name, step.step, calls.broken)
+        calls: _Calls | None = self._calls_to_build(step)
+        if calls is None:
             return None
         m: Any = self.module
         with torch.no_grad(), rec.no_autocast(calls.x[0].device):
@@ -570,6 +579,7 @@ class _CustomCalls(_CallsBase):
     # id -> (the argument, its version, its copy): one copy of a tensor that every call receives
     extra_copies: dict[int, tuple[torch.Tensor, int, Any]] = dataclasses.field(default_factory=dict)
     state_given: bool = False  # whether the calls pass a state (None included) after x_t
+    layout_unsettled: bool = False  # a further argument is an _EitherLayout (settled at the re-run)
     KEEPS_BUFFERS: ClassVar[bool] = True  # the propagation profile re-runs the cell
 
 
@@ -665,12 +675,10 @@ class CustomCellRecorder(_HookedCell):
         _hook_outputs(self.scope, step, calls, h_out, c_out, sel)
 
     def build_capture(self, step: StepState) -> LayerCapture | None:
-        calls: _CustomCalls | None = step.cell_calls.get(id(self))
-        if calls is None or not calls.x or self.layer_id is None:
+        if self.layer_id is None:
             return None
-        _in_forward_order(calls)
-        if calls.broken:
-            log.warning("seqscope: %s not recorded at step %d: %s", self.name, step.step, calls.broken)
+        calls: _CustomCalls | None = self._calls_to_build(step)
+        if calls is None:
             return None
         with torch.no_grad():
             h = torch.stack(calls.h)
@@ -716,16 +724,13 @@ class CustomCellRecorder(_HookedCell):
         weights = {"inner." + name: t for name, t in {**calls.weights, **calls.buffers}.items()}
         forward_only = _ForwardOnly(self.module)
         with torch.enable_grad(), _as_called(calls.autocast, v.device), _contained(self.module, v.device):
-            extras = calls.extra
-            if _has_either(extras):
-                extras = _settled_layout(calls, forward_only, weights)
+            extras = _settled_layout(calls, forward_only, weights) if calls.layout_unsettled else calls.extra
             hs: list[torch.Tensor] = []
             for x_t, (extra_args, extra_kwargs) in zip(calls.x, extras):
                 if state is not None:
                     tensors, rebuild = flatten_state(state)
                     state = rebuild([t.detach().requires_grad_(True) if not hs else t for t in tensors])
-                # the state where the call had it, None included (a cell that starts from None)
-                args = (x_t, state, *extra_args) if calls.state_given or state is not None else (x_t, *extra_args)
+                args = _call_args(calls, x_t, state, extra_args)
                 state = returned_state(torch.func.functional_call(forward_only, weights, args, extra_kwargs))
                 tensors, rebuild = flatten_state(state)
                 if not hs and not any(t.requires_grad for t in tensors):
@@ -738,6 +743,12 @@ class CustomCellRecorder(_HookedCell):
                             for g in grads])
 
 
+def _call_args(calls: _CustomCalls, x_t: torch.Tensor, state: Any, extra_args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A re-run call's positional arguments: the state where the calls had it, None
+    included (a cell that starts from None), then the call's further arguments."""
+    return (x_t, state, *extra_args) if calls.state_given or state is not None else (x_t, *extra_args)
+
+
 _LAYOUT_TOLERANCE = {torch.float64: 1e-7, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
 
@@ -747,15 +758,14 @@ def _settled_layout(calls: _CustomCalls, forward_only: nn.Module, weights: dict[
     is the one the call returned (its stored sequences' rows) is the cell's. If both
     or neither give it, the profile cannot be trusted: an error (the layer keeps its
     other records, without the profile)."""
-    state = calls.state_in[0]
-    args = (calls.x[0], state) if calls.state_given or state is not None else (calls.x[0],)
     want = calls.h[0]
     matches = []
     for columns in (False, True):
         extra_args, extra_kwargs = _picked(calls.extra[0], columns)
         try:
             with torch.no_grad():
-                out = torch.func.functional_call(forward_only, weights, (*args, *extra_args), extra_kwargs)
+                args = _call_args(calls, calls.x[0], calls.state_in[0], extra_args)
+                out = torch.func.functional_call(forward_only, weights, args, extra_kwargs)
             got = flatten_state(returned_state(out))[0][0]
         except Exception:  # noqa: BLE001 - the wrong layout often fails on shapes: not this one
             continue
@@ -791,7 +801,9 @@ def _extra_argument(calls: _CustomCalls, value: Any, sel: torch.Tensor, batch: i
     default layout; when both are the batch's, both selections, settled at the re-run:
     ``_EitherLayout``); one copy of a tensor that several calls receive unchanged (an
     attention context, a mask). Other values, and containers of them, as they are."""
-    if isinstance(value, torch.Tensor):
+    def one(value: Any) -> Any:
+        if not isinstance(value, torch.Tensor):
+            return value
         seen = calls.extra_copies.get(id(value))
         if seen is not None and seen[0] is value and seen[1] == value._version:
             return seen[2]
@@ -801,7 +813,11 @@ def _extra_argument(calls: _CustomCalls, value: Any, sel: torch.Tensor, batch: i
         if rows and columns:  # [batch, batch, ...]: batch-first, or time-major with as many sources as sequences
             either = _EitherLayout(copy_.index_select(0, sel.to(copy_.device)),
                                    copy_.index_select(1, sel.to(copy_.device)))
-            copy_ = either.rows if torch.equal(either.rows, either.columns) else either
+            if torch.equal(either.rows, either.columns):
+                copy_ = either.rows
+            else:
+                copy_ = either
+                calls.layout_unsettled = True
         elif rows:
             copy_ = copy_.index_select(0, sel.to(copy_.device))
         elif columns:
@@ -810,12 +826,18 @@ def _extra_argument(calls: _CustomCalls, value: Any, sel: torch.Tensor, batch: i
             copy_ = copy_.clone()
         calls.extra_copies[id(value)] = (value, value._version, copy_)
         return copy_
+    return _mapped(value, one)
+
+
+def _mapped(value: Any, leaf: Callable[[Any], Any]) -> Any:
+    """``value`` with ``leaf`` applied to everything in it that is not a tuple, list
+    (namedtuples kept as such) or dict, which are rebuilt around the results."""
     if isinstance(value, (tuple, list)):
-        items = [_extra_argument(calls, v, sel, batch) for v in value]
+        items = [_mapped(v, leaf) for v in value]
         return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)  # a namedtuple takes fields
     if isinstance(value, dict):
-        return type(value)((k, _extra_argument(calls, v, sel, batch)) for k, v in value.items())
-    return value
+        return type(value)((k, _mapped(v, leaf)) for k, v in value.items())
+    return leaf(value)
 
 
 @dataclasses.dataclass
@@ -831,24 +853,7 @@ class _EitherLayout:
 
 def _picked(value: Any, columns: bool) -> Any:
     """``value`` with each ``_EitherLayout`` in it replaced by one of its layouts."""
-    if isinstance(value, _EitherLayout):
-        return value.columns if columns else value.rows
-    if isinstance(value, (tuple, list)):
-        items = [_picked(v, columns) for v in value]
-        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
-    if isinstance(value, dict):
-        return type(value)((k, _picked(v, columns)) for k, v in value.items())
-    return value
-
-
-def _has_either(value: Any) -> bool:
-    if isinstance(value, _EitherLayout):
-        return True
-    if isinstance(value, (tuple, list)):
-        return any(_has_either(v) for v in value)
-    if isinstance(value, dict):
-        return any(_has_either(v) for v in value.values())
-    return False
+    return _mapped(value, lambda v: (v.columns if columns else v.rows) if isinstance(v, _EitherLayout) else v)
 
 
 def _recurrent_matrix(parameters: dict[str, torch.Tensor]) -> torch.Tensor | None:
