@@ -288,12 +288,32 @@ def test_a_cell_loop_written_in_the_training_script_records_each_step(kind, tmp_
     check_script_loop(kind, tmp_path, torch.device("cpu"))
 
 
-def check_script_loop(kind: str, tmp_path, device: torch.device) -> None:
-    """Three SGD steps of a loop over timesteps in the script (``Loop.step``) on
-    ``device``, each against the reference on the CPU."""
+class StepModel(Loop):
+    """A model whose forward is one timestep of the loop: the training script calls
+    the model itself once per timestep (as PyTorch's character-level RNN tutorials do)."""
+
+    def forward(self, x_t, s1=None, s2=None):
+        return self.step(x_t, s1, s2)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_a_model_called_once_per_timestep_records_one_step_per_backward_pass(kind, tmp_path, scan_path):
+    """The watched model itself is called once per timestep, then one backward pass
+    and an optimizer step: each step is the whole loop (every call a timestep, with
+    the total gradients of the one backward pass), not one step per call. Until
+    session 20 each call began a step of one timestep, recorded before its backward
+    pass had run (no gradients but for the last call's)."""
+    check_script_loop(kind, tmp_path, torch.device("cpu"), model_per_timestep=True)
+
+
+def check_script_loop(kind: str, tmp_path, device: torch.device, model_per_timestep: bool = False) -> None:
+    """Three SGD steps of a loop over timesteps in the script (``Loop.step``, or with
+    ``model_per_timestep`` the watched model itself) on ``device``, each against the
+    reference on the CPU."""
     torch.manual_seed(0)
-    model = Loop(kind, stacked=True, future=2)
+    model = (StepModel if model_per_timestep else Loop)(kind, stacked=True, future=2)
     on_device = copy.deepcopy(model).to(device)
+    step_fn = on_device if model_per_timestep else on_device.step
     opt = torch.optim.SGD(on_device.parameters(), lr=0.05)
     g = torch.Generator().manual_seed(1)
     path = tmp_path / "t.h5"
@@ -309,10 +329,10 @@ def check_script_loop(kind: str, tmp_path, device: torch.device) -> None:
             s1 = s2 = None
             outs = []
             for t in range(T):
-                s1, s2, y = on_device.step(x[t].to(device), s1, s2)
+                s1, s2, y = step_fn(x[t].to(device), s1, s2)
                 outs.append(y)
             for _ in range(model.future):
-                s1, s2, y = on_device.step(outs[-1], s1, s2)
+                s1, s2, y = step_fn(outs[-1], s1, s2)
                 outs.append(y)
             out = torch.stack(outs)
             ((out - target.to(device)) ** 2).sum().backward()

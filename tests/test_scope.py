@@ -330,6 +330,53 @@ def test_a_fused_layer_called_once_per_timestep_says_that_only_its_first_call_is
     assert not [r for r in caplog.records if "ran more than once" in r.getMessage()]
 
 
+def test_a_model_called_on_two_inputs_before_one_backward_pass_is_one_step(tmp_path, caplog):
+    """A siamese encoder: the watched model runs on two batches, one loss compares
+    them, one backward pass, one optimizer step. That is one step (not two, the
+    first recorded before its backward pass had run): the layer's first call is
+    recorded with the total gradients of the loss, which reach it through both
+    terms, and seqscope says once that the second call is not recorded. Three SGD
+    steps against the unrolled reference on the weights each step ran with."""
+    torch.manual_seed(0)
+    lstm = nn.LSTM(3, 5).double()
+    opt = torch.optim.SGD(lstm.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(1)
+    path = tmp_path / "t.h5"
+    runs = []
+    with caplog.at_level("WARNING", logger="seqscope"):
+        with seqscope.watch(lstm, path, every=1, precision="full") as scope:
+            for _ in range(3):
+                a, b = (torch.randn(6, 2, 3, generator=gen, dtype=torch.float64) for _ in range(2))
+                before = copy.deepcopy(lstm)
+                out_a, (h_a, _) = lstm(a)
+                _, (h_b, _) = lstm(b)
+                (out_a.pow(2).mean() + (h_a - h_b).pow(2).sum()).backward()
+                opt.step()
+                opt.zero_grad()
+                runs.append((before, a, b))
+            assert scope.step == 2
+    said = [r.getMessage() for r in caplog.records if "ran more than once" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("seqscope: lstm "), said
+
+    with seqscope.open(path) as trace:
+        assert list(trace.steps) == [0, 1, 2]
+        for step, (before, a, b) in enumerate(runs):
+            layers_a, outs_a, hn_a, _ = ref.run_reference(before, [a[:, i] for i in range(2)])
+            _, _, hn_b, _ = ref.run_reference(before, [b[:, i] for i in range(2)])
+            (torch.stack(outs_a).pow(2).mean() + (hn_a - hn_b).pow(2).sum()).backward(retain_graph=True)
+            layer = layers_a[(0, 0)]
+            hidden = trace.hidden("lstm.l0", step)
+            grads = trace.grad_norms("lstm.l0", step)
+            prop = trace.propagation("lstm.l0", step)
+            for i in range(2):
+                np.testing.assert_allclose(hidden[i].data, torch.stack(layer.h[i]).detach().numpy(), rtol=1e-12)
+                np.testing.assert_allclose(grads["hidden"][i].data, [ref.norm(h.grad).item() for h in layer.h[i]],
+                                           rtol=1e-10)
+                np.testing.assert_allclose(grads["cell"][i].data, [ref.norm(c.grad).item() for c in layer.c[i]],
+                                           rtol=1e-10)
+                np.testing.assert_allclose(prop[i].data, ref.propagation(layer, i, 0).numpy(), rtol=1e-10)
+
+
 def test_user_step_numbers_and_schedules(tmp_path):
     rnn = nn.RNN(2, 3)
     x = torch.randn(4, 1, 2)

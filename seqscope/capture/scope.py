@@ -104,9 +104,12 @@ class StepState:
     # (module name, function): fused layers' BPTT scans, run when the step is finalized
     pending_scans: list[tuple[str, Callable[[], None]]] = dataclasses.field(default_factory=list)
     repeated_pass: bool = False  # a closure ran the model again within this step
-    # steps begun at a layer's call (Scope.enter_layer): a backward pass reached a
-    # recurrent layer's parameters since the step began, so the next call begins a step
+    # a backward pass reached the model's watched parameters since the step began, so the
+    # next forward (or, for steps begun at a layer's call, Scope.enter_layer, the next
+    # layer call) begins a step
     backward_seen: bool = False
+    # gradient hooks that set backward_seen are in place (_watch_backward)
+    watching_backward: bool = False
     # began with the watched model in eval mode (model.eval()) and autograd on: a
     # validation loop without torch.no_grad() if no backward pass or optimizer step follows
     eval_mode: bool = False
@@ -183,6 +186,9 @@ class Scope:
         self._eval: StepState | None = None  # an evaluation pass (forward under no_grad) in flight
         self._eval_recorded_for: int | None = None
         self._called_again: set[int] = set()  # fused modules warned about: a second call in one step
+        # the parameters whose gradient hooks tell that a backward pass reached the model
+        # (_watch_backward), by whole_model
+        self._backward_params: dict[bool, list[nn.Parameter]] = {}
         self._opt_depth = 0
         self._opt_has_pass = False
         self._handles: list[RemovableHandle] = []
@@ -289,11 +295,11 @@ class Scope:
                     "pass the module object that the model calls (e.g. model.my_cell)"
                 )
             if cell is self.model:
-                # each call of the watched model starts a training step, and re-running the
-                # cell for its propagation profile would start steps inside a step
+                # the watched model's forward begins training steps, and its hooks would see
+                # seqscope's own re-runs of the cell for its propagation profile
                 raise UnsupportedModelError(
                     "cells=: the watched model itself; watch the module whose forward runs the loop "
-                    "over timesteps (each call of the watched model is one training step)"
+                    "over timesteps, or a model that contains the cell"
                 )
             display = names[id(cell)] or type(cell).__name__.lower()
             self._custom_recorders.append(CustomCellRecorder(self, display, cell, fn))
@@ -389,10 +395,23 @@ class Scope:
                 self._current.repeated_pass = True
                 return  # another closure evaluation of the same optimizer step
             self._opt_has_pass = True
+        elif module.training and self._current is not None and self._before_backward(self._current):
+            return  # the model called again before the step's backward pass: the same step
         self._begin_step()
-        if not module.training and self._current is not None:
-            self._current.eval_mode = True
+        if self._current is not None:
+            self._current.eval_mode = not module.training
             self._watch_backward(self._current, whole_model=True)
+
+    def _before_backward(self, step: StepState) -> bool:
+        """Whether ``step`` (begun by a training-mode forward of the watched model)
+        is still before its backward pass: no backward pass has reached the model and
+        no optimizer step has run since it began. A model called once per timestep, or
+        on two inputs before one backward pass (a siamese network, two views of a
+        batch), runs one step. A step in eval mode (a validation loop without
+        torch.no_grad()), and one whose model has no trainable parameter to watch, end
+        at the next forward as before."""
+        return (step.watching_backward and not step.eval_mode and not step.backward_seen
+                and step.optimizer_steps == self._optimizer_steps)
 
     def _stop_steps_from_layers(self) -> None:
         self.steps_from_layers = False
@@ -443,18 +462,24 @@ class Scope:
         """A gradient hook on each recurrent layer's parameters (and with
         ``whole_model``, on the model's first and last trainable parameters, for
         recurrent layers that are frozen) that notes when a backward pass reaches
-        them (removed when the step ends)."""
+        them (removed when the step ends). The parameters are chosen once and chosen
+        again when one of them no longer requires grad (walking the model's parameters
+        took ~20 us a step, and this runs on every step)."""
         def seen(grad: torch.Tensor) -> None:
             step.backward_seen = True
 
-        modules: list[nn.Module] = [r.module for r in self._recorders]
-        modules += [c.module for c in (*self._cell_recorders, *self._custom_recorders)]
-        params = [next((p for p in m.parameters() if p.requires_grad), None) for m in modules]
-        if whole_model:
-            trainable = [p for p in self.model.parameters() if p.requires_grad]
-            params += trainable[:1] + trainable[-1:]
-        for p in {id(p): p for p in params if p is not None}.values():
+        params = self._backward_params.get(whole_model)
+        if not params or not all(p.requires_grad for p in params):
+            modules: list[nn.Module] = [r.module for r in self._recorders]
+            modules += [c.module for c in (*self._cell_recorders, *self._custom_recorders)]
+            found = [next((p for p in m.parameters() if p.requires_grad), None) for m in modules]
+            if whole_model:
+                trainable = [p for p in self.model.parameters() if p.requires_grad]
+                found += trainable[:1] + trainable[-1:]
+            params = self._backward_params[whole_model] = list({id(p): p for p in found if p is not None}.values())
+        for p in params:
             step.handles.append(p.register_hook(seen))
+        step.watching_backward = bool(params)
 
     def _note_eval_mode_step(self, step: StepState) -> None:
         """Say once that a step ran the model in eval mode with autograd on and
@@ -581,7 +606,8 @@ class Scope:
                 self._called_again.add(id(recorder))
                 cell = {schema.KIND_LSTM: "LSTMCell", schema.KIND_GRU: "GRUCell"}.get(recorder.kind, "RNNCell")
                 log.warning(
-                    "seqscope: %s ran more than once in one step; only its first call of each step is "
+                    "seqscope: %s ran more than once in one step (before one backward pass: on two inputs, or once "
+                    "per timestep); only its first call of each step is "
                     "recorded (a layer called once per timestep, as in a decoder loop, is recorded in full "
                     "as an nn.%s in the loop, or when called once on the whole sequence)", recorder.name, cell)
             return None
