@@ -306,6 +306,45 @@ def test_a_model_called_once_per_timestep_records_one_step_per_backward_pass(kin
     check_script_loop(kind, tmp_path, torch.device("cpu"), model_per_timestep=True)
 
 
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh"])
+def test_a_cell_loop_run_on_two_inputs_before_one_backward_pass(kind, tmp_path, scan_path):
+    """A siamese model: its cell loop runs on batch a, then again from a zero state on
+    batch b, and one loss uses both. The step's record holds every call (a's, then
+    b's); the gradient norms are the total ones. The propagation profile from the
+    last call walks back through b's loop only and is zero on a's calls, on which
+    h_T does not depend (until session 20 the scan walked on through them as if b's
+    first call had received a's last state)."""
+    torch.manual_seed(0)
+    model = Loop(kind, stacked=False, future=0)
+    g = torch.Generator().manual_seed(1)
+    a, b = (torch.randn(T, B, IN, generator=g, dtype=torch.float64) for _ in range(2))
+    path = tmp_path / "t.h5"
+    with seqscope.watch(model, path, every=1, sequences=B, precision="full"):
+        ya, yb = model(a), model(b)
+        (ya.pow(2).sum() + (ya - yb).pow(2).sum()).backward()
+    ra, rec_a, _ = reference_loop(model, a)
+    rb, rec_b, w = reference_loop(model, b)
+    (ra.pow(2).sum() + (ra - rb).pow(2).sum()).backward()
+    rec_a, rec_b = rec_a[0], rec_b[0]
+    with seqscope.open(path) as trace:
+        assert list(trace.steps) == [0]
+        hidden = trace.hidden("c1", 0)
+        grads = trace.grad_norms("c1", 0)
+        prop = trace.propagation("c1", 0)
+        assert hidden.shape[1] == 2 * T
+        for s in range(B):
+            np.testing.assert_allclose(hidden[s].data, torch.stack(rec_a["h"] + rec_b["h"])[:, s].detach().numpy(),
+                                       rtol=1e-6, atol=1e-9)
+            want = [torch.linalg.vector_norm(h.grad[s]).item() for h in rec_a["h"] + rec_b["h"]]
+            np.testing.assert_allclose(grads["hidden"][s].data, want, rtol=1e-5)
+            if kind == "lstm":
+                want_c = [torch.linalg.vector_norm(c.grad[s]).item() for c in rec_a["c"] + rec_b["c"]]
+                np.testing.assert_allclose(grads["cell"][s].data, want_c, rtol=1e-5)
+            np.testing.assert_array_equal(prop[s, :T].data, np.zeros(T))
+            np.testing.assert_allclose(prop[s, T:].data, own_recurrence_profile(kind, w[0], rec_b, s),
+                                       rtol=1e-5, atol=1e-300)
+
+
 def check_script_loop(kind: str, tmp_path, device: torch.device, model_per_timestep: bool = False) -> None:
     """Three SGD steps of a loop over timesteps in the script (``Loop.step``, or with
     ``model_per_timestep`` the watched model itself) on ``device``, each against the

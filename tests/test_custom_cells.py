@@ -184,6 +184,48 @@ def check_custom_cell(which, dtype, scale, amp, tmp_path, update_between: bool =
         assert trace.scalars()["sigma_max/cell"].values[0] == pytest.approx(want_sigma, rel=1e-6)
 
 
+@pytest.mark.parametrize("which", ["peephole-tuple-state", "minimal-dataclass-state"])
+def test_a_custom_cell_loop_run_on_two_inputs_before_one_backward_pass(which, tmp_path):
+    """A siamese model: the loop runs on batch a, then from a zero state on batch b,
+    and one loss uses both. The propagation profile is autograd's through what ran:
+    from b's last call back through b's loop, zero on a's calls. Until session 20 the
+    re-run chained b's first call to a's last state, so b's calls ran from states
+    they never had, and the profile reached into a's loop."""
+    torch.manual_seed(0)
+    cell = PeepholeLSTM() if which.startswith("peephole") else MinimalGRU()
+    model = Model(cell)
+    a, b = torch.randn(T, B, IN, dtype=torch.float64), torch.randn(T, B, IN, dtype=torch.float64)
+    path = tmp_path / "t.h5"
+    cells = {cell: peephole_gates} if which.startswith("peephole") else [cell]
+    with seqscope.watch(model, path, every=1, sequences=B, precision="full", cells=cells):
+        ya, yb = model(a), model(b)
+        (ya.pow(2).sum() + (ya - yb).pow(2).sum()).backward()
+    # reference: both loops unrolled with retain_grad on every h_t
+    hs = []
+    for x in (a, b):
+        state = (torch.zeros(B, HID, dtype=torch.float64), torch.zeros(B, HID, dtype=torch.float64)) \
+            if which.startswith("peephole") else MinState(torch.zeros(B, HID, dtype=torch.float64))
+        for t in range(T):
+            state = cell(x[t], state)
+            h = state[0] if isinstance(state, tuple) else state.h
+            h.retain_grad()
+            hs.append(h)
+    ra, rb = torch.stack(hs[:T]), torch.stack(hs[T:])
+    (ra.pow(2).sum() + (ra - rb).pow(2).sum()).backward(retain_graph=True)
+    with seqscope.open(path) as trace:
+        assert list(trace.steps) == [0]
+        for s in range(B):
+            np.testing.assert_allclose(trace.hidden("cell", 0)[s].data, torch.stack(hs)[:, s].detach().numpy(),
+                                       rtol=1e-12)
+            np.testing.assert_allclose(trace.grad_norms("cell", 0)["hidden"][s].data,
+                                       [ref.norm(h.grad[s]).item() for h in hs], rtol=1e-10)
+            v = ref.unit_direction(hs[-1].grad[s])
+            back = torch.autograd.grad(hs[-1][s], hs, grad_outputs=v, retain_graph=True, allow_unused=True)
+            want = [0.0 if gr is None else ref.norm(gr[s]).item() for gr in back]
+            assert want[:T] == [0.0] * T
+            np.testing.assert_allclose(trace.propagation("cell", 0)[s].data, want, rtol=1e-10, atol=1e-300)
+
+
 class _NormedGRU(nn.Module):
     """A user-written cell around an nn.GRUCell (which seqscope records too): layer
     normalisation of the GRU's output; the state is a 1-tuple."""

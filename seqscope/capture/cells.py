@@ -509,8 +509,35 @@ class CellRecorder(_HookedCell):
                 ext = torch.zeros((n_time, 1, n_seq, h.shape[-1]), dtype=calc, device=h.device)
                 ext[-1, 0] = rec.unit_seed(grads[-1])
                 dh, _ = rec.backward_scan(w, details, ext, None)
-                capture.propagation = rec.norms(dh[:, 0])
+                capture.propagation = _from_last_restart(rec.norms(dh[:, 0]), h_prev, h.to(calc), c_prev,
+                                                         None if c is None else c.to(calc))
         return capture
+
+
+def _restarts(state_in: torch.Tensor, previous_out: torch.Tensor) -> torch.Tensor:
+    """[time - 1, sequence]: whether call t (from the second on) received a zero state
+    that is not the previous call's output: the loop started again within the step
+    (a model run on two inputs before one backward pass, or a loop that runs twice)."""
+    return (state_in[1:] == 0).all(-1) & ~(state_in[1:] == previous_out[:-1]).all(-1)
+
+
+def _from_last_restart(profile: torch.Tensor, h_prev: torch.Tensor, h: torch.Tensor,
+                       c_prev: torch.Tensor | None, c: torch.Tensor | None) -> torch.Tensor:
+    """The propagation profile [time, sequence], zero before each sequence's last
+    restart: h_T does not depend on the states before it (the scan walks W_hh back
+    through every call, as if each call received the previous one's state). Until
+    session 20 those timesteps showed the profile of a chain that never ran. No
+    device sync."""
+    n_time = profile.shape[0]
+    if n_time < 2:
+        return profile
+    restart = _restarts(h_prev, h)
+    if c_prev is not None and c is not None:
+        restart &= (c_prev[1:] == 0).all(-1)
+    steps = torch.arange(1, n_time, device=profile.device).unsqueeze(1)
+    last = (restart * steps).amax(0)  # [sequence]: the last restart's call, 0 if none
+    keep = torch.arange(n_time, device=profile.device).unsqueeze(1) >= last.unsqueeze(0)
+    return profile * keep
 
 
 # ---- user-written cells ----------------------------------------------------------------------
@@ -729,6 +756,8 @@ class CustomCellRecorder(_HookedCell):
             for x_t, (extra_args, extra_kwargs) in zip(calls.x, extras):
                 if state is not None:
                     tensors, rebuild = flatten_state(state)
+                    if hs:
+                        tensors = _restarted(calls, len(hs), tensors)
                     state = rebuild([t.detach().requires_grad_(True) if not hs else t for t in tensors])
                 args = _call_args(calls, x_t, state, extra_args)
                 state = returned_state(torch.func.functional_call(forward_only, weights, args, extra_kwargs))
@@ -741,6 +770,28 @@ class CustomCellRecorder(_HookedCell):
             grads = torch.autograd.grad(hs[-1], hs, grad_outputs=v, allow_unused=True)
         return torch.stack([rec.norms(g) if g is not None else torch.zeros_like(v[:, 0], dtype=torch.float64)
                             for g in grads])
+
+
+def _restarted(calls: _CustomCalls, t: int, chained: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The state tensors call ``t`` runs with in the re-run: the previous call's output
+    (``chained``), except in the sequences where the call received a zero state that
+    was not that output (the loop started again within the step: a model run on two
+    inputs before one backward pass). There it runs from that zero state, as it did,
+    and nothing flows back to the calls before it. Until session 20 the re-run chained
+    through: later calls ran from states they never had."""
+    given = calls.state_in[t]
+    if given is None:
+        return chained
+    tensors, _ = flatten_state(given)
+    previous = calls.h[t - 1]
+    if len(tensors) != len(chained) or tensors[0].shape != previous.shape:
+        return chained
+    def rows(mask: torch.Tensor) -> torch.Tensor:
+        return mask.reshape(mask.shape[0], -1).all(1)
+    restart = rows(tensors[0] == 0) & ~rows(tensors[0] == previous)
+    for g in tensors[1:]:
+        restart &= rows(g == 0)
+    return [torch.where(restart.view(-1, *[1] * (c.dim() - 1)), g.to(c.dtype), c) for g, c in zip(tensors, chained)]
 
 
 def _call_args(calls: _CustomCalls, x_t: torch.Tensor, state: Any, extra_args: tuple[Any, ...]) -> tuple[Any, ...]:
