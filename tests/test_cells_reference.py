@@ -314,13 +314,19 @@ def test_a_cell_loop_run_on_two_inputs_before_one_backward_pass(kind, tmp_path, 
     last call walks back through b's loop only and is zero on a's calls, on which
     h_T does not depend (until session 20 the scan walked on through them as if b's
     first call had received a's last state)."""
+    check_two_inputs(kind, tmp_path, torch.device("cpu"))
+
+
+def check_two_inputs(kind: str, tmp_path, device: torch.device) -> None:
+    """The siamese loop on ``device``, the reference on the CPU."""
     torch.manual_seed(0)
     model = Loop(kind, stacked=False, future=0)
+    on_device = copy.deepcopy(model).to(device)
     g = torch.Generator().manual_seed(1)
     a, b = (torch.randn(T, B, IN, generator=g, dtype=torch.float64) for _ in range(2))
     path = tmp_path / "t.h5"
-    with seqscope.watch(model, path, every=1, sequences=B, precision="full"):
-        ya, yb = model(a), model(b)
+    with seqscope.watch(on_device, path, every=1, sequences=B, precision="full"):
+        ya, yb = on_device(a.to(device)), on_device(b.to(device))
         (ya.pow(2).sum() + (ya - yb).pow(2).sum()).backward()
     ra, rec_a, _ = reference_loop(model, a)
     rb, rec_b, w = reference_loop(model, b)

@@ -25,7 +25,7 @@ from seqscope.capture import graphs, recurrences
 from seqscope.capture import scope as scope_module
 from seqscope.diagnose import diagnose
 from tests import reference as ref
-from tests.test_cells_reference import check_cell_loop, check_checkpointed_per_step, check_script_loop
+from tests.test_cells_reference import check_cell_loop, check_checkpointed_per_step, check_script_loop, check_two_inputs
 from tests.test_custom_cells import check_custom_cell, check_memory_argument, check_training_unchanged
 
 
@@ -632,7 +632,8 @@ def test_recorded_numbers_on_cuda_match_unrolled_reference(tmp_path):
     updated in place before a step's record is finished (update_between),
     parametrized cells and modules, weights set before each forward (weight drop),
     torch.compile (inductor, reduce-overhead), loops over timesteps in the training
-    script, user-written cells, a custom cell's re-runs leaving training unchanged
+    script or a model called once per timestep, a cell loop run on two inputs before
+    one backward pass, user-written cells, a custom cell's re-runs leaving training unchanged
     (the CUDA generator), and CUDA graphs (one test, so that a machine without CUDA
     shows one skip). SEQSCOPE_REQUIRE_CUDA=1 (set by benchmarks/gpu_check.sh) turns
     the skip into a failure."""
@@ -698,6 +699,10 @@ def test_recorded_numbers_on_cuda_match_unrolled_reference(tmp_path):
         attempt(f"weight-drop-{kind}", lambda folder, k=kind: check_weight_drop(k, folder, cuda))
     for kind in ("lstm", "gru"):  # a loop over timesteps in the script: steps begin at the cells' calls
         attempt(f"script-loop-{kind}", lambda folder, k=kind: check_script_loop(k, folder, cuda))
+        # the watched model itself called once per timestep: one step per backward pass
+        attempt(f"model-per-timestep-{kind}", lambda folder, k=kind: check_script_loop(k, folder, cuda,
+                                                                                      model_per_timestep=True))
+        attempt(f"cells-two-inputs-{kind}", lambda folder, k=kind: check_two_inputs(k, folder, cuda))
     for which in ("peephole-tuple-state", "minimal-dataclass-state"):  # user-written cells
         attempt(f"custom-{which}-updated", lambda folder, w=which: check_custom_cell(
             w, torch.float64, 1.0, False, folder, update_between=True, device=cuda))
