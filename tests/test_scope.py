@@ -377,6 +377,71 @@ def test_a_model_called_on_two_inputs_before_one_backward_pass_is_one_step(tmp_p
                 np.testing.assert_allclose(prop[i].data, ref.propagation(layer, i, 0).numpy(), rtol=1e-10)
 
 
+def test_a_backward_pass_to_the_input_alone_ends_the_step(tmp_path):
+    """An adversarial step: the gradient with respect to the input alone
+    (torch.autograd.grad, which reaches no parameter), then a training pass on the
+    perturbed input. The training pass is a step of its own, recorded against the
+    reference: the output's gradient hooks saw the first backward pass."""
+    torch.manual_seed(0)
+    lstm = nn.LSTM(3, 4).double()
+    opt = torch.optim.SGD(lstm.parameters(), lr=0.1)
+    path = tmp_path / "t.h5"
+    runs = []
+    with seqscope.watch(lstm, path, every=1, precision="full") as scope:
+        for _ in range(2):
+            x = torch.randn(5, 2, 3, dtype=torch.float64, requires_grad=True)
+            g, = torch.autograd.grad(lstm(x)[0].pow(2).sum(), x)
+            x_adv = (x + 0.1 * g.sign()).detach()
+            before = copy.deepcopy(lstm)
+            lstm(x_adv)[0].pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+            runs.append((before, x_adv))
+        assert scope.step == 3
+    with seqscope.open(path) as trace:
+        assert list(trace.steps) == [0, 1, 2, 3]
+        for step, (before, x_adv) in zip((1, 3), runs):
+            layers, outs, _, _ = ref.run_reference(before, [x_adv[:, i] for i in range(2)])
+            torch.stack(outs).pow(2).mean().backward()
+            layer = layers[(0, 0)]
+            for i in range(2):
+                np.testing.assert_allclose(trace.hidden("lstm.l0", step)[i].data,
+                                           torch.stack(layer.h[i]).detach().numpy(), rtol=1e-12)
+                np.testing.assert_allclose(trace.grad_norms("lstm.l0", step)["hidden"][i].data,
+                                           [ref.norm(h.grad).item() for h in layer.h[i]], rtol=1e-10)
+
+
+def test_forward_passes_without_a_backward_pass_end_a_step_at_the_cap(tmp_path, caplog, monkeypatch):
+    """An inference loop in training mode without torch.no_grad(): no backward pass
+    ever ends the step, so a step ends after MAX_FORWARDS_PER_STEP forward passes
+    (each recorded step keeps its cell calls' states: it must stay bounded), and
+    seqscope says why, once."""
+    from seqscope.capture import scope as scope_module
+
+    monkeypatch.setattr(scope_module, "MAX_FORWARDS_PER_STEP", 5)
+
+    class PerStep(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.cell = nn.GRUCell(2, 3)
+
+        def forward(self, x, h):
+            return self.cell(x, h)
+
+    net = PerStep()
+    with caplog.at_level("WARNING", logger="seqscope"):
+        with seqscope.watch(net, tmp_path / "t.h5", every=1) as scope:
+            h = torch.zeros(1, 3)
+            for _ in range(12):
+                h = net(torch.randn(1, 2), h)
+            assert scope.step == 2  # 5 + 5 + 2 passes
+    said = [r.getMessage() for r in caplog.records if "forward passes with autograd on" in r.getMessage()]
+    assert len(said) == 1, said
+    with seqscope.open(tmp_path / "t.h5") as trace:
+        assert list(trace.steps) == [0, 1, 2]
+        assert [trace.hidden("cell", s).shape[1] for s in (0, 1, 2)] == [5, 5, 2]
+
+
 def test_user_step_numbers_and_schedules(tmp_path):
     rnn = nn.RNN(2, 3)
     x = torch.randn(4, 1, 2)

@@ -60,6 +60,10 @@ log = logging.getLogger("seqscope")
 
 _FLOAT_STORAGE = {"float16": torch.float16, "float32": torch.float32}
 _PENDING_SCALARS_MAX = 4096  # unrecorded steps' scalars are written in batches of this size
+# forward passes of the watched model with autograd on, and no backward pass or optimizer step,
+# after which a step ends anyway: a recorded step keeps each cell call's states (an inference loop
+# run without torch.no_grad() in training mode would otherwise grow one step without bound)
+MAX_FORWARDS_PER_STEP = 10_000
 
 # scopes not closed yet, with the process that opened them: closed at interpreter exit
 _OPEN_SCOPES: weakref.WeakKeyDictionary[Scope, int] = weakref.WeakKeyDictionary()
@@ -108,8 +112,9 @@ class StepState:
     # next forward (or, for steps begun at a layer's call, Scope.enter_layer, the next
     # layer call) begins a step
     backward_seen: bool = False
-    # gradient hooks that set backward_seen are in place (_watch_backward)
+    # gradient hooks that set backward_seen are in place (_watch_backward, _watch_outputs)
     watching_backward: bool = False
+    forwards: int = 1  # forward passes of the watched model in this step
     # began with the watched model in eval mode (model.eval()) and autograd on: a
     # validation loop without torch.no_grad() if no backward pass or optimizer step follows
     eval_mode: bool = False
@@ -203,6 +208,7 @@ class Scope:
         self._warned_backward = False
         self._warned_eval_mode = False
         self._warned_reentrant = False
+        self._warned_forwards = False
 
         config = {
             "every": getattr(self.schedule, "__name__", repr(every)),
@@ -396,11 +402,23 @@ class Scope:
                 return  # another closure evaluation of the same optimizer step
             self._opt_has_pass = True
         elif module.training and self._current is not None and self._before_backward(self._current):
-            return  # the model called again before the step's backward pass: the same step
+            self._current.forwards += 1
+            if self._current.forwards <= MAX_FORWARDS_PER_STEP:
+                return  # the model called again before the step's backward pass: the same step
+            self._say_forwards_without_backward()
         self._begin_step()
         if self._current is not None:
             self._current.eval_mode = not module.training
             self._watch_backward(self._current, whole_model=True)
+
+    def _say_forwards_without_backward(self) -> None:
+        if self._warned_forwards:
+            return
+        self._warned_forwards = True
+        log.warning("seqscope: the watched model ran %d forward passes with autograd on and no backward pass or "
+                    "optimizer step between them; seqscope begins a new step here (and every %d such passes) so "
+                    "that its record stays bounded. Run inference under torch.no_grad() (said once)",
+                    MAX_FORWARDS_PER_STEP, MAX_FORWARDS_PER_STEP)
 
     def _before_backward(self, step: StepState) -> bool:
         """Whether ``step`` (begun by a training-mode forward of the watched model)
@@ -534,6 +552,21 @@ class Scope:
             state, self._eval = self._eval, None
             self._finalize(state)
             self._sync_cell_hooks()
+        elif self._current is not None and not self._current.backward_seen and torch.is_grad_enabled():
+            self._watch_outputs(self._current, output)
+
+    def _watch_outputs(self, step: StepState, output: Any) -> None:
+        """Gradient hooks on the forward's output tensors that note a backward pass
+        reaching them: one that reaches no parameter (``torch.autograd.grad`` with
+        respect to the input, as an adversarial attack on the input computes it) ends
+        the step as well."""
+        def seen(grad: torch.Tensor) -> None:
+            step.backward_seen = True
+
+        for t in _output_tensors(output):
+            if t.requires_grad:
+                step.handles.append(t.register_hook(seen))
+                step.watching_backward = True
 
     def _hook_parameters(self, step: StepState) -> None:
         """Each parameter's gradient from this step's backward pass: a tensor hook
@@ -908,6 +941,22 @@ class Scope:
         step_row = (step.step, step.wall_time, step.batch_size, n_time, n_seq, step.phase)
         return StepRecord(step_row, arrays, scalars, self._take_layers(), self._take_names(), deferred,
                           ready + scalars_ready)
+
+
+def _output_tensors(output: Any, depth: int = 0) -> list[torch.Tensor]:
+    """The tensors of a model's output: itself, or inside tuples, lists and dicts
+    (two levels: ``(output, (h, c))``), eight at most."""
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if depth >= 2:
+        return []
+    items = output.values() if isinstance(output, dict) else output if isinstance(output, (tuple, list)) else ()
+    found: list[torch.Tensor] = []
+    for item in items:
+        found += _output_tensors(item, depth + 1)
+        if len(found) >= 8:
+            return found[:8]
+    return found
 
 
 def _class_name(module: nn.Module) -> str:
