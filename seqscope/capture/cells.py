@@ -515,10 +515,11 @@ class CellRecorder(_HookedCell):
 
 
 def _restarts(state_in: torch.Tensor, previous_out: torch.Tensor) -> torch.Tensor:
-    """[time - 1, sequence]: whether call t (from the second on) received a zero state
-    that is not the previous call's output: the loop started again within the step
-    (a model run on two inputs before one backward pass, or a loop that runs twice)."""
-    return (state_in[1:] == 0).all(-1) & ~(state_in[1:] == previous_out[:-1]).all(-1)
+    """Per row (the last dimension holds the units): whether a call received a zero
+    state that is not the previous call's output, that is, the loop started again
+    within the step (a model run on two inputs before one backward pass, or a loop
+    that runs twice)."""
+    return (state_in == 0).all(-1) & ~(state_in == previous_out).all(-1)
 
 
 def _from_last_restart(profile: torch.Tensor, h_prev: torch.Tensor, h: torch.Tensor,
@@ -531,7 +532,7 @@ def _from_last_restart(profile: torch.Tensor, h_prev: torch.Tensor, h: torch.Ten
     n_time = profile.shape[0]
     if n_time < 2:
         return profile
-    restart = _restarts(h_prev, h)
+    restart = _restarts(h_prev[1:], h[:-1])  # [time - 1, sequence]
     if c_prev is not None and c is not None:
         restart &= (c_prev[1:] == 0).all(-1)
     steps = torch.arange(1, n_time, device=profile.device).unsqueeze(1)
@@ -786,11 +787,10 @@ def _restarted(calls: _CustomCalls, t: int, chained: list[torch.Tensor]) -> list
     previous = calls.h[t - 1]
     if len(tensors) != len(chained) or tensors[0].shape != previous.shape:
         return chained
-    def rows(mask: torch.Tensor) -> torch.Tensor:
-        return mask.reshape(mask.shape[0], -1).all(1)
-    restart = rows(tensors[0] == 0) & ~rows(tensors[0] == previous)
+    n_seq = previous.shape[0]
+    restart = _restarts(tensors[0].reshape(n_seq, -1), previous.reshape(n_seq, -1))
     for g in tensors[1:]:
-        restart &= rows(g == 0)
+        restart &= (g.reshape(n_seq, -1) == 0).all(-1)
     return [torch.where(restart.view(-1, *[1] * (c.dim() - 1)), g.to(c.dtype), c) for g, c in zip(tensors, chained)]
 
 
