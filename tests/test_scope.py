@@ -411,6 +411,31 @@ def test_a_backward_pass_to_the_input_alone_ends_the_step(tmp_path):
                                            [ref.norm(h.grad).item() for h in layer.h[i]], rtol=1e-10)
 
 
+def test_an_output_that_takes_no_gradient_hook_does_not_stop_training(tmp_path):
+    """seqscope hooks the model's output tensors to see a backward pass reach them;
+    an output that refuses a hook (a tensor subclass) costs that signal only: the
+    parameters' hooks still end each step, and training goes on."""
+    class NoHooks(torch.Tensor):
+        def register_hook(self, hook):
+            raise RuntimeError("this tensor takes no hooks")
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = nn.GRU(2, 3)
+
+        def forward(self, x):
+            return self.rnn(x)[0].as_subclass(NoHooks)
+
+    model = Model()
+    with seqscope.watch(model, tmp_path / "t.h5", every=1) as scope:
+        for _ in range(3):
+            model(torch.randn(4, 2, 2)).sum().backward()
+        assert scope.step == 2
+    with seqscope.open(tmp_path / "t.h5") as trace:
+        assert list(trace.steps) == [0, 1, 2]
+
+
 def test_forward_passes_without_a_backward_pass_end_a_step_at_the_cap(tmp_path, caplog, monkeypatch):
     """An inference loop in training mode without torch.no_grad(): no backward pass
     ever ends the step, so a step ends after MAX_FORWARDS_PER_STEP forward passes

@@ -565,7 +565,11 @@ class Scope:
 
         for t in _output_tensors(output):
             if t.requires_grad:
-                step.handles.append(t.register_hook(seen))
+                try:
+                    step.handles.append(t.register_hook(seen))
+                except Exception as exc:  # noqa: BLE001 - a tensor that takes no hook (a subclass): never break training
+                    log.debug("seqscope: no gradient hook on the model's output: %s", exc)
+                    continue
                 step.watching_backward = True
 
     def _hook_parameters(self, step: StepState) -> None:
