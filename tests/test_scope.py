@@ -436,6 +436,21 @@ def test_an_output_that_takes_no_gradient_hook_does_not_stop_training(tmp_path):
         assert list(trace.steps) == [0, 1, 2]
 
 
+def test_parameters_that_take_no_gradient_hook_do_not_stop_training(tmp_path, monkeypatch):
+    """The same for the parameters seqscope hooks on every step (unrecorded steps:
+    recorded ones hook every parameter, as before this session): the output's hooks
+    still end each step, and training goes on."""
+    def refuse(self, hook):
+        raise RuntimeError("this parameter takes no hooks")
+
+    monkeypatch.setattr(nn.Parameter, "register_hook", refuse, raising=False)
+    model = nn.GRU(2, 3)
+    with seqscope.watch(model, tmp_path / "t.h5", every=lambda s: False) as scope:
+        for _ in range(3):
+            model(torch.randn(4, 2, 2))[0].sum().backward()
+        assert scope.step == 2
+
+
 def test_forward_passes_without_a_backward_pass_end_a_step_at_the_cap(tmp_path, caplog, monkeypatch):
     """An inference loop in training mode without torch.no_grad(): no backward pass
     ever ends the step, so a step ends after MAX_FORWARDS_PER_STEP forward passes

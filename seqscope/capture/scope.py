@@ -496,8 +496,12 @@ class Scope:
                 found += trainable[:1] + trainable[-1:]
             params = self._backward_params[whole_model] = list({id(p): p for p in found if p is not None}.values())
         for p in params:
-            step.handles.append(p.register_hook(seen))
-        step.watching_backward = bool(params)
+            try:
+                step.handles.append(p.register_hook(seen))
+            except Exception as exc:  # noqa: BLE001 - a parameter that takes no hook: never break training
+                log.debug("seqscope: no gradient hook on a parameter: %s", exc)
+                continue
+            step.watching_backward = True
 
     def _note_eval_mode_step(self, step: StepState) -> None:
         """Say once that a step ran the model in eval mode with autograd on and
