@@ -377,6 +377,38 @@ def test_a_model_called_on_two_inputs_before_one_backward_pass_is_one_step(tmp_p
                 np.testing.assert_allclose(prop[i].data, ref.propagation(layer, i, 0).numpy(), rtol=1e-10)
 
 
+def test_a_forward_pass_whose_backward_pass_is_skipped_joins_the_next_step(tmp_path):
+    """A loop that skips the backward pass of a batch (its loss was NaN): that forward
+    pass and the next batch's are one step, whose record holds the skipped batch's
+    states (the layer's first call of the step) and no gradients, which it never had;
+    steps are numbered as the loop's optimizer steps."""
+    torch.manual_seed(0)
+    lstm = nn.LSTM(3, 4).double()
+    opt = torch.optim.SGD(lstm.parameters(), lr=0.1)
+    batches = [torch.randn(5, 2, 3, dtype=torch.float64) for _ in range(4)]
+    path = tmp_path / "t.h5"
+    weights = []
+    with seqscope.watch(lstm, path, every=1, precision="full") as scope:
+        for i, x in enumerate(batches):
+            weights.append(copy.deepcopy(lstm))
+            loss = lstm(x)[0].pow(2).mean()
+            if i == 1:
+                continue  # "loss is NaN": no backward pass, no optimizer step
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        assert scope.step == 2
+    with seqscope.open(path) as trace:
+        assert list(trace.steps) == [0, 1, 2]
+        assert not trace.has("lstm.l0", 1, "grad_hidden")
+        assert trace.has("lstm.l0", 2, "grad_hidden")
+        for step, batch in ((1, 1), (2, 3)):
+            layers, _, _, _ = ref.run_reference(weights[batch], [batches[batch][:, i] for i in range(2)])
+            for i in range(2):
+                np.testing.assert_allclose(trace.hidden("lstm.l0", step)[i].data,
+                                           torch.stack(layers[(0, 0)].h[i]).detach().numpy(), rtol=1e-12)
+
+
 def test_a_backward_pass_to_the_input_alone_ends_the_step(tmp_path):
     """An adversarial step: the gradient with respect to the input alone
     (torch.autograd.grad, which reaches no parameter), then a training pass on the

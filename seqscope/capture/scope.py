@@ -647,8 +647,9 @@ class Scope:
                 self._called_again.add(id(recorder))
                 cell = {schema.KIND_LSTM: "LSTMCell", schema.KIND_GRU: "GRUCell"}.get(recorder.kind, "RNNCell")
                 log.warning(
-                    "seqscope: %s ran more than once in one step (before one backward pass: on two inputs, or once "
-                    "per timestep); only its first call of each step is "
+                    "seqscope: %s ran more than once in one step (a step lasts until a backward pass reaches the "
+                    "model: a model run on two inputs or once per timestep, or a forward pass whose backward pass "
+                    "was skipped); only its first call of each step is "
                     "recorded (a layer called once per timestep, as in a decoder loop, is recorded in full "
                     "as an nn.%s in the loop, or when called once on the whole sequence)", recorder.name, cell)
             return None
