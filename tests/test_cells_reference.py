@@ -769,6 +769,57 @@ def test_evaluation_pass_is_recorded_without_gradients_and_apart(tmp_path):
     assert evaluated.shape[0] == T + 3 + 2
 
 
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_a_model_called_once_per_timestep_is_evaluated_in_one_pass(kind, tmp_path):
+    """Under torch.no_grad() the watched model is called once per timestep, each call
+    given the state the last one returned: one evaluation pass holds every call, not
+    one timestep (until session 20 each call was a pass of its own, and only the first
+    was recorded). A second loop on another batch starts from a new state: another
+    pass, not recorded again for the same step number. Two training steps (every=1)
+    number the passes."""
+    torch.manual_seed(0)
+    model = StepModel(kind, stacked=True, future=2)
+    g = torch.Generator().manual_seed(1)
+    path = tmp_path / "t.h5"
+    evaluated = []
+
+    def loop(x):
+        s1 = s2 = None
+        outs = []
+        for t in range(x.shape[0]):
+            s1, s2, y = model(x[t], s1, s2)
+            outs.append(y)
+        for _ in range(model.future):
+            s1, s2, y = model(outs[-1], s1, s2)
+            outs.append(y)
+        return torch.stack(outs)
+
+    with seqscope.watch(model, path, every=1, sequences=B, precision="full"):
+        for _ in range(2):
+            x = torch.randn(T, B, IN, generator=g, dtype=torch.float64)
+            loop(x).pow(2).mean().backward()
+            x_eval = torch.randn(T + 1, B, IN, generator=g, dtype=torch.float64)
+            with torch.no_grad():
+                loop(x_eval)
+                loop(torch.randn(T, B, IN, generator=g, dtype=torch.float64))  # another batch: not recorded
+            evaluated.append((copy.deepcopy(model), x_eval))
+    with seqscope.open(path) as trace:
+        assert list(trace.steps) == [0, 1]
+        assert list(trace.eval_steps) == [0, 1]
+        for step, (weights, x_eval) in enumerate(evaluated):
+            _, records, _ = reference_loop(weights, x_eval)
+            for name, rec in zip(("c1", "c2"), records):
+                hidden = trace.hidden(name, step, phase="eval")
+                assert hidden.shape == (B, T + 1 + model.future, HID)
+                gates = trace.gates(name, step, phase="eval")
+                for b in range(B):
+                    np.testing.assert_allclose(hidden[b].data, torch.stack(rec["h"])[:, b].detach().numpy(),
+                                               rtol=1e-6, atol=1e-9)
+                    for gname, values in gates.items():
+                        want = torch.stack([gg[gname][b] for gg in rec["gates"]]).detach().numpy()
+                        np.testing.assert_allclose(values[b].data, want, rtol=1e-6, atol=1e-9)
+
+
 def test_cell_hooks_exist_only_during_recorded_steps(tmp_path):
     """On steps the schedule does not pick, a watched cell carries no forward hook
     (it cost every call ~7 us); recorded steps and evaluation passes still get

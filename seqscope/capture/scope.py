@@ -189,6 +189,11 @@ class Scope:
         self._next_step = 0
         self._current: StepState | None = None
         self._eval: StepState | None = None  # an evaluation pass (forward under no_grad) in flight
+        # whether the watched model's forward of that pass is running; a recorded pass stays
+        # open after it, and the next forward under no_grad that receives one of its outputs
+        # (_eval_outputs, weak references) continues it: a model called once per timestep
+        self._eval_in_forward = False
+        self._eval_outputs: list[weakref.ref[torch.Tensor]] = []
         self._eval_recorded_for: int | None = None
         self._called_again: set[int] = set()  # fused modules warned about: a second call in one step
         # the parameters whose gradient hooks tell that a backward pass reached the model
@@ -330,7 +335,8 @@ class Scope:
         # cell hooks are installed per recorded step (_sync_cell_hooks)
         # noted in attach: copy.deepcopy(model) and torch.save(model) leave them out
         m = self.model
-        self._model_handles = [attach.hook_added(m, m.register_forward_pre_hook(self._on_model_forward)),
+        self._model_handles = [attach.hook_added(m, m.register_forward_pre_hook(self._on_model_forward,
+                                                                                with_kwargs=True)),
                                attach.hook_added(m, m.register_forward_hook(self._on_model_forward_end))]
         # fused layers call enter_layer from their forward; cells report their calls here
         for c in (*self._cell_recorders, *self._custom_recorders):
@@ -380,9 +386,15 @@ class Scope:
         self._opt_depth = max(0, self._opt_depth - 1)
 
     @torch.compiler.disable  # seqscope's own code is never traced by torch.compile
-    def _on_model_forward(self, module: nn.Module, args: Any) -> None:
+    def _on_model_forward(self, module: nn.Module, args: Any, kwargs: Any = None) -> None:
         if self._closed or rec.in_backward():
             return  # a recomputation inside backward (activation checkpointing) is no new step
+        if self._eval is not None:
+            if not self._eval_in_forward and not torch.is_grad_enabled() and self._continues_eval(args, kwargs):
+                self._eval.forwards += 1
+                self._eval_in_forward = True
+                return  # the model called again on its own output under no_grad: the same pass
+            self._end_eval()
         if not torch.is_grad_enabled():
             self._begin_eval()
             return
@@ -519,6 +531,8 @@ class Scope:
         )
 
     def _begin_step(self) -> None:
+        if self._eval is not None:
+            self._end_eval()
         if self._current is not None:
             self._finalize(self._current)
         n = self._next_step
@@ -544,8 +558,34 @@ class Scope:
             wanted = False
         recorded = wanted and self._eval_recorded_for != n and self.writer.failed is None
         self._eval = StepState(step=n, recorded=recorded, wall_time=time.time(), phase=schema.PHASE_EVAL)
+        self._eval_in_forward = True
         if recorded:
             self._eval_recorded_for = n
+        self._sync_cell_hooks()
+
+    def _continues_eval(self, args: Any, kwargs: Any) -> bool:
+        """Whether a forward under no_grad continues the open evaluation pass: it
+        receives one of the pass's last outputs (the state of a model called once per
+        timestep), and the pass has not reached MAX_FORWARDS_PER_STEP."""
+        assert self._eval is not None
+        if self._eval.forwards >= MAX_FORWARDS_PER_STEP:
+            return False
+        outputs = {id(t) for t in (r() for r in self._eval_outputs) if t is not None}
+        given = _output_tensors(args) + (_output_tensors(kwargs) if kwargs else [])
+        return any(id(t) in outputs for t in given)
+
+    def _end_eval(self) -> None:
+        """Write the evaluation pass in flight; one whose forward did not end (an
+        exception cut it short) is dropped."""
+        state, self._eval = self._eval, None
+        self._eval_outputs = []
+        if state is None:
+            return
+        if self._eval_in_forward:
+            state.remove_hooks()
+        else:
+            self._finalize(state)
+        self._eval_in_forward = False
         self._sync_cell_hooks()
 
     @torch.compiler.disable  # seqscope's own code is never traced by torch.compile
@@ -553,9 +593,12 @@ class Scope:
         if rec.in_backward():
             return
         if self._eval is not None and not torch.is_grad_enabled():
-            state, self._eval = self._eval, None
-            self._finalize(state)
-            self._sync_cell_hooks()
+            self._eval_in_forward = False
+            if self._eval.recorded and not self._eval.failed:
+                # kept open: the model's next forward under no_grad may continue it (_continues_eval)
+                self._eval_outputs = [weakref.ref(t) for t in _output_tensors(output)]
+            else:
+                self._end_eval()
         elif self._current is not None and not self._current.backward_seen and torch.is_grad_enabled():
             self._watch_outputs(self._current, output)
 
@@ -633,7 +676,9 @@ class Scope:
     def _active(self) -> StepState | None:
         """The record that module calls go to: the training step, or the evaluation
         pass when autograd is off."""
-        return self._current if torch.is_grad_enabled() else self._eval
+        if torch.is_grad_enabled():
+            return self._current
+        return self._eval if self._eval_in_forward else None
 
     def recording_step_for(self, recorder: FusedRecorder) -> StepState | None:
         """The step to record this module's forward into, or None to run it plainly."""
@@ -745,9 +790,8 @@ class Scope:
         if self._closed:
             return
         try:
-            if self._eval is not None:  # an evaluation pass interrupted by the exit
-                self._eval.remove_hooks()
-                self._eval = None
+            if self._eval is not None:  # written if its forward ended, dropped if the exit interrupted it
+                self._end_eval()
             if self._current is not None:
                 if keep_current:
                     self._finalize(self._current)
