@@ -213,17 +213,27 @@ def test_a_custom_cell_loop_run_on_two_inputs_before_one_backward_pass(which, tm
     ra, rb = torch.stack(hs[:T]), torch.stack(hs[T:])
     (ra.pow(2).sum() + (ra - rb).pow(2).sum()).backward(retain_graph=True)
     with seqscope.open(path) as trace:
-        assert list(trace.steps) == [0]
-        for s in range(B):
-            np.testing.assert_allclose(trace.hidden("cell", 0)[s].data, torch.stack(hs)[:, s].detach().numpy(),
-                                       rtol=1e-12)
-            np.testing.assert_allclose(trace.grad_norms("cell", 0)["hidden"][s].data,
-                                       [ref.norm(h.grad[s]).item() for h in hs], rtol=1e-10)
-            v = ref.unit_direction(hs[-1].grad[s])
-            back = torch.autograd.grad(hs[-1][s], hs, grad_outputs=v, retain_graph=True, allow_unused=True)
-            want = [0.0 if gr is None else ref.norm(gr[s]).item() for gr in back]
-            assert want[:T] == [0.0] * T
-            np.testing.assert_allclose(trace.propagation("cell", 0)[s].data, want, rtol=1e-10, atol=1e-300)
+        profiles = check_chain(trace, hs)
+    assert all(list(p[:T]) == [0.0] * T for p in profiles)  # nothing flows back into a's loop
+
+
+def check_chain(trace: Any, hs: list[torch.Tensor]) -> list[np.ndarray]:
+    """Step 0 of the custom cell "cell" in ``trace`` against the reference's h_t
+    (float64, ``retain_grad``, after the loss's backward with ``retain_graph``): its
+    hidden states, gradient norms, and propagation profile, which is autograd's from
+    the last h_t back (zero where nothing flows). Returns the reference profiles."""
+    assert list(trace.steps) == [0]
+    profiles = []
+    for b in range(hs[0].shape[0]):
+        np.testing.assert_allclose(trace.hidden("cell", 0)[b].data, torch.stack(hs)[:, b].detach().numpy(),
+                                   rtol=1e-12)
+        np.testing.assert_allclose(trace.grad_norms("cell", 0)["hidden"][b].data,
+                                   [ref.norm(h.grad[b]).item() for h in hs], rtol=1e-10)
+        v = ref.unit_direction(hs[-1].grad[b])
+        back = torch.autograd.grad(hs[-1][b], hs, grad_outputs=v, retain_graph=True, allow_unused=True)
+        profiles.append(np.array([0.0 if g is None else ref.norm(g[b]).item() for g in back]))
+        np.testing.assert_allclose(trace.propagation("cell", 0)[b].data, profiles[-1], rtol=1e-10, atol=1e-300)
+    return profiles
 
 
 class _NormedGRU(nn.Module):
@@ -934,16 +944,7 @@ def test_a_custom_cell_checkpointed_call_by_call_is_recorded_in_time_order(tmp_p
         hs.append(h)
     torch.stack(hs).pow(2).sum().backward(retain_graph=True)
     with seqscope.open(tmp_path / "t.h5") as trace:
-        assert list(trace.steps) == [0]
-        prop = trace.propagation("cell", 0)
-        for b in range(B):
-            np.testing.assert_allclose(trace.hidden("cell", 0)[b].data, torch.stack(hs)[:, b].detach().numpy(),
-                                       rtol=1e-12)
-            np.testing.assert_allclose(trace.grad_norms("cell", 0)["hidden"][b].data,
-                                       [ref.norm(h.grad[b]).item() for h in hs], rtol=1e-10)
-            v = ref.unit_direction(hs[-1].grad[b])
-            back = torch.autograd.grad(hs[-1][b], hs, grad_outputs=v, retain_graph=True)
-            np.testing.assert_allclose(prop[b].data, [ref.norm(g[b]).item() for g in back], rtol=1e-10)
+        check_chain(trace, hs)
 
 
 def test_two_sequences_through_one_checkpointed_cell_are_recorded_in_the_forward_order(tmp_path):
