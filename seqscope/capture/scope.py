@@ -3,7 +3,10 @@
 Steps. A training step begins with a forward pass of the watched model while
 autograd is enabled. Forward passes inside one ``optimizer.step()`` call (the
 closure of LBFGS and friends) belong to the step that the first of them began;
-only that first pass is recorded.
+only that first pass is recorded. In training mode, forward passes before a
+backward pass has reached the model (or an optimizer step has run) belong to the
+step in progress (``_before_backward``): a model called once per timestep, or on
+two inputs before one loss, runs one step per backward pass.
 
 A training loop need not call the watched model itself: a sequence-to-sequence
 loop calls ``model.encoder`` and ``model.decoder`` in turn, and a container
