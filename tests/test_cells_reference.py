@@ -820,6 +820,37 @@ def test_a_model_called_once_per_timestep_is_evaluated_in_one_pass(kind, tmp_pat
                         np.testing.assert_allclose(values[b].data, want, rtol=1e-6, atol=1e-9)
 
 
+def test_an_evaluation_pass_cut_short_by_an_exception_is_dropped(tmp_path):
+    """An evaluation forward that raises after some cell calls: the next forward drops
+    that pass, never writing half of it (step 0 keeps no evaluation record: its one
+    recorded pass was the interrupted one), and the next step's pass is recorded whole."""
+    torch.manual_seed(0)
+    model = Loop("gru", stacked=False, future=0)
+    x = torch.randn(T, B, IN, dtype=torch.float64)
+    x_eval = torch.randn(T, B, IN, dtype=torch.float64)
+
+    def fail(module, args, output):
+        raise RuntimeError("the head failed")
+
+    path = tmp_path / "t.h5"
+    with seqscope.watch(model, path, every=1, sequences=B, precision="full"):
+        for step in range(2):
+            model(x).pow(2).mean().backward()
+            with torch.no_grad():
+                if step == 0:
+                    handle = model.head.register_forward_hook(fail)
+                    with pytest.raises(RuntimeError, match="the head failed"):
+                        model(x_eval)  # after the first cell call
+                    handle.remove()
+                model(x_eval)
+    with seqscope.open(path) as trace:
+        assert list(trace.steps) == [0, 1]
+        assert list(trace.eval_steps) == [1]
+        _, records, _ = reference_loop(model, x_eval)
+        np.testing.assert_allclose(trace.hidden("c1", 1, phase="eval")[0].data,
+                                   torch.stack(records[0]["h"])[:, 0].detach().numpy(), rtol=1e-6, atol=1e-9)
+
+
 def test_cell_hooks_exist_only_during_recorded_steps(tmp_path):
     """On steps the schedule does not pick, a watched cell carries no forward hook
     (it cost every call ~7 us); recorded steps and evaluation passes still get
