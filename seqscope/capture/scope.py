@@ -404,8 +404,7 @@ class Scope:
         if self.steps_from_layers:
             self._stop_steps_from_layers()  # the model's own calls begin steps from now on
             current = self._current  # until now every step began at a layer call (enter_layer)
-            if current is not None and not current.backward_seen \
-                    and current.optimizer_steps == self._optimizer_steps:
+            if current is not None and self._untouched(current):
                 # layer calls before the model's first forward, with no backward pass or
                 # optimizer step since (a shape probe at set-up): no step; numbering as without them
                 current.remove_hooks()
@@ -443,8 +442,12 @@ class Scope:
         batch), runs one step. A step in eval mode (a validation loop without
         torch.no_grad()), and one whose model has no trainable parameter to watch, end
         at the next forward as before."""
-        return (step.watching_backward and not step.eval_mode and not step.backward_seen
-                and step.optimizer_steps == self._optimizer_steps)
+        return step.watching_backward and not step.eval_mode and self._untouched(step)
+
+    def _untouched(self, step: StepState) -> bool:
+        """Neither a backward pass (that seqscope's hooks saw) nor an optimizer step
+        since ``step`` began."""
+        return not step.backward_seen and step.optimizer_steps == self._optimizer_steps
 
     def _stop_steps_from_layers(self) -> None:
         self.steps_from_layers = False
@@ -485,7 +488,7 @@ class Scope:
                     current.repeated_pass = True
                 return
             self._opt_has_pass = True
-        elif current is not None and not current.backward_seen and current.optimizer_steps == self._optimizer_steps:
+        elif current is not None and self._untouched(current):
             return
         self._begin_step()
         if self._current is not None:
@@ -498,9 +501,6 @@ class Scope:
         them (removed when the step ends). The parameters are chosen once and chosen
         again when one of them no longer requires grad (walking the model's parameters
         took ~20 us a step, and this runs on every step)."""
-        def seen(grad: torch.Tensor) -> None:
-            step.backward_seen = True
-
         params = self._backward_params.get(whole_model)
         if not params or not all(p.requires_grad for p in params):
             modules: list[nn.Module] = [r.module for r in self._recorders]
@@ -510,20 +510,14 @@ class Scope:
                 trainable = [p for p in self.model.parameters() if p.requires_grad]
                 found += trainable[:1] + trainable[-1:]
             params = self._backward_params[whole_model] = list({id(p): p for p in found if p is not None}.values())
-        for p in params:
-            try:
-                step.handles.append(p.register_hook(seen))
-            except Exception as exc:  # noqa: BLE001 - a parameter that takes no hook: never break training
-                log.debug("seqscope: no gradient hook on a parameter: %s", exc)
-                continue
-            step.watching_backward = True
+        _note_backward_through(step, params)
 
     def _note_eval_mode_step(self, step: StepState) -> None:
         """Say once that a step ran the model in eval mode with autograd on and
         neither a backward pass nor an optimizer step followed: a validation loop
         without torch.no_grad(), counted (and maybe recorded) as a training step."""
-        if self._warned_eval_mode or not step.eval_mode or step.backward_seen \
-                or step.optimizer_steps != self._optimizer_steps or step.phase != schema.PHASE_TRAIN:
+        if self._warned_eval_mode or not step.eval_mode or not self._untouched(step) \
+                or step.phase != schema.PHASE_TRAIN:
             return
         self._warned_eval_mode = True
         log.warning(
@@ -610,17 +604,7 @@ class Scope:
         reaching them: one that reaches no parameter (``torch.autograd.grad`` with
         respect to the input, as an adversarial attack on the input computes it) ends
         the step as well."""
-        def seen(grad: torch.Tensor) -> None:
-            step.backward_seen = True
-
-        for t in _output_tensors(output):
-            if t.requires_grad:
-                try:
-                    step.handles.append(t.register_hook(seen))
-                except Exception as exc:  # noqa: BLE001 - a tensor that takes no hook (a subclass): never break training
-                    log.debug("seqscope: no gradient hook on the model's output: %s", exc)
-                    continue
-                step.watching_backward = True
+        _note_backward_through(step, [t for t in _output_tensors(output) if t.requires_grad])
 
     def _hook_parameters(self, step: StepState) -> None:
         """Each parameter's gradient from this step's backward pass: a tensor hook
@@ -997,6 +981,22 @@ class Scope:
         step_row = (step.step, step.wall_time, step.batch_size, n_time, n_seq, step.phase)
         return StepRecord(step_row, arrays, scalars, self._take_layers(), self._take_names(), deferred,
                           ready + scalars_ready)
+
+
+def _note_backward_through(step: StepState, tensors: Iterable[torch.Tensor]) -> None:
+    """A gradient hook on each tensor that sets ``step.backward_seen`` when a backward
+    pass reaches it (removed when the step ends). A tensor that takes no hook (a
+    subclass) costs that signal only, never the training step."""
+    def seen(grad: torch.Tensor) -> None:
+        step.backward_seen = True
+
+    for t in tensors:
+        try:
+            step.handles.append(t.register_hook(seen))
+        except Exception as exc:  # noqa: BLE001 - never break training
+            log.debug("seqscope: no gradient hook on %s: %s", type(t).__name__, exc)
+            continue
+        step.watching_backward = True
 
 
 def _output_tensors(output: Any, depth: int = 0) -> list[torch.Tensor]:
