@@ -26,6 +26,25 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"seqscope: {message}\n")
 
 
+def _whole(text: str, low: int, high: int | None, what: str) -> int:
+    """An argparse type: a whole number in [low, high]; anything else is one usage line."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = None
+    if n is None or n < low or (high is not None and n > high):
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+    return n
+
+
+def _port(text: str) -> int:
+    return _whole(text, 1, 65535, "a port number (1 to 65535)")
+
+
+def _at_least_one(text: str) -> int:
+    return _whole(text, 1, None, "a whole number of at least 1")
+
+
 def _open(path: str) -> Any:
     """Open a trace for a command: first in a child process with a time limit
     (a damaged file can hang the HDF5 library), then here."""
@@ -100,10 +119,11 @@ def _cmd_diagnose(args: argparse.Namespace) -> int:
 
     with _open(args.trace) as trace:
         findings = diagnose(trace)
+        recorded = len(trace.steps)
     if args.json:
         print(json.dumps({"findings": [f.to_dict() for f in findings]}, indent=2))
     else:
-        print(render_text(findings, args.trace))
+        print(render_text(findings, args.trace, recorded))
     if args.strict and any(f.severity == "error" for f in findings):
         return EXIT_FINDINGS
     return EXIT_OK
@@ -115,11 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="record a demo training run (2-layer LSTM) and open the dashboard on it")
     p.add_argument("--out", default="runs/demo.h5", help="trace path (default: runs/demo.h5)")
-    p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--every", type=int, default=10)
+    p.add_argument("--steps", type=_at_least_one, default=600, help="training steps (default 600)")
+    p.add_argument("--every", type=_at_least_one, default=10, help="record every N-th step (default 10)")
     p.add_argument("--no-dashboard", action="store_true", help="only record, do not serve the dashboard")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8050)
+    p.add_argument("--port", type=_port, default=8050)
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("info", help="what a trace holds")
@@ -136,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dashboard", help="serve the dashboard for a trace")
     p.add_argument("trace")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8050)
+    p.add_argument("--port", type=_port, default=8050)
     p.set_defaults(func=_cmd_dashboard)
     return parser
 

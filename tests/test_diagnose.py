@@ -198,3 +198,24 @@ def test_grad_scaler_skips_are_one_note_not_a_divergence(tmp_path):
             model.zero_grad()
     with seqscope.open(path2) as trace:
         assert any(f.kind == "nonfinite" and f.severity == "error" for f in diagnose(trace))
+
+
+@pytest.mark.parametrize("argv", [
+    ["dashboard", "TRACE", "--port", "80610"],
+    ["dashboard", "TRACE", "--port", "0"],
+    ["dashboard", "TRACE", "--port", "http"],
+    ["demo", "--no-dashboard", "--steps", "-5"],
+    ["demo", "--no-dashboard", "--every", "0"],
+    ["demo", "--no-dashboard", "--steps", "2.5"],
+], ids=["port-too-large", "port-zero", "port-not-a-number", "negative-steps", "every-zero", "fractional-steps"])
+def test_bad_command_line_values_give_one_line_and_exit_2(argv, tmp_path):
+    """Each used to end in a traceback (a port beyond 65535: dash's assertion; --every 0:
+    the schedule's ValueError) or, for negative --steps, in a demo that trained nothing."""
+    option, value = argv[-2:]
+    out = tmp_path / "demo.h5"
+    argv = [str(tmp_path / "t.h5") if a == "TRACE" else a for a in argv] + ["--out", str(out)] * (argv[0] == "demo")
+    proc = subprocess.run([sys.executable, "-m", "seqscope", *argv], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"argument {option}: '{value}' is not" in proc.stderr, proc.stderr
+    assert not out.exists()  # nothing trained, nothing written
