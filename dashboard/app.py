@@ -15,6 +15,7 @@ from dash import ALL, Dash, Input, Output, State, ctx, dcc, html, no_update
 
 from seqscope.dashboard import figures
 from seqscope.dashboard.data import TraceSource
+from seqscope.diagnose import no_findings
 from seqscope.errors import SeqscopeError
 
 log = logging.getLogger("seqscope")
@@ -188,7 +189,8 @@ def create_app(source: TraceSource | str) -> Dash:
         if version == shown:
             return no_update, no_update  # re-rendering would reset the buttons under the user's pointer
         if not found:
-            return html.P("No findings: gradients neither vanish nor explode in this trace.", id="no-findings"), version
+            text = no_findings(len(src.steps))
+            return html.P(text[0].upper() + text[1:], id="no-findings"), version
         items = []
         for i, f in enumerate(found):
             colour = figures.SEVERITY_COLOUR.get(f["severity"], "#888")

@@ -25,6 +25,7 @@ class TraceSource:
         self._lock = threading.RLock()
         self._grad_cache: dict[str, tuple[int, tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
         self._findings: list[dict[str, Any]] | None = None
+        self._findings_empty = False  # whether they were found on a trace without recorded steps
         self.findings_version = 0  # bumped whenever a diagnosis finishes
         self._diagnosing = False
         self._diagnoses_wanted = 0
@@ -178,8 +179,10 @@ class TraceSource:
                         found = [{"kind": "diagnosis_failed", "severity": "warning", "layer": None,
                                   "first_step": 0, "last_step": 0, "evidence": {},
                                   "message": f"diagnosis failed: {exc}"}]
-                    if found != self._findings:
-                        self._findings = found
+                    # an empty list reads differently for a trace without recorded steps (no_findings)
+                    empty = not len(self.trace.steps)
+                    if found != self._findings or empty != self._findings_empty:
+                        self._findings, self._findings_empty = found, empty
                         self.findings_version += 1
                     if wanted == self._diagnoses_wanted:  # nothing new since this one began
                         self._diagnosing = False

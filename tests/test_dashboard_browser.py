@@ -360,6 +360,9 @@ def test_the_page_follows_a_trace_from_its_start_and_a_new_run_on_its_path(brows
         page.on("pageerror", lambda e: errors.append(str(e)))
         page.goto(_serve(path))
         page.wait_for_function("document.querySelector('#step-label')?.textContent === 'no steps'", timeout=30_000)
+        # an empty trace is not called healthy
+        page.wait_for_function("document.querySelector('#findings')?.textContent?.includes("
+                               "'holds no recorded training steps')", timeout=30_000)
         first.stdin.write("\n")
         first.stdin.flush()
         assert first.stdout.readline().strip() == "done"
@@ -368,6 +371,8 @@ def test_the_page_follows_a_trace_from_its_start_and_a_new_run_on_its_path(brows
         page.wait_for_function("document.querySelector('#gradflow .gtitle')?.textContent?.includes('lstm.l0')")
         assert "lstm.l0" in page.locator("#layer").text_content()
         assert _sequence_menu(page) == ["0", "1"]
+        page.wait_for_function("!document.querySelector('#findings')?.textContent?.includes('no recorded training')",
+                               timeout=30_000)
         page.locator("#slider [role=slider]").focus()
         page.keyboard.press("ArrowRight")
         page.wait_for_function("document.querySelector('#step-label')?.textContent?.startsWith('step 1')")

@@ -200,6 +200,19 @@ def test_grad_scaler_skips_are_one_note_not_a_divergence(tmp_path):
         assert any(f.kind == "nonfinite" and f.severity == "error" for f in diagnose(trace))
 
 
+def test_an_empty_trace_is_not_reported_healthy(tmp_path, capsys):
+    """A trace whose run recorded no step (closed before its first, or a schedule
+    that picked none) says so, instead of "gradients neither vanish nor explode"."""
+    path = tmp_path / "empty.h5"
+    with seqscope.watch(nn.LSTM(2, 3), path):
+        pass
+    assert cli_main(["diagnose", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "no recorded training steps" in out and "neither vanish" not in out
+    assert cli_main(["diagnose", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"findings": []}
+
+
 @pytest.mark.parametrize("argv", [
     ["dashboard", "TRACE", "--port", "80610"],
     ["dashboard", "TRACE", "--port", "0"],

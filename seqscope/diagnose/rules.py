@@ -571,10 +571,19 @@ def diagnose(trace: Trace) -> list[Finding]:
     return findings
 
 
-def render_text(findings: list[Finding], source: str = "") -> str:
-    """A readable report."""
+def no_findings(recorded_steps: int | None = None) -> str:
+    """What an empty list of findings means: nothing wrong in the recorded steps, or
+    nothing recorded to look at (a trace whose run has not reached a recorded step)."""
+    if recorded_steps == 0:
+        return "no findings: the trace holds no recorded training steps, so there is nothing to diagnose."
+    return "no findings: gradients neither vanish nor explode in this trace."
+
+
+def render_text(findings: list[Finding], source: str = "", recorded_steps: int | None = None) -> str:
+    """A readable report. ``recorded_steps``: the trace's count, which says whether
+    an empty report means a healthy run or an empty trace."""
     if not findings:
-        return f"seqscope diagnose {source}: no findings: gradients neither vanish nor explode in this trace."
+        return f"seqscope diagnose {source}: {no_findings(recorded_steps)}"
     lines = [f"seqscope diagnose {source}: {len(findings)} finding(s)"]
     counts = {s: sum(f.severity == s for f in findings) for s in SEVERITY_ORDER}
     lines.append("  " + ", ".join(f"{n} {s}" for s, n in counts.items() if n))
@@ -589,5 +598,5 @@ def render_text(findings: list[Finding], source: str = "") -> str:
     return "\n".join(lines)
 
 
-__all__ = ["Finding", "diagnose", "render_text", "horizon", "loss_plateaued"]
+__all__ = ["Finding", "diagnose", "render_text", "no_findings", "horizon", "loss_plateaued"]
 
