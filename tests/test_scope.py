@@ -47,6 +47,7 @@ def _hook_counts(model: nn.Module):
         sum("forward" in m.__dict__ for m in model.modules()),
         len(optim_mod._global_optimizer_pre_hooks),
         len(optim_mod._global_optimizer_post_hooks),
+        sum(len(p._backward_hooks or {}) for p in model.parameters()),  # gradient hooks on parameters
     )
 
 
@@ -116,8 +117,11 @@ def test_hooks_removed_after_close_exception_and_nesting(tmp_path):
     other = nn.RNN(3, 4)
     before = _hook_counts(model), _hook_counts(other)
 
-    scope = seqscope.watch(model, tmp_path / "a.h5", every=1)
+    scope = seqscope.watch(model, tmp_path / "a.h5", every=lambda s: s == 0)
     assert _hook_counts(model) != before[0]
+    for _ in range(2):  # a recorded step, then one that is not (their parameter hooks differ)
+        model(_batch(0)[0])[0].sum().backward()
+        assert _hook_counts(model)[4] > 0
     scope.close()
     scope.close()  # idempotent
     assert (_hook_counts(model), _hook_counts(other)) == before
@@ -131,9 +135,9 @@ def test_hooks_removed_after_close_exception_and_nesting(tmp_path):
     with seqscope.watch(model, tmp_path / "c.h5", every=1):
         with seqscope.watch(other, tmp_path / "d.h5", every=1):
             assert _hook_counts(other) != before[1]
-            assert _hook_counts(other)[2:] == (before[1][2] + 2, before[1][3] + 2)  # one per scope
+            assert _hook_counts(other)[2:4] == (before[1][2] + 2, before[1][3] + 2)  # one per scope
         assert _hook_counts(other)[:2] == before[1][:2]  # the inner scope removed only its own hooks
-        assert _hook_counts(other)[2:] == (before[1][2] + 1, before[1][3] + 1)
+        assert _hook_counts(other)[2:4] == (before[1][2] + 1, before[1][3] + 1)
         assert _hook_counts(model) != before[0]
     assert (_hook_counts(model), _hook_counts(other)) == before
 
@@ -444,12 +448,17 @@ def test_a_backward_pass_to_the_input_alone_ends_the_step(tmp_path):
 
 
 def test_an_output_that_takes_no_gradient_hook_does_not_stop_training(tmp_path):
-    """seqscope hooks the model's output tensors to see a backward pass reach them;
-    an output that refuses a hook (a tensor subclass) costs that signal only: the
-    parameters' hooks still end each step, and training goes on."""
+    """seqscope hooks the model's output tensors to see a backward pass reach them
+    (where an input requires grad); an output that refuses a hook (a tensor subclass)
+    costs that signal only: the parameters' hooks still end each step, and training
+    goes on."""
     class NoHooks(torch.Tensor):
         def register_hook(self, hook):
             raise RuntimeError("this tensor takes no hooks")
+
+        @property
+        def grad_fn(self):
+            raise RuntimeError("this tensor shows no autograd node")
 
     class Model(nn.Module):
         def __init__(self) -> None:
@@ -462,10 +471,41 @@ def test_an_output_that_takes_no_gradient_hook_does_not_stop_training(tmp_path):
     model = Model()
     with seqscope.watch(model, tmp_path / "t.h5", every=1) as scope:
         for _ in range(3):
-            model(torch.randn(4, 2, 2)).sum().backward()
+            model(torch.randn(4, 2, 2, requires_grad=True)).sum().backward()
         assert scope.step == 2
     with seqscope.open(tmp_path / "t.h5") as trace:
         assert list(trace.steps) == [0, 1, 2]
+
+
+def test_steps_end_at_backward_passes_while_layers_are_frozen_and_thawed(tmp_path):
+    """The parameters whose gradient hooks end a step are chosen once and kept from
+    step to step; freezing the recurrent layer (fine-tuning the rest) or the whole
+    model part by part, and thawing it again, chooses them anew. A loop without an
+    optimizer step, so that only the backward passes can end the steps."""
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(10, 3)
+            self.rnn = nn.LSTM(3, 4)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(self.rnn(self.emb(x))[0])
+
+    model = Model()
+    x = torch.randint(0, 10, (5, 2))
+    with seqscope.watch(model, tmp_path / "t.h5", every=lambda s: False) as scope:
+        for phase, frozen in enumerate(([], [model.rnn], [model.rnn, model.emb], [model.rnn, model.emb, model.head],
+                                        [])):
+            for m in (model.emb, model.rnn, model.head):
+                m.requires_grad_(m not in frozen)
+            for i in range(3):
+                out = model(x)
+                if out.requires_grad:
+                    out.sum().backward()
+                # each pass with a backward pass is a step; with nothing trainable, so is each forward
+                assert scope.step == 3 * phase + i, (phase, frozen, i)
+    assert all(not p._backward_hooks for p in model.parameters())
 
 
 def test_parameters_that_take_no_gradient_hook_do_not_stop_training(tmp_path, monkeypatch):

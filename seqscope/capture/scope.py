@@ -117,6 +117,10 @@ class StepState:
     backward_seen: bool = False
     # gradient hooks that set backward_seen are in place (_watch_backward, _watch_outputs)
     watching_backward: bool = False
+    # the step began at the watched model's forward: a backward pass that reaches the model's
+    # first or last trainable parameter ends it too (a step begun at a layer's call: only one
+    # that reaches a recurrent layer's parameters)
+    whole_model: bool = False
     forwards: int = 1  # forward passes of the watched model in this step
     # began with the watched model in eval mode (model.eval()) and autograd on: a
     # validation loop without torch.no_grad() if no backward pass or optimizer step follows
@@ -200,8 +204,11 @@ class Scope:
         self._eval_recorded_for: int | None = None
         self._called_again: set[int] = set()  # fused modules warned about: a second call in one step
         # the parameters whose gradient hooks tell that a backward pass reached the model
-        # (_watch_backward), by whole_model
-        self._backward_params: dict[bool, list[nn.Parameter]] = {}
+        # (_watch_backward): each recurrent layer's first trainable one, then the model's first
+        # and last; and those hooks, which stay until the parameters are chosen again or close()
+        self._backward_params: list[nn.Parameter] | None = None
+        self._backward_handles: list[RemovableHandle] = []
+        self._backward_layer_ids: set[int] = set()  # of those, the recurrent layers' parameters
         self._opt_depth = 0
         self._opt_has_pass = False
         self._handles: list[RemovableHandle] = []
@@ -340,7 +347,8 @@ class Scope:
         m = self.model
         self._model_handles = [attach.hook_added(m, m.register_forward_pre_hook(self._on_model_forward,
                                                                                 with_kwargs=True)),
-                               attach.hook_added(m, m.register_forward_hook(self._on_model_forward_end))]
+                               attach.hook_added(m, m.register_forward_hook(self._on_model_forward_end,
+                                                                            with_kwargs=True))]
         # fused layers call enter_layer from their forward; cells report their calls here
         for c in (*self._cell_recorders, *self._custom_recorders):
             handle = c.module.register_forward_pre_hook(self._on_cell_entry)
@@ -375,6 +383,7 @@ class Scope:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self._unhook_backward_params()
         if self._current is not None:
             self._current.remove_hooks()
 
@@ -495,22 +504,59 @@ class Scope:
             self._watch_backward(self._current)
 
     def _watch_backward(self, step: StepState, whole_model: bool = False) -> None:
-        """A gradient hook on each recurrent layer's parameters (and with
-        ``whole_model``, on the model's first and last trainable parameters, for
-        recurrent layers that are frozen) that notes when a backward pass reaches
-        them (removed when the step ends). The parameters are chosen once and chosen
-        again when one of them no longer requires grad (walking the model's parameters
-        took ~20 us a step, and this runs on every step)."""
-        params = self._backward_params.get(whole_model)
+        """Note ``step`` as watching for its backward pass: a gradient hook on each
+        recurrent layer's first trainable parameter (and with ``whole_model``, on the
+        model's first and last trainable parameters, for recurrent layers that are
+        frozen) sets ``backward_seen`` on the step in progress when a backward pass
+        reaches it. The hooks stay from step to step: the parameters are chosen once,
+        and again when one of them no longer requires grad (choosing walked the model's
+        parameters, ~20 us, and registering and removing hooks each step cost ~25 us of
+        an unrecorded step's ~140 us)."""
+        params = self._backward_params
         if not params or not all(p.requires_grad for p in params):
-            modules: list[nn.Module] = [r.module for r in self._recorders]
-            modules += [c.module for c in (*self._cell_recorders, *self._custom_recorders)]
-            found = [next((p for p in m.parameters() if p.requires_grad), None) for m in modules]
-            if whole_model:
-                trainable = [p for p in self.model.parameters() if p.requires_grad]
-                found += trainable[:1] + trainable[-1:]
-            params = self._backward_params[whole_model] = list({id(p): p for p in found if p is not None}.values())
-        _note_backward_through(step, params)
+            self._hook_backward_params()
+            params = self._backward_params
+        step.whole_model = whole_model
+        if params and (whole_model or self._backward_layer_ids):
+            step.watching_backward = True
+
+    def _hook_backward_params(self) -> None:
+        """Choose the parameters of _watch_backward and hook them (their earlier hooks
+        removed). A parameter that takes no hook (a subclass) costs that signal only."""
+        self._unhook_backward_params()
+        modules: list[nn.Module] = [r.module for r in self._recorders]
+        modules += [c.module for c in (*self._cell_recorders, *self._custom_recorders)]
+        layers = [p for p in (next((p for p in m.parameters() if p.requires_grad), None) for m in modules)
+                  if p is not None]
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        params = list({id(p): p for p in layers + trainable[:1] + trainable[-1:]}.values())
+        self._backward_layer_ids = {id(p) for p in layers}
+        hooked = []
+        for p in params:
+            try:
+                handle = p.register_hook(functools.partial(self._backward_reached, id(p) in self._backward_layer_ids))
+            except Exception as exc:  # noqa: BLE001 - never break training
+                log.debug("seqscope: no gradient hook on %s: %s", type(p).__name__, exc)
+                self._backward_layer_ids.discard(id(p))
+                continue
+            self._backward_handles.append(handle)
+            hooked.append(p)
+        self._backward_params = hooked  # none (nothing trainable): chosen again at the next step
+
+    def _unhook_backward_params(self) -> None:
+        for h in self._backward_handles:
+            h.remove()
+        self._backward_handles.clear()
+        self._backward_params = None
+        self._backward_layer_ids = set()
+
+    def _backward_reached(self, layer_param: bool, grad: torch.Tensor | None) -> None:
+        """A backward pass reached a parameter of _watch_backward: the step in progress
+        has seen its backward pass (a model's first or last parameter counts for a step
+        begun at the model's forward only)."""
+        step = self._current
+        if step is not None and (layer_param or step.whole_model):
+            step.backward_seen = True
 
     def _note_eval_mode_step(self, step: StepState) -> None:
         """Say once that a step ran the model in eval mode with autograd on and
@@ -586,7 +632,7 @@ class Scope:
         self._sync_cell_hooks()
 
     @torch.compiler.disable  # seqscope's own code is never traced by torch.compile
-    def _on_model_forward_end(self, module: nn.Module, args: Any, output: Any) -> None:
+    def _on_model_forward_end(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         if rec.in_backward():
             return
         if self._eval is not None and not torch.is_grad_enabled():
@@ -596,14 +642,19 @@ class Scope:
                 self._eval_outputs = [weakref.ref(t) for t in _output_tensors(output)]
             else:
                 self._end_eval()
-        elif self._current is not None and not self._current.backward_seen and torch.is_grad_enabled():
+        elif self._current is not None and not self._current.backward_seen and torch.is_grad_enabled() \
+                and (not self._current.watching_backward or _may_want_input_gradients(args, kwargs)):
             self._watch_outputs(self._current, output)
 
     def _watch_outputs(self, step: StepState, output: Any) -> None:
         """Gradient hooks on the forward's output tensors that note a backward pass
         reaching them: one that reaches no parameter (``torch.autograd.grad`` with
         respect to the input, as an adversarial attack on the input computes it) ends
-        the step as well."""
+        the step as well. Placed only where the parameters' hooks may miss a backward
+        pass: the step watches no parameter, or an input requires grad. A backward pass
+        that reaches neither a watched parameter nor an input is one that accumulates
+        into a few of the model's inner parameters alone (``backward(inputs=...)``), a
+        case left to the optimizer step to end the step (the hooks cost ~35 us a step)."""
         _note_backward_through(step, [t for t in _output_tensors(output) if t.requires_grad])
 
     def _hook_parameters(self, step: StepState) -> None:
@@ -755,10 +806,14 @@ class Scope:
                 value = value.detach()
                 if value.numel() != 1:
                     raise ValueError(f"scope.log({name}=...) needs a scalar, got shape {tuple(value.shape)}")
-                # a copy: the value is read at the next recorded step, and the loop may change
-                # the tensor in place before then (a scheduler's fill_ of a tensor learning
-                # rate, an optimizer step on a logged parameter, a running average)
-                value = value.reshape(()).clone()
+                if value.is_cpu and not value.is_complex():
+                    value = value.item()  # read now: on the CPU there is no device to wait for
+                else:
+                    # a copy: the value is read at the next recorded step (no host sync now), and
+                    # the loop may change the tensor in place before then (a scheduler's fill_ of
+                    # a tensor learning rate, an optimizer step on a logged parameter, a running
+                    # average)
+                    value = (value.reshape(()) if value.dim() else value).clone()
             self._pending_scalars.append((target, name, value))
         if len(self._pending_scalars) >= _PENDING_SCALARS_MAX:
             self.writer.submit(self._scalars_only())
@@ -984,19 +1039,41 @@ class Scope:
 
 
 def _note_backward_through(step: StepState, tensors: Iterable[torch.Tensor]) -> None:
-    """A gradient hook on each tensor that sets ``step.backward_seen`` when a backward
-    pass reaches it (removed when the step ends). A tensor that takes no hook (a
-    subclass) costs that signal only, never the training step."""
-    def seen(grad: torch.Tensor) -> None:
+    """A hook that sets ``step.backward_seen`` when a backward pass reaches one of
+    ``tensors`` (removed when the step ends): a pre-hook on the autograd node that
+    made it, one per node (outputs that one node made, as cuDNN's LSTM makes its
+    output and final states, need one; a node's pre-hook costs about half a tensor
+    hook's), or a gradient hook on a tensor that no node made. A tensor that takes
+    no hook (a subclass) costs that signal only, never the training step."""
+    def seen(_: Any) -> None:
         step.backward_seen = True
 
+    hooked: set[int] = set()
     for t in tensors:
         try:
-            step.handles.append(t.register_hook(seen))
+            node = t.grad_fn
+            if node is None:  # a leaf
+                handle = t.register_hook(seen)
+            elif id(node) in hooked:
+                continue
+            else:
+                handle = node.register_prehook(seen)
+                hooked.add(id(node))
         except Exception as exc:  # noqa: BLE001 - never break training
             log.debug("seqscope: no gradient hook on %s: %s", type(t).__name__, exc)
             continue
+        step.handles.append(handle)
         step.watching_backward = True
+
+
+def _may_want_input_gradients(args: Any, kwargs: Any) -> bool:
+    """Whether a backward pass may compute gradients of the forward's inputs: one of
+    them requires grad, or none was found among them (an input of its own kind, whose
+    tensors the walk does not reach)."""
+    if not kwargs and args and all(isinstance(a, torch.Tensor) for a in args):  # model(x), model(x, h): no walk
+        return any(a.requires_grad for a in args)
+    found = _output_tensors(args) + (_output_tensors(kwargs) if kwargs else [])
+    return not found or any(t.requires_grad for t in found)
 
 
 def _output_tensors(output: Any, depth: int = 0) -> list[torch.Tensor]:
