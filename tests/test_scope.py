@@ -413,11 +413,14 @@ def test_a_forward_pass_whose_backward_pass_is_skipped_joins_the_next_step(tmp_p
                                            torch.stack(layers[(0, 0)].h[i]).detach().numpy(), rtol=1e-12)
 
 
-def test_a_backward_pass_to_the_input_alone_ends_the_step(tmp_path):
+@pytest.mark.parametrize("attack_on", ["output", "final_state"])
+def test_a_backward_pass_to_the_input_alone_ends_the_step(attack_on, tmp_path):
     """An adversarial step: the gradient with respect to the input alone
     (torch.autograd.grad, which reaches no parameter), then a training pass on the
     perturbed input. The training pass is a step of its own, recorded against the
-    reference: the output's gradient hooks saw the first backward pass."""
+    reference: the output's gradient hooks saw the first backward pass. The attack's
+    loss uses the output, or the final hidden state alone (another autograd node on
+    the CPU: each output's node is hooked)."""
     torch.manual_seed(0)
     lstm = nn.LSTM(3, 4).double()
     opt = torch.optim.SGD(lstm.parameters(), lr=0.1)
@@ -426,7 +429,8 @@ def test_a_backward_pass_to_the_input_alone_ends_the_step(tmp_path):
     with seqscope.watch(lstm, path, every=1, precision="full") as scope:
         for _ in range(2):
             x = torch.randn(5, 2, 3, dtype=torch.float64, requires_grad=True)
-            g, = torch.autograd.grad(lstm(x)[0].pow(2).sum(), x)
+            out, (h_n, _) = lstm(x)
+            g, = torch.autograd.grad((out if attack_on == "output" else h_n).pow(2).sum(), x)
             x_adv = (x + 0.1 * g.sign()).detach()
             before = copy.deepcopy(lstm)
             lstm(x_adv)[0].pow(2).mean().backward()

@@ -555,8 +555,8 @@ class Scope:
         has seen its backward pass (a model's first or last parameter counts for a step
         begun at the model's forward only)."""
         step = self._current
-        if step is not None and (layer_param or step.whole_model):
-            step.backward_seen = True
+        if step is not None and (layer_param or step.whole_model) and not self._finalizing:
+            step.backward_seen = True  # (not a custom cell's re-run while a record is finished)
 
     def _note_eval_mode_step(self, step: StepState) -> None:
         """Say once that a step ran the model in eval mode with autograd on and
@@ -1048,7 +1048,7 @@ def _note_backward_through(step: StepState, tensors: Iterable[torch.Tensor]) -> 
     def seen(_: Any) -> None:
         step.backward_seen = True
 
-    hooked: set[int] = set()
+    hooked: dict[int, Any] = {}  # the nodes themselves: a freed wrapper's id could come back for another node
     for t in tensors:
         try:
             node = t.grad_fn
@@ -1058,7 +1058,7 @@ def _note_backward_through(step: StepState, tensors: Iterable[torch.Tensor]) -> 
                 continue
             else:
                 handle = node.register_prehook(seen)
-                hooked.add(id(node))
+                hooked[id(node)] = node
         except Exception as exc:  # noqa: BLE001 - never break training
             log.debug("seqscope: no gradient hook on %s: %s", type(t).__name__, exc)
             continue
