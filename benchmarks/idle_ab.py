@@ -4,8 +4,9 @@ nn.LSTM trained by SGD, scope.log(loss=...) each step, a schedule that records
 nothing) run by the ``seqscope`` of an earlier git revision and by the working
 tree's, each in processes of its own that take turns (the order alternates by
 round). Each process times plain and watched loops of 200 steps interleaved and
-prints the watched loop's extra microseconds a step; the table gives each side's
-median over the rounds and the median of the per-round differences.
+prints the watched loop's extra microseconds a step (run.py's own function, with
+either side's seqscope); the summary gives each side's median over the rounds and
+the median of the per-round differences.
 
     python benchmarks/idle_ab.py --before 663977f [--device cuda] [--rounds 6]
     python benchmarks/idle_ab.py --before-tree DIR ...   # DIR holds the earlier seqscope/ package
@@ -25,44 +26,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 MEASURE = """
-import os, statistics, sys, tempfile, time
+import sys
 import torch
-from torch import nn
-import seqscope
-dev = torch.device(sys.argv[1])
-def sync():
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-x = torch.randn(2, 1, 1, device=dev)
-loops = {}
-for name in ("plain", "idle"):
-    torch.manual_seed(0)
-    m = nn.LSTM(1, 1).to(dev)
-    opt = torch.optim.SGD(m.parameters(), lr=0.0)
-    scope = None if name == "plain" else seqscope.watch(m, os.path.join(tempfile.mkdtemp(), "idle.h5"),
-                                                        every=lambda s: False)
-    loops[name] = (m, opt, scope)
-def run(name):
-    m, opt, scope = loops[name]
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(200):
-        loss = m(x)[0].sum()
-        loss.backward()
-        if scope is not None:
-            scope.log(loss=loss)
-        opt.step()
-        opt.zero_grad()
-    sync()
-    return (time.perf_counter() - t0) / 200 * 1e6
-times = {"plain": [], "idle": []}
-for r in range(-2, 12):
-    for name in (("plain", "idle") if r % 2 else ("idle", "plain")):
-        dt = run(name)
-        if r >= 0:
-            times[name].append(dt)
-loops["idle"][2].close()
-print(statistics.median(times["idle"]) - statistics.median(times["plain"]), statistics.median(times["plain"]))
+sys.path.insert(0, sys.argv[2])  # benchmarks/ of the working tree; seqscope from PYTHONPATH
+from run import idle_cost_us
+print(idle_cost_us(torch.device(sys.argv[1])))
 """
 
 
@@ -86,18 +54,16 @@ def main() -> None:
             subprocess.run(["tar", "-x", "-C", str(before)], input=archive, check=True)
         trees = {"before": before, "after": ROOT}
         extra: dict[str, list[float]] = {k: [] for k in trees}
-        plain: list[float] = []
         for r in range(args.rounds):
             for side in (("before", "after") if r % 2 == 0 else ("after", "before")):
                 env = dict(os.environ, PYTHONPATH=str(trees[side]))
-                out = subprocess.run([sys.executable, "-c", MEASURE, args.device], env=env, cwd=scratch,
-                                     capture_output=True, text=True, check=True).stdout.split()
-                extra[side].append(float(out[0]))
-                plain.append(float(out[1]))
-                print(f"round {r} {side}: {float(out[0]):+.1f} us a step", flush=True)
+                out = subprocess.run([sys.executable, "-c", MEASURE, args.device, str(ROOT / "benchmarks")], env=env,
+                                     cwd=scratch, capture_output=True, text=True, check=True).stdout.split()
+                extra[side].append(float(out[-1]))
+                print(f"round {r} {side}: {float(out[-1]):+.1f} us a step", flush=True)
         diffs = [a - b for a, b in zip(extra["after"], extra["before"])]
-        print(f"\n{args.device}: plain step {statistics.median(plain):.0f} us (1-unit LSTM, SGD); unrecorded steps' "
-              f"extra cost, medians of {args.rounds} rounds: before {statistics.median(extra['before']):.0f} us, "
+        print(f"\n{args.device}: unrecorded steps' extra cost (1-unit LSTM, SGD), medians of {args.rounds} rounds: "
+              f"before {statistics.median(extra['before']):.0f} us, "
               f"after {statistics.median(extra['after']):.0f} us; after - before, median of the rounds' "
               f"differences: {statistics.median(diffs):+.0f} us")
     finally:
