@@ -206,7 +206,7 @@ class Scope:
         # the parameters whose gradient hooks tell that a backward pass reached the model
         # (_watch_backward): each recurrent layer's first trainable one, then the model's first
         # and last; and those hooks, which stay until the parameters are chosen again or close()
-        self._backward_params: list[nn.Parameter] | None = None
+        self._backward_params: list[nn.Parameter] = []
         self._backward_handles: list[RemovableHandle] = []
         self._backward_layer_ids: set[int] = set()  # of those, the recurrent layers' parameters
         self._opt_depth = 0
@@ -547,7 +547,7 @@ class Scope:
         for h in self._backward_handles:
             h.remove()
         self._backward_handles.clear()
-        self._backward_params = None
+        self._backward_params = []
         self._backward_layer_ids = set()
 
     def _backward_reached(self, layer_param: bool, grad: torch.Tensor | None) -> None:
@@ -614,8 +614,7 @@ class Scope:
         if self._eval.forwards >= MAX_FORWARDS_PER_STEP:
             return False
         outputs = {id(t) for t in (r() for r in self._eval_outputs) if t is not None}
-        given = _output_tensors(args) + (_output_tensors(kwargs) if kwargs else [])
-        return any(id(t) in outputs for t in given)
+        return any(id(t) in outputs for t in _input_tensors(args, kwargs))
 
     def _end_eval(self) -> None:
         """Write the evaluation pass in flight; one whose forward did not end (an
@@ -647,8 +646,8 @@ class Scope:
             self._watch_outputs(self._current, output)
 
     def _watch_outputs(self, step: StepState, output: Any) -> None:
-        """Gradient hooks on the forward's output tensors that note a backward pass
-        reaching them: one that reaches no parameter (``torch.autograd.grad`` with
+        """Hooks on the forward's outputs (_note_backward_through) that note a backward
+        pass reaching them: one that reaches no parameter (``torch.autograd.grad`` with
         respect to the input, as an adversarial attack on the input computes it) ends
         the step as well. Placed only where the parameters' hooks may miss a backward
         pass: the step watches no parameter, or an input requires grad. A backward pass
@@ -1072,8 +1071,13 @@ def _may_want_input_gradients(args: Any, kwargs: Any) -> bool:
     tensors the walk does not reach)."""
     if not kwargs and args and all(isinstance(a, torch.Tensor) for a in args):  # model(x), model(x, h): no walk
         return any(a.requires_grad for a in args)
-    found = _output_tensors(args) + (_output_tensors(kwargs) if kwargs else [])
+    found = _input_tensors(args, kwargs)
     return not found or any(t.requires_grad for t in found)
+
+
+def _input_tensors(args: Any, kwargs: Any) -> list[torch.Tensor]:
+    """The tensors among a forward's positional and keyword arguments (_output_tensors' walk)."""
+    return _output_tensors(args) + (_output_tensors(kwargs) if kwargs else [])
 
 
 def _output_tensors(output: Any, depth: int = 0) -> list[torch.Tensor]:
