@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
 import torch
 from torch import nn
 
@@ -170,3 +171,14 @@ def propagation(ref: RefLayer, b: int, d: int):
     return torch.stack(
         [norm(gr) if gr is not None else torch.zeros((), dtype=torch.float64) for gr in grads]
     )
+
+
+def grad_scaler(device_type: str, **kwargs):
+    """A GradScaler for ``device_type``: torch.amp.GradScaler (PyTorch 2.3 and
+    later); before it only CUDA had one (torch.cuda.amp.GradScaler), so a CPU
+    test is skipped there, with its reason."""
+    if hasattr(torch.amp, "GradScaler"):
+        return torch.amp.GradScaler(device_type, **kwargs)
+    if device_type == "cuda":
+        return torch.cuda.amp.GradScaler(**kwargs)
+    pytest.skip(f"PyTorch {torch.__version__} has no GradScaler for the CPU (torch.amp.GradScaler: 2.3 and later)")

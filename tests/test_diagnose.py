@@ -17,6 +17,7 @@ from seqscope.diagnose import diagnose
 from seqscope.diagnose.rules import FLOAT32_RESOLUTION, horizon, loss_plateaued
 from seqscope.trace.reader import Series
 from tests.examples_runner import run_example
+from tests.reference import grad_scaler
 
 
 def kinds(findings, severity=None):
@@ -152,7 +153,7 @@ def test_grad_scaler_skips_are_one_note_not_a_divergence(tmp_path):
     torch.manual_seed(0)
     model = nn.GRU(3, 8)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    scaler = grad_scaler("cpu", init_scale=2.0**10)
     x = torch.randn(12, 4, 3)
     path = tmp_path / "amp.h5"
     with seqscope.watch(model, path, every=1, grad_scaler=scaler) as scope:

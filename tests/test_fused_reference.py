@@ -1121,7 +1121,7 @@ def check_grad_scaler(tmp_path, device: torch.device) -> None:
     seqs_dev = [x.to(device) for x in seqs]
     terms_dev = tuple(t.to(device) for t in terms)
     opt = torch.optim.SGD(module.parameters(), lr=0.0)  # the same weights at every step
-    scaler = torch.amp.GradScaler(device.type, init_scale=2.0**10)
+    scaler = ref.grad_scaler(device.type, init_scale=2.0**10)
     path = tmp_path / "trace.h5"
     with seqscope.watch(module, path, every=1, sequences=B, precision="full", grad_scaler=scaler):
         for step in range(3):

@@ -109,11 +109,27 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
     products (the fused kernels, linear and matmul) ran in that dtype, on copies
     of weights and inputs rounded to it."""
     try:
-        if torch.is_autocast_enabled(device.type):
-            return torch.get_autocast_dtype(device.type)
+        if _AUTOCAST_BY_DEVICE_TYPE:
+            if torch.is_autocast_enabled(device.type):  # type: ignore[call-arg]
+                return torch.get_autocast_dtype(device.type)
+            return None
+        # PyTorch before 2.4: one pair of functions per device type, and
+        # is_autocast_enabled() takes no argument (it is CUDA's)
+        old = _OLD_AUTOCAST.get(device.type)
+        if old is not None and old[0]():
+            return old[1]()  # type: ignore[no-any-return]
     except (RuntimeError, TypeError, ValueError):  # a device type autocast does not know
         pass
     return None
+
+
+# torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type): PyTorch 2.4 and later
+_AUTOCAST_BY_DEVICE_TYPE = hasattr(torch, "get_autocast_dtype")
+_OLD_AUTOCAST: dict[str, tuple[Any, Any]] = {
+    "cpu": (getattr(torch, "is_autocast_cpu_enabled", None), getattr(torch, "get_autocast_cpu_dtype", None)),
+    "cuda": (torch.is_autocast_enabled, getattr(torch, "get_autocast_gpu_dtype", None)),
+}
+_OLD_AUTOCAST = {k: v for k, v in _OLD_AUTOCAST.items() if v[0] is not None and v[1] is not None}
 
 
 def run_dtype(output: torch.dtype, autocast: torch.dtype | None) -> torch.dtype:
