@@ -81,6 +81,26 @@ def test_cli_info_and_errors(small_trace, tmp_path, capsys):
     assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
 
 
+def test_a_trace_is_written_with_an_h5py_built_on_hdf5_before_1_14(tmp_path, monkeypatch):
+    """h5py 3.8 (within seqscope's h5py>=3.8) bundles HDF5 1.12 and knows no
+    libver 'v114': watch() failed at once with its KeyError. Simulated here by
+    taking 'v114' out of h5py's table of format names; the trace is written and
+    read back, and its recorded states are the model's."""
+    from h5py._hl import files
+
+    monkeypatch.delitem(files.libver_dict, "v114", raising=False)
+    with pytest.raises(KeyError):
+        h5py.File(tmp_path / "probe.h5", "w", libver=("v110", "v114"))
+    rnn = nn.GRU(3, 4)
+    x = torch.randn(6, 2, 3)
+    with seqscope.watch(rnn, tmp_path / "t.h5", every=1, sequences=2, precision="full"):
+        out, _ = rnn(x)
+        out.pow(2).mean().backward()
+    with seqscope.open(tmp_path / "t.h5") as trace:
+        h = trace.hidden("gru.l0", 0)
+        np.testing.assert_array_equal(h.data, out.detach().transpose(0, 1).numpy())
+
+
 def test_unbounded_values_keep_their_range(tmp_path):
     rnn = nn.RNN(2, 3, nonlinearity="relu").double()
     with torch.no_grad():

@@ -65,6 +65,16 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"
 
 
+def _create_file(path: Path) -> h5py.File:
+    """A new HDF5 file at ``path``, in the formats of _LIBVER. An h5py built with
+    HDF5 before 1.14 (h5py 3.8 bundles 1.12) knows no 'v114': its newest format,
+    'latest', is then the bound (KeyError is h5py's answer to an unknown name)."""
+    try:
+        return h5py.File(path, "w", libver=_LIBVER, rdcc_nbytes=0)
+    except KeyError:
+        return h5py.File(path, "w", libver=(_LIBVER[0], "latest"), rdcc_nbytes=0)
+
+
 @dataclasses.dataclass
 class ArrayRecord:
     step: int
@@ -121,7 +131,7 @@ class TraceWriter:
         # caching their chunks only adds a copy and moves the disk work into the
         # flushes (15-25% of the writer's time per record, H=64 to H=512)
         try:
-            self._file = h5py.File(self.path, "w", libver=_LIBVER, rdcc_nbytes=0)
+            self._file = _create_file(self.path)
         except BaseException:
             claim.release(self._lock)
             raise
