@@ -18,6 +18,7 @@ import threading
 import time
 from pathlib import Path
 
+import dash
 import pytest
 
 from tests.dashboard_trace import make_trace
@@ -276,7 +277,7 @@ def test_clicking_a_finding_goes_to_it(page):
 
 def test_switching_layers(page):
     page.click("#layer")
-    page.get_by_role("option", name="lstm.l1", exact=True).click()
+    _menu_options(page, "layer").filter(has_text=re.compile(r"^lstm\.l1$")).first.click()
     page.wait_for_function("document.querySelector('#gradflow .gtitle').textContent.includes('lstm.l1')")
     # the state views follow in their own callback
     page.wait_for_function("document.querySelector('#hidden .gtitle').textContent.includes('lstm.l1')")
@@ -335,9 +336,19 @@ RUN = textwrap.dedent("""
 """)
 
 
+def _menu_options(page, dropdown: str):
+    """The options of the open menu of the dropdown ``dropdown`` (an id): role
+    "option" from Dash 3's dropdown on. Dash 2's (react-virtualized-select, within
+    dash>=2.16) gives them a class instead, and role "option" to each dropdown's
+    shown value."""
+    if int(dash.__version__.split(".")[0]) < 3:
+        return page.locator(f"#{dropdown} .VirtualizedSelectOption")
+    return page.get_by_role("option")
+
+
 def _sequence_menu(page) -> list[str]:
     page.click("#sequence")
-    options = page.get_by_role("option").all_text_contents()
+    options = _menu_options(page, "sequence").all_text_contents()
     page.keyboard.press("Escape")
     return options
 
