@@ -1028,6 +1028,21 @@ def test_autocast_layers_are_recorded_at_the_values_the_model_had(kind, tmp_path
     assert out_dtype == (torch.float32 if kind == "gru" else torch.bfloat16)
 
 
+def test_autocast_is_seen_through_the_functions_of_pytorch_before_2_4(tmp_path, monkeypatch):
+    """PyTorch before 2.4 has no torch.is_autocast_enabled(device_type): the
+    autocast region is read from its per-device functions (is_autocast_cpu_enabled,
+    get_autocast_cpu_dtype). Taking autocast as off there recomputed the gates in
+    float32 (the GRU check failed on torch 2.1.0). The older path, forced here, on
+    this PyTorch, where those functions remain (deprecated)."""
+    monkeypatch.setattr(recurrences, "_AUTOCAST_BY_DEVICE_TYPE", False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        assert recurrences.autocast_dtype(torch.device("cpu")) is None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert recurrences.autocast_dtype(torch.device("cpu")) == torch.bfloat16
+        assert check_autocast("gru", tmp_path, torch.device("cpu"), torch.bfloat16) == torch.float32
+
+
 def check_autocast(kind: str, tmp_path, device: torch.device, amp: torch.dtype) -> torch.dtype:
     """One layer run under autocast(amp) on ``device``, recorded. The reference is
     unrolled in float64 on the CPU from the weights and inputs as the kernel saw

@@ -110,14 +110,14 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
     of weights and inputs rounded to it."""
     try:
         if _AUTOCAST_BY_DEVICE_TYPE:
-            if torch.is_autocast_enabled(device.type):  # type: ignore[call-arg]
+            if torch.is_autocast_enabled(device.type):
                 return torch.get_autocast_dtype(device.type)
             return None
         # PyTorch before 2.4: one pair of functions per device type, and
         # is_autocast_enabled() takes no argument (it is CUDA's)
         old = _OLD_AUTOCAST.get(device.type)
         if old is not None and old[0]():
-            return old[1]()  # type: ignore[no-any-return]
+            return old[1]()
     except (RuntimeError, TypeError, ValueError):  # a device type autocast does not know
         pass
     return None
