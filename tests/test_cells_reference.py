@@ -390,6 +390,33 @@ def check_script_loop(kind: str, tmp_path, device: torch.device, model_per_times
         torch.testing.assert_close(check_cell_step(path, step, before, x, target), out)
 
 
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_a_cell_loop_run_through_functional_call_is_recorded_with_the_tensors_it_was_given(kind, tmp_path,
+                                                                                          scan_path):
+    """torch.func.functional_call runs the watched loop on new tensors of the caller's
+    at every step (a meta-learning inner loop): three steps, each its own, each equal
+    to the reference loop on that step's tensors."""
+    torch.manual_seed(0)
+    model = Loop(kind, stacked=True, future=2)
+    g = torch.Generator().manual_seed(1)
+    path = tmp_path / "t.h5"
+    steps = []
+    with seqscope.watch(model, path, every=1, sequences=B, precision="full"):
+        for i in range(3):
+            x = torch.randn(T, B, IN, generator=g, dtype=torch.float64)
+            target = torch.randn(T + model.future, B, IN, generator=g, dtype=torch.float64)
+            given = {name: (p.detach() * (0.7 + 0.2 * i)).requires_grad_() for name, p in model.named_parameters()}
+            out = torch.func.functional_call(model, given, (x,))
+            ((out - target) ** 2).sum().backward()
+            used = Loop(kind, stacked=True, future=2)
+            used.load_state_dict({name: t.detach() for name, t in given.items()})
+            steps.append((used, x, target, out.detach()))
+    with seqscope.open(path) as trace:
+        assert list(trace.steps) == [0, 1, 2]
+    for step, (used, x, target, out) in enumerate(steps):
+        torch.testing.assert_close(check_cell_step(path, step, used, x, target), out)
+
+
 @pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh"])
 def test_parameters_updated_before_the_next_step_do_not_change_the_cell_record(kind, tmp_path, scan_path):
     """A cell's gates, propagation profile and sigma_max are computed when the step

@@ -1194,6 +1194,81 @@ def test_gradient_accumulation_records_each_pass_own_parameter_gradients(tmp_pat
                 assert scalars["grad_norm/" + name].values[step] == pytest.approx(ref.norm(p.grad).item(), rel=1e-12)
 
 
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_a_model_run_through_functional_call_is_recorded_with_the_tensors_it_was_given(kind, tmp_path, scan_path):
+    """torch.func.functional_call runs the watched model on tensors of the caller's
+    (a meta-learning inner loop, an ensemble's weights), new ones at every step, which
+    the model's own parameters never see a backward pass through. Three steps, each
+    its own, each equal to the reference unrolled on that step's tensors, with the
+    gradient norms of those tensors as the parameter gradient norms."""
+    cfg = Config(kind, layers=2)
+    torch.manual_seed(0)
+    model = make_module(cfg)
+    gen = torch.Generator().manual_seed(3)
+    steps = []
+    with seqscope.watch(model, tmp_path / "trace.h5", every=1, sequences=B, precision="full"):
+        for i in range(3):
+            seqs, h0, c0 = make_inputs(cfg, gen)
+            terms = make_loss_terms(cfg, gen)
+            given = {name: (p.detach() * (0.6 + 0.2 * i)).requires_grad_() for name, p in model.named_parameters()}
+            output, state = torch.func.functional_call(model, given, (module_input(cfg, seqs),))
+            h_n, c_n = state if cfg.kind == "lstm" else (state, None)
+            loss_of(per_sequence_outputs(cfg, output), h_n, c_n, terms).backward()
+            pg = {name: ref.norm(t.grad).item() for name, t in given.items()}
+            steps.append(({name: t.detach().clone() for name, t in given.items()}, seqs, h0, c0, terms, pg))
+    assert all(p.grad is None for p in model.parameters())
+    with seqscope.open(tmp_path / "trace.h5") as trace:
+        check_steps(trace, cfg, steps)
+
+
+def test_passes_inside_torch_func_transforms_are_left_out(tmp_path, caplog):
+    """The watched model run inside torch.func transforms: a jacobian with respect
+    to the input between training steps (jacrev), and steps whose gradients come
+    from torch.func.grad. Those passes compute on wrapped tensors; they begin no
+    step and are not recorded (said once), training runs as unwatched, and the
+    ordinary steps around them are recorded exactly (before, the first transform's
+    pass lost the step before it, whose record was finished inside the transform)."""
+    cfg = Config("lstm", layers=2)
+    torch.manual_seed(0)
+    model = make_module(cfg)
+    unwatched = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(3)
+
+    def train(m: nn.Module) -> list[tuple[Any, ...]]:
+        gen.manual_seed(3)
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        steps = []
+        for _ in range(3):
+            seqs, h0, c0 = make_inputs(cfg, gen)
+            terms = make_loss_terms(cfg, gen)
+            weights = {name: t.detach().clone() for name, t in m.state_dict().items()}
+            output, (h_n, c_n) = m(module_input(cfg, seqs))
+            loss_of(per_sequence_outputs(cfg, output), h_n, c_n, terms).backward()
+            pg = {name: ref.norm(p.grad).item() for name, p in m.named_parameters()}
+            saliency = torch.func.jacrev(lambda x: m(x)[0].sum())(module_input(cfg, seqs))
+            params = {name: p.detach() for name, p in m.named_parameters()}
+            x = module_input(cfg, seqs)
+            meta = torch.func.grad(lambda ps, x=x: torch.func.functional_call(m, ps, (x,))[0].pow(2).sum())(params)
+            opt.step()
+            opt.zero_grad()
+            steps.append((weights, seqs, h0, c0, terms, pg, saliency, meta))
+        return steps
+
+    with caplog.at_level(logging.WARNING, logger="seqscope"):
+        with seqscope.watch(model, tmp_path / "trace.h5", every=1, sequences=B, precision="full"):
+            watched = train(model)
+    said = [r for r in caplog.records if "torch.func transform" in r.getMessage()]
+    assert len(said) == 1
+    assert not [r for r in caplog.records if "failed" in r.getMessage()]
+    for got, want in zip(watched, train(unwatched)):
+        torch.testing.assert_close(got[6], want[6], rtol=0, atol=0)
+        for name in want[7]:
+            torch.testing.assert_close(got[7][name], want[7][name], rtol=0, atol=0)
+    torch.testing.assert_close(dict(model.state_dict()), dict(unwatched.state_dict()), rtol=0, atol=0)
+    with seqscope.open(tmp_path / "trace.h5") as trace:
+        check_steps(trace, cfg, [s[:6] for s in watched])
+
+
 def test_torch_compile_does_not_trace_the_recorder(tmp_path):
     """A torch.compile'd model: seqscope's hooks and recording are never traced
     (torch.compiler.disable), so compiling a watched model builds the same graphs

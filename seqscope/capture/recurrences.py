@@ -146,6 +146,14 @@ def in_backward() -> bool:
     return task is not None and task() != -1
 
 
+def in_transform() -> bool:
+    """Whether a torch.func transform (grad, vmap, jacrev, ...) is running on this
+    thread: its forward passes compute with wrapped tensors that have no storage and
+    whose gradients autograd's hooks never see."""
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return active is not None and bool(active())
+
+
 def current_autograd_node() -> Any:
     """The autograd node whose backward is running on this thread (in a reentrant
     checkpoint's recomputation: that checkpoint's node), None outside backward or

@@ -207,6 +207,8 @@ class Scope:
         # (_watch_backward): each recurrent layer's first trainable one, then the model's first
         # and last; and those hooks, which stay until the parameters are chosen again or close()
         self._backward_params: list[nn.Parameter] = []
+        # where each of them is registered: (its module's _parameters, its name there)
+        self._backward_slots: list[tuple[dict[str, Any], str, torch.Tensor]] = []
         self._backward_handles: list[RemovableHandle] = []
         self._backward_layer_ids: set[int] = set()  # of those, the recurrent layers' parameters
         self._opt_depth = 0
@@ -224,6 +226,7 @@ class Scope:
         self._warned_eval_mode = False
         self._warned_reentrant = False
         self._warned_forwards = False
+        self._warned_transform = False
 
         config = {
             "every": getattr(self.schedule, "__name__", repr(every)),
@@ -401,6 +404,9 @@ class Scope:
     def _on_model_forward(self, module: nn.Module, args: Any, kwargs: Any = None) -> None:
         if self._closed or rec.in_backward():
             return  # a recomputation inside backward (activation checkpointing) is no new step
+        if rec.in_transform():
+            self._say_transform()
+            return
         if self._eval is not None:
             if not self._eval_in_forward and not torch.is_grad_enabled() and self._continues_eval(args, kwargs):
                 self._eval.forwards += 1
@@ -433,6 +439,14 @@ class Scope:
         if self._current is not None:
             self._current.eval_mode = not module.training
             self._watch_backward(self._current, whole_model=True)
+
+    def _say_transform(self) -> None:
+        if self._warned_transform:
+            return
+        self._warned_transform = True
+        log.warning("seqscope: the watched model ran inside a torch.func transform (grad, vjp, jacrev, vmap, ...); "
+                    "such passes compute on wrapped tensors that seqscope cannot record, and are left out: they "
+                    "begin no step, and the steps around them are recorded as usual (said once)")
 
     def _say_forwards_without_backward(self) -> None:
         if self._warned_forwards:
@@ -478,7 +492,7 @@ class Scope:
         layer call begins the step; calls after its backward pass are later
         evaluations of the same step. Calls under ``no_grad`` are not recorded here:
         evaluation passes are recorded when they call the watched model."""
-        if self._closed or self._finalizing or not torch.is_grad_enabled():
+        if self._closed or self._finalizing or not torch.is_grad_enabled() or rec.in_transform():
             return
         if rec.in_backward():
             if self._current is None and not self._warned_reentrant:
@@ -509,11 +523,13 @@ class Scope:
         model's first and last trainable parameters, for recurrent layers that are
         frozen) sets ``backward_seen`` on the step in progress when a backward pass
         reaches it. The hooks stay from step to step: the parameters are chosen once,
-        and again when one of them no longer requires grad (choosing walked the model's
-        parameters, ~20 us, and registering and removing hooks each step cost ~25 us of
-        an unrecorded step's ~140 us)."""
+        and again when one of them no longer requires grad or is no longer its module's
+        (torch.func.functional_call runs the model on tensors of the caller's, in the
+        modules' places; choosing walked the model's parameters, ~20 us, and registering
+        and removing hooks each step cost ~25 us of an unrecorded step's ~140 us)."""
         params = self._backward_params
-        if not params or not all(p.requires_grad for p in params):
+        if not params or not all(p.requires_grad for p in params) \
+                or not all(slots.get(name) is p for slots, name, p in self._backward_slots):
             self._hook_backward_params()
             params = self._backward_params
         step.whole_model = whole_model
@@ -542,12 +558,15 @@ class Scope:
             self._backward_handles.append(handle)
             hooked.append(p)
         self._backward_params = hooked  # none (nothing trainable): chosen again at the next step
+        self._backward_slots = [slot for slot in (_parameter_slot([*modules, self.model], p) for p in hooked)
+                                if slot is not None]
 
     def _unhook_backward_params(self) -> None:
         for h in self._backward_handles:
             h.remove()
         self._backward_handles.clear()
         self._backward_params = []
+        self._backward_slots = []
         self._backward_layer_ids = set()
 
     def _backward_reached(self, layer_param: bool, grad: torch.Tensor | None) -> None:
@@ -632,7 +651,7 @@ class Scope:
 
     @torch.compiler.disable  # seqscope's own code is never traced by torch.compile
     def _on_model_forward_end(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
-        if rec.in_backward():
+        if rec.in_backward() or rec.in_transform():
             return
         if self._eval is not None and not torch.is_grad_enabled():
             self._eval_in_forward = False
@@ -712,7 +731,9 @@ class Scope:
     # ---- called by recorders -------------------------------------------------------------------
     def _active(self) -> StepState | None:
         """The record that module calls go to: the training step, or the evaluation
-        pass when autograd is off."""
+        pass when autograd is off; none inside a torch.func transform."""
+        if rec.in_transform():
+            return None
         if torch.is_grad_enabled():
             return self._current
         return self._eval if self._eval_in_forward else None
@@ -1063,6 +1084,18 @@ def _note_backward_through(step: StepState, tensors: Iterable[torch.Tensor]) -> 
             continue
         step.handles.append(handle)
         step.watching_backward = True
+
+
+def _parameter_slot(roots: list[nn.Module], p: torch.Tensor) -> tuple[dict[str, Any], str, torch.Tensor] | None:
+    """The ``_parameters`` dict of the module under ``roots`` that holds ``p``, its
+    name there, and ``p``: a slot that torch.func.functional_call fills with another
+    tensor while it runs the model."""
+    for root in roots:
+        for module in root.modules():
+            for name, q in module._parameters.items():
+                if q is p:
+                    return module._parameters, name, p
+    return None
 
 
 def _may_want_input_gradients(args: Any, kwargs: Any) -> bool:
