@@ -624,7 +624,7 @@ CUDA_CONFIGS = [c for c in CONFIGS if c.dtype == torch.float64 and (c.layers == 
     Config(kind, dtype=torch.float32) for kind in ("lstm", "gru", "rnn_tanh")]
 
 
-def test_recorded_numbers_on_cuda_match_unrolled_reference(tmp_path):
+def test_recorded_numbers_on_cuda_match_unrolled_reference(tmp_path, caplog):
     """The module and the recording on the GPU (cuDNN), the reference on the CPU
     in the module's dtype, over a subset of the configurations, LSTMCell/GRUCell/
     RNNCell loops, LSTM/GRU/RNN under autocast float16 and bfloat16 (check_autocast),
@@ -632,7 +632,8 @@ def test_recorded_numbers_on_cuda_match_unrolled_reference(tmp_path):
     updated in place before a step's record is finished (update_between),
     parametrized cells and modules, weights set before each forward (weight drop),
     torch.compile (inductor, reduce-overhead), loops over timesteps in the training
-    script or a model called once per timestep, a cell loop run on two inputs before
+    script or a model called once per timestep, a fused module called once per
+    timestep in a decoder loop, a cell loop run on two inputs before
     one backward pass, user-written cells, a custom cell's re-runs leaving training unchanged
     (the CUDA generator), and CUDA graphs (one test, so that a machine without CUDA
     shows one skip). SEQSCOPE_REQUIRE_CUDA=1 (set by benchmarks/gpu_check.sh) turns
@@ -703,6 +704,10 @@ def test_recorded_numbers_on_cuda_match_unrolled_reference(tmp_path):
         attempt(f"model-per-timestep-{kind}", lambda folder, k=kind: check_script_loop(k, folder, cuda,
                                                                                       model_per_timestep=True))
         attempt(f"cells-two-inputs-{kind}", lambda folder, k=kind: check_two_inputs(k, folder, cuda))
+    for kind, chunk, proj, batch_first in (("lstm", 1, 3, True), ("gru", 1, 0, False), ("rnn_tanh", 4, 0, False)):
+        # a fused module called once per timestep (or chunk), each call given the state the one before returned
+        attempt(f"decoder-{kind}-by{chunk}", lambda folder, a=(kind, chunk, proj, batch_first): check_decoder_loop(
+            *a, folder, caplog, cuda))
     for which in ("peephole-tuple-state", "minimal-dataclass-state"):  # user-written cells
         attempt(f"custom-{which}-updated", lambda folder, w=which: check_custom_cell(
             w, torch.float64, 1.0, False, folder, update_between=True, device=cuda))
@@ -1267,6 +1272,124 @@ def test_passes_inside_torch_func_transforms_are_left_out(tmp_path, caplog):
     torch.testing.assert_close(dict(model.state_dict()), dict(unwatched.state_dict()), rtol=0, atol=0)
     with seqscope.open(tmp_path / "trace.h5") as trace:
         check_steps(trace, cfg, [s[:6] for s in watched])
+
+
+DECODERS = [("lstm", 1, 0, False), ("lstm", 4, 3, True), ("gru", 1, 0, True), ("rnn_tanh", 1, 0, False),
+            ("rnn_relu", 4, 0, False), ("gru", 7, 0, False)]
+
+
+@pytest.mark.parametrize("kind,chunk,proj,batch_first", DECODERS,
+                         ids=[f"{k}-by{c}" + (f"-proj{p}" if p else "") + ("-batch_first" if bf else "")
+                              for k, c, p, bf in DECODERS])
+def test_a_decoder_loop_that_calls_the_module_once_per_timestep_is_recorded_whole(kind, chunk, proj, batch_first,
+                                                                                   tmp_path, scan_path, caplog):
+    """A 2-layer module called on ``chunk`` timesteps at a time (1: a decoder loop),
+    each call given the state the one before returned, one backward pass: one
+    record of all the timesteps, equal to the module unrolled over the whole sequence.
+    Each call's h_n is also used by the loss (as an attention query is), so the
+    gradient that reaches a call's final state is more than the next call's share;
+    the LSTM's last c_n is in the loss too. The last row (chunk 7 of 7 timesteps) is
+    the single call, for comparison. An evaluation pass of the same loop under
+    no_grad records the whole sequence's states too."""
+    check_decoder_loop(kind, chunk, proj, batch_first, tmp_path, caplog, torch.device("cpu"))
+
+
+def check_decoder_loop(kind: str, chunk: int, proj: int, batch_first: bool, tmp_path, caplog,
+                       device: torch.device) -> None:
+    """The module on ``device``, the reference on the CPU (float64 throughout)."""
+    torch.manual_seed(0)
+    n_time, batch, layers = 7, 3, 2
+    if kind == "lstm":
+        module = nn.LSTM(IN, HID, num_layers=layers, proj_size=proj, batch_first=batch_first)
+    elif kind == "gru":
+        module = nn.GRU(IN, HID, num_layers=layers, batch_first=batch_first)
+    else:
+        module = nn.RNN(IN, HID, num_layers=layers, nonlinearity=kind[4:], batch_first=batch_first)
+    module = module.double()
+    with torch.no_grad():
+        for p in module.parameters():
+            p.uniform_(-0.6, 0.6)
+    out_size = proj or HID
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(n_time, batch, IN, generator=gen, dtype=torch.float64)
+    query = torch.randn(n_time, layers, batch, out_size, generator=gen, dtype=torch.float64)
+    ends = [min(t0 + chunk, n_time) for t0 in range(0, n_time, chunk)]
+
+    def decode(m):
+        state, outs, used = None, [], 0.0
+        for t0, t1 in zip([0] + ends[:-1], ends):
+            part = (x[t0:t1].transpose(0, 1) if batch_first else x[t0:t1]).to(device)
+            out, state = m(part, state)
+            outs.append(out.transpose(0, 1) if batch_first else out)
+            h = state[0] if kind == "lstm" else state
+            used = used + (query[t1 - 1].to(device) * h).sum()
+        loss = torch.cat(outs).pow(2).sum() + used
+        return loss + state[1].sum() if kind == "lstm" else loss
+
+    path = tmp_path / "t.h5"
+    on_device = copy.deepcopy(module).to(device)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="seqscope"):
+        with seqscope.watch(on_device, path, every=1, sequences=batch, precision="full"):
+            decode(on_device).backward()
+            with torch.no_grad():
+                decode(on_device)
+    assert not [r for r in caplog.records if "ran more than once" in r.getMessage()]
+
+    layers_ref, outputs, _, c_n = ref.run_reference(module, [x[:, b] for b in range(batch)])
+    used = sum((query[t1 - 1, k, b] * layers_ref[(k, 0)].h[b][t1 - 1]).sum()
+               for t1 in ends for k in range(layers) for b in range(batch))
+    loss = torch.stack(outputs).pow(2).sum() + used
+    (loss + c_n.sum() if kind == "lstm" else loss).backward(retain_graph=True)
+    want_gh = {k: [[ref.norm(h.grad).item() for h in hs] for hs in lay.h] for k, lay in
+               ((k, layers_ref[(k, 0)]) for k in range(layers))}
+    want_gc = {k: [[ref.norm(c.grad).item() for c in cs] for cs in layers_ref[(k, 0)].c] for k in range(layers)} \
+        if kind == "lstm" else {}
+    with seqscope.open(path) as trace:
+        assert list(trace.steps) == [0] and list(trace.eval_steps) == [0]
+        for k in range(layers):
+            lay = layers_ref[(k, 0)]
+            name = f"{kind.split('_')[0]}.l{k}"
+            hidden, grads, gates = trace.hidden(name, 0), trace.grad_norms(name, 0), trace.gates(name, 0)
+            assert hidden.shape == (batch, n_time, out_size)
+            want_sigma = torch.linalg.svdvals(lay.weights["w_hh"].detach())[0].item()
+            assert trace.scalars()["sigma_max/" + name].values[0] == pytest.approx(want_sigma, rel=1e-10)
+            for b in range(batch):
+                want_h = torch.stack(lay.h[b]).detach().numpy()
+                np.testing.assert_allclose(hidden[b].data, want_h, rtol=1e-12, atol=1e-14)
+                np.testing.assert_allclose(trace.hidden(name, 0, phase="eval")[b].data, want_h, rtol=1e-12,
+                                           atol=1e-14)
+                np.testing.assert_allclose(grads["hidden"][b].data, want_gh[k][b], rtol=1e-10)
+                for gname, values in gates.items():
+                    want_g = torch.stack([g[gname] for g in lay.gates[b]]).detach().numpy()
+                    np.testing.assert_allclose(values[b].data, want_g, rtol=1e-12, atol=1e-14)
+                if kind == "lstm":
+                    np.testing.assert_allclose(trace.cell(name, 0)[b].data, torch.stack(lay.c[b]).detach().numpy(),
+                                               rtol=1e-12, atol=1e-14)
+                    np.testing.assert_allclose(grads["cell"][b].data, want_gc[k][b], rtol=1e-10)
+            for b in range(batch):  # propagation() runs backward passes that add to .grad: last
+                np.testing.assert_allclose(trace.propagation(name, 0)[b].data, ref.propagation(lay, b, 0).numpy(),
+                                           rtol=1e-10, atol=1e-300)
+
+
+def test_a_call_given_another_state_is_not_taken_as_continuing_the_record(tmp_path, caplog):
+    """The calls after the first continue the record only when given the very state
+    the call before returned: a state detached (or changed) between the calls starts
+    again, and as before only the first call of the step is recorded, with a warning."""
+    torch.manual_seed(0)
+    module = nn.GRU(IN, HID).double()
+    x = torch.randn(4, 2, IN, dtype=torch.float64)
+    with caplog.at_level(logging.WARNING, logger="seqscope"):
+        with seqscope.watch(module, tmp_path / "t.h5", every=1, precision="full"):
+            state, outs = None, []
+            for t in range(4):
+                out, state = module(x[t : t + 1], state)
+                state = state.detach()
+                outs.append(out)
+            torch.cat(outs).pow(2).sum().backward()
+    assert len([r for r in caplog.records if "ran more than once" in r.getMessage()]) == 1
+    with seqscope.open(tmp_path / "t.h5") as trace:
+        assert trace.hidden("gru.l0", 0).shape == (2, 1, HID)
 
 
 def test_torch_compile_does_not_trace_the_recorder(tmp_path):

@@ -117,6 +117,35 @@ class _Direction:
     capture: LayerCapture
 
 
+def _cat_time(parts: list[torch.Tensor | None]) -> torch.Tensor | None:
+    """Time-major parts one after another; None where any part is None."""
+    present = [t for t in parts if t is not None]
+    return torch.cat(present) if present and len(present) == len(parts) else None
+
+
+@dataclasses.dataclass
+class _Call:
+    """One call of one layer within a step: its directions and the gradients that
+    reach its output, h_n and c_n (the stored sequences' rows of the output)."""
+
+    dirs: list[_Direction]
+    grads: list[torch.Tensor | None]
+    select_dev: torch.Tensor
+    n_time: int
+
+
+@dataclasses.dataclass
+class _Chain:
+    """A module's calls within one step. ``state``: what its last call returned
+    (h_n, c_n); a call given that state continues the record (a decoder loop that
+    calls the module once per timestep). Only a unidirectional module on padded
+    (not packed) input continues: every stored sequence then has every timestep."""
+
+    state: tuple[torch.Tensor | None, torch.Tensor | None]
+    layers: list[list[_Call]]
+    open: bool
+
+
 class FusedRecorder:
     """Wraps one fused module's forward for the lifetime of a Scope."""
 
@@ -160,7 +189,7 @@ class FusedRecorder:
     def _forward(self, input: Any, hx: Any = None) -> Any:  # noqa: A002 - nn.LSTM's own name
         if self.scope.steps_from_layers:  # the loop calls the model's parts, not the model
             self.scope.enter_layer()
-        step = self.scope.recording_step_for(self)
+        step = self.scope.recording_step_for(self, input, hx)
         if step is None:
             return self._original(input, hx)
         try:
@@ -168,6 +197,17 @@ class FusedRecorder:
         except Exception as exc:  # noqa: BLE001 - never break training; run the module as it is
             self.scope.recording_failed(f"recording {self.name} failed: {type(exc).__name__}: {exc}")
             return self._original(input, hx)
+
+    def continues(self, step: StepState, input: Any, hx: Any) -> bool:  # noqa: A002
+        """Whether this call continues the module's record in ``step``: it is given,
+        as its initial state, the very tensors that the step's last call returned."""
+        chain = step.chains.get(id(self))
+        if chain is None or not chain.open or hx is None or isinstance(input, PackedSequence):
+            return False
+        if self.kind == schema.KIND_LSTM:
+            return isinstance(hx, (tuple, list)) and len(hx) == 2 and hx[0] is chain.state[0] \
+                and hx[1] is chain.state[1]
+        return hx is chain.state[0]
 
     def _recorded_forward(self, step: StepState, input: Any, hx: Any) -> Any:  # noqa: A002
         m = self.module
@@ -239,6 +279,12 @@ class FusedRecorder:
                 return unpacked.index_select(1, select_dev)
             return seq.index_select(1, select_dev)
 
+        chain: _Chain | None = step.chains.get(id(self))
+        first_call = chain is None
+        if chain is None:
+            chain = _Chain((None, None), [[] for _ in range(n_layers)], open=n_dir == 1 and not packed)
+            step.chains[id(self)] = chain
+
         flat = m._flat_weights
         per_dir = len(flat) // (n_layers * n_dir)
         fn: Any = {
@@ -267,9 +313,10 @@ class FusedRecorder:
                 dirs = self._capture_layer(
                     k, weights, per_dir, x_sel, out_sel, h0[sl], None if c0 is None else c0[sl],
                     select_dev, lengths, select, valid, flip, out_size, rec.run_dtype(out.dtype, amp),
+                    with_sigma=first_call,
                 )
             self._hook_gradients(step, dirs, out, hn_k, cn_k, padded, unsorted_idx, select_dev, lengths_dev, n_time,
-                                 full)
+                                 full, chain.layers[k], first_call)
             h_n.append(hn_k)
             if cn_k is not None:
                 c_n.append(cn_k)
@@ -294,6 +341,7 @@ class FusedRecorder:
                 output = output.squeeze(1 if not m.batch_first else 0)
                 h_final = h_final.squeeze(1)
                 c_final = c_final.squeeze(1) if c_final is not None else None
+        chain.state = (h_final, c_final)  # a next call given these continues the record
         return (output, (h_final, c_final)) if is_lstm else (output, h_final)
 
     # ---- per-layer capture ---------------------------------------------------------------
@@ -313,6 +361,7 @@ class FusedRecorder:
         flip: torch.Tensor | None,
         out_size: int,
         run: torch.dtype,
+        with_sigma: bool = True,
     ) -> list[_Direction]:
         m = self.module
         dirs = []
@@ -355,7 +404,8 @@ class FusedRecorder:
                 cell=cell,
                 lengths=lengths,
                 sequence_index=select,
-                **sigma_fields(w[1].detach()),  # of the parameter itself
+                # of the parameter itself; a call that continues the record keeps the first's
+                **(sigma_fields(w[1].detach()) if with_sigma else sigma_fields(None)),
             )
             dirs.append(_Direction(lw, details, fl, capture))
         return dirs
@@ -373,18 +423,36 @@ class FusedRecorder:
         lengths_dev: torch.Tensor,
         n_time: int,
         full: bool,
+        calls: list[_Call],
+        first_call: bool,
     ) -> None:
         """A tensor hook on the layer's output and final states keeps the gradients
         that reach them (the stored sequences' only; the first backward of the step
         wins); the BPTT scan runs on them when the step is finalized. Tensor hooks
         fire in every kind of backward pass, a reentrant checkpoint's recomputation
-        included, where a multi-tensor hook never fires."""
-        for d in dirs:
-            step.captures.append(d.capture)
-        if not out.requires_grad:
-            return  # nothing will flow back through this layer
+        included, where a multi-tensor hook never fires. ``calls``: this layer's calls
+        in the step so far, this one not yet among them; a call after the first
+        continues the first's record (_merge_calls, when the step is finalized)."""
         out_size = dirs[0].capture.hidden.shape[-1]
         grads: list[torch.Tensor | None] = [None, None, None]  # output (selected, padded), h_n, c_n
+        calls.append(_Call(dirs, grads, select_dev, n_time))
+        if first_call:
+            for d in dirs:
+                step.captures.append(d.capture)
+
+            def finish() -> None:
+                if len(calls) > 1:
+                    self._merge_calls(calls, out_size)
+                    return
+                if all(g is None for g in grads):
+                    return  # no backward pass reached this layer
+                with torch.no_grad(), rec.no_autocast(out.device):
+                    self._scan(dirs, grads[0], grads[1], grads[2], unsorted_idx, select_dev, lengths_dev, n_time,
+                               out_size, full)
+
+            step.pending_scans.append((self.name, finish))
+        if not out.requires_grad:
+            return  # nothing will flow back through this layer
 
         def keep(i: int) -> Callable[[torch.Tensor | None], None]:
             def hook(g: torch.Tensor | None) -> None:
@@ -402,14 +470,70 @@ class FusedRecorder:
             if t is not None and t.requires_grad:
                 step.handles.append(t.register_hook(keep(i)))
 
-        def scan() -> None:
-            if all(g is None for g in grads):
-                return  # no backward pass reached this layer
-            with torch.no_grad(), rec.no_autocast(out.device):
-                self._scan(dirs, grads[0], grads[1], grads[2], unsorted_idx, select_dev, lengths_dev, n_time,
-                           out_size, full)
+    def _merge_calls(self, calls: list[_Call], out_size: int) -> None:
+        """A layer called more than once in a step, each call given the state the
+        one before returned: the first call's capture becomes the whole chain's, its
+        timesteps followed by each later call's, with gradient norms and a propagation
+        profile through all of them (_scan_calls)."""
+        caps = [call.dirs[0].capture for call in calls]
+        first = caps[0]
+        with torch.no_grad():
+            first.hidden = torch.cat([c.hidden for c in caps])
+            first.gates = _cat_time([c.gates for c in caps])
+            first.cell = _cat_time([c.cell for c in caps])
+            first.lengths = torch.full_like(first.lengths, sum(call.n_time for call in calls))
+            if any(g is not None for call in calls for g in call.grads):
+                device = first.hidden.device
+                with rec.no_autocast(device):
+                    per_call = self._scan_calls(calls, out_size)
+                first.grad_hidden = torch.cat([g for g, _, _ in per_call])
+                first.propagation = torch.cat([p for _, p, _ in per_call])
+                first.grad_cell = _cat_time([c for _, _, c in per_call])
 
-        step.pending_scans.append((self.name, scan))
+    def _scan_calls(self, calls: list[_Call], out_size: int
+                    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """The BPTT scan of each call, last call first. The gradient row takes each
+        call's own external gradients: autograd's at its h_n and c_n already hold
+        what flows back from the later calls through their initial state. The
+        propagation row is seeded at the last call's last timestep only, and each
+        earlier call's last timestep takes what the later call's scan carried back to
+        its initial state (recurrences.step_back). Returns per call, in call order,
+        the norms [time, sequence] of dL/dh_t, of the propagation and of dL/dc_t."""
+        out: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
+        carry_h: torch.Tensor | None = None
+        carry_c: torch.Tensor | None = None
+        for call in reversed(calls):
+            direction = call.dirs[0]
+            lw = direction.weights
+            ref = lw.w_hh  # the recomputation's dtype and device
+            n_time, n_sel = call.n_time, call.select_dev.shape[0]
+            go, g_hn, g_cn = call.grads
+            last = n_time - 1
+            ext_h = torch.zeros((n_time, 2, n_sel, out_size), dtype=ref.dtype, device=ref.device)
+            if go is not None:
+                ext_h[:, 0] = go[..., :out_size]
+            if g_hn is not None:
+                ext_h[last, 0] += g_hn[0].index_select(0, call.select_dev)
+            ext_c = None
+            if self.kind == schema.KIND_LSTM:
+                assert direction.details.cell is not None
+                ext_c = torch.zeros((n_time, 2, n_sel, direction.details.cell.shape[-1]), dtype=ref.dtype,
+                                    device=ref.device)
+                if g_cn is not None:
+                    ext_c[last, 0] += g_cn[0].index_select(0, call.select_dev)
+            if carry_h is None:
+                rec.seed_last_steps(ext_h, None)  # the chain's last timestep: the unit seed
+            else:
+                ext_h[last, 1] = carry_h
+                if ext_c is not None and carry_c is not None:
+                    ext_c[last, 1] = carry_c
+            dh, dc = rec.backward_scan(lw, direction.details, ext_h, ext_c, overwrite=True)
+            norms_h = rec.norms(dh)  # [time, 2, sequence], float64
+            grad_cell = rec.norms(dc[:, 0]) if dc is not None else None
+            out.append((norms_h[:, 0], norms_h[:, 1], grad_cell))
+            # dh and dc may be a CUDA graph's buffers: read before the next scan
+            carry_h, carry_c = rec.step_back(lw, direction.details, dh[0, 1], None if dc is None else dc[0, 1])
+        return out[::-1]
 
     def _scan(
         self,

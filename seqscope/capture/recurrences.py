@@ -431,6 +431,24 @@ def eager_backward_scan(
     return dh_all.view(ext_h.shape), None
 
 
+def step_back(w: LayerWeights, details: ForwardDetails, dh0: torch.Tensor, dc0: torch.Tensor | None
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The scan's recurrence one step further back than its first timestep: from
+    the totals at t=0 (``dh0`` [sequence, output] and, for an LSTM, ``dc0`` [sequence,
+    unit], as backward_scan returned them) to the initial state h_{-1} (and c_{-1}).
+    The same arithmetic as eager_backward_scan's step from t to t-1."""
+    f = details.factors
+    if details.kind == schema.KIND_LSTM:
+        assert dc0 is not None
+        dm = torch.mm(dh0, w.w_hr) if w.w_hr is not None else dh0
+        dpre = torch.cat([f["P3"][0] * dc0.unsqueeze(1), (dm * f["Bo"][0]).unsqueeze(1)], dim=1)
+        return torch.mm(dpre.flatten(1), w.w_hh), f["F"][0] * dc0
+    if details.kind == schema.KIND_GRU:
+        dpre = f["F3"][0] * dh0.unsqueeze(1)
+        return torch.mm(dpre.flatten(1), w.w_hh).addcmul_(dh0, f["Z"][0]), None
+    return torch.mm(dh0 * f["D"][0], w.w_hh), None
+
+
 def norms(t: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """Euclidean norms along ``dim`` in float64, whatever ``t``'s dtype: the
     squares of float32 gradients overflow above ~1.8e19 and vanish below

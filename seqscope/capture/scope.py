@@ -102,6 +102,9 @@ class StepState:
     wall_time: float
     batch_size: int = 0
     recorded_modules: set[int] = dataclasses.field(default_factory=set)
+    # per fused recorder (id): its calls in this step, each given the state the one before
+    # it returned (capture.fused: a decoder loop calling nn.GRU once per timestep)
+    chains: dict[int, Any] = dataclasses.field(default_factory=dict)
     captures: list[LayerCapture] = dataclasses.field(default_factory=list)
     param_grad_norms: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
     handles: list[RemovableHandle] = dataclasses.field(default_factory=list)
@@ -738,23 +741,30 @@ class Scope:
             return self._current
         return self._eval if self._eval_in_forward else None
 
-    def recording_step_for(self, recorder: FusedRecorder) -> StepState | None:
+    def recording_step_for(self, recorder: FusedRecorder, input: Any = None,  # noqa: A002
+                           hx: Any = None) -> StepState | None:
         """The step to record this module's forward into, or None to run it plainly."""
         step = self._active()
         if step is None or not step.recorded or step.failed or self._closed or self._finalizing:
             return None
         if id(recorder) in step.recorded_modules:
             # an LBFGS closure's next pass, or a recomputation inside backward (checkpointing),
-            # is the same call again; anything else is data this step does not keep
-            if not step.repeated_pass and not rec.in_backward() and id(recorder) not in self._called_again:
+            # is the same call again; a call given the state that the module's last call
+            # returned continues its record (a decoder loop); anything else is data this
+            # step does not keep
+            if step.repeated_pass or rec.in_backward():
+                return None
+            if recorder.continues(step, input, hx):
+                return step
+            if id(recorder) not in self._called_again:
                 self._called_again.add(id(recorder))
                 cell = {schema.KIND_LSTM: "LSTMCell", schema.KIND_GRU: "GRUCell"}.get(recorder.kind, "RNNCell")
                 log.warning(
                     "seqscope: %s ran more than once in one step (a step lasts until a backward pass reaches the "
-                    "model: a model run on two inputs or once per timestep, or a forward pass whose backward pass "
-                    "was skipped); only its first call of each step is "
-                    "recorded (a layer called once per timestep, as in a decoder loop, is recorded in full "
-                    "as an nn.%s in the loop, or when called once on the whole sequence)", recorder.name, cell)
+                    "model: a model run on two inputs, or a forward pass whose backward pass was skipped); only its "
+                    "first call of each step, and the calls that continue it, are recorded (a call continues the "
+                    "one before when it is given the state that call returned, as in a decoder loop; an "
+                    "nn.%s in the loop is recorded call by call whatever its state)", recorder.name, cell)
             return None
         step.recorded_modules.add(id(recorder))
         return step
