@@ -6,7 +6,10 @@ stacked call), which makes every layer's output a real autograd tensor. For the
 first few sequences of the batch the gates and cell states are recomputed from
 each layer's input and output (capture.recurrences); gradient hooks on the
 layer's output and final states keep what backward delivers, and the analytic
-BPTT scan runs on it when the step is finalized.
+BPTT scan runs on it when the step is finalized. Later calls in the same step
+that are given the state the last call returned (a decoder loop calling the
+module once per timestep) continue the record: their timesteps follow the first
+call's, and the scan carries the propagation profile from call to call.
 On every other step the module's own forward runs untouched.
 """
 
