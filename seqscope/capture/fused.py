@@ -120,6 +120,10 @@ class _Direction:
     capture: LayerCapture
 
 
+# the propagation carried back to a call's initial state: (h, c) [sequence, ...] (recurrences.step_back)
+Carry = tuple[torch.Tensor, torch.Tensor | None] | None
+
+
 def _cat_time(parts: list[torch.Tensor | None]) -> torch.Tensor | None:
     """Time-major parts one after another; None where any part is None."""
     present = [t for t in parts if t is not None]
@@ -128,13 +132,13 @@ def _cat_time(parts: list[torch.Tensor | None]) -> torch.Tensor | None:
 
 @dataclasses.dataclass
 class _Call:
-    """One call of one layer within a step: its directions and the gradients that
-    reach its output, h_n and c_n (the stored sequences' rows of the output)."""
+    """One call of one layer within a step: its directions, the gradients that reach
+    its output, h_n and c_n, and its BPTT scan (FusedRecorder._scan with this call's
+    arguments: ``scan(carried, carry_out)``)."""
 
     dirs: list[_Direction]
     grads: list[torch.Tensor | None]
-    select_dev: torch.Tensor
-    n_time: int
+    scan: Callable[..., Carry]
 
 
 @dataclasses.dataclass
@@ -438,20 +442,21 @@ class FusedRecorder:
         continues the first's record (_merge_calls, when the step is finalized)."""
         out_size = dirs[0].capture.hidden.shape[-1]
         grads: list[torch.Tensor | None] = [None, None, None]  # output (selected, padded), h_n, c_n
-        calls.append(_Call(dirs, grads, select_dev, n_time))
+        def scan(carried: Carry = None, carry_out: bool = False) -> Carry:
+            return self._scan(dirs, grads[0], grads[1], grads[2], unsorted_idx, select_dev, lengths_dev, n_time,
+                              out_size, full, carried, carry_out)
+
+        calls.append(_Call(dirs, grads, scan))
         if first_call:
             for d in dirs:
                 step.captures.append(d.capture)
 
             def finish() -> None:
-                if len(calls) > 1:
-                    self._merge_calls(calls, out_size)
-                    return
-                if all(g is None for g in grads):
-                    return  # no backward pass reached this layer
                 with torch.no_grad(), rec.no_autocast(out.device):
-                    self._scan(dirs, grads[0], grads[1], grads[2], unsorted_idx, select_dev, lengths_dev, n_time,
-                               out_size, full)
+                    if len(calls) > 1:
+                        self._merge_calls(calls)
+                    elif any(g is not None for g in grads):  # else no backward pass reached this layer
+                        scan()
 
             step.pending_scans.append((self.name, finish))
         if not out.requires_grad:
@@ -473,70 +478,27 @@ class FusedRecorder:
             if t is not None and t.requires_grad:
                 step.handles.append(t.register_hook(keep(i)))
 
-    def _merge_calls(self, calls: list[_Call], out_size: int) -> None:
+    def _merge_calls(self, calls: list[_Call]) -> None:
         """A layer called more than once in a step, each call given the state the
-        one before returned: the first call's capture becomes the whole chain's, its
-        timesteps followed by each later call's, with gradient norms and a propagation
-        profile through all of them (_scan_calls)."""
+        one before returned: each call's scan runs, last call first; the gradient row
+        takes each call's own external gradients (autograd's at its h_n and c_n
+        already hold what flows back from the later calls through their initial
+        state), and the propagation row is seeded at the last call's last timestep
+        only, each earlier call taking at its last timestep what the later call's
+        scan carried back to its initial state. Then the first call's capture becomes
+        the whole chain's: its timesteps followed by each later call's."""
+        if any(g is not None for call in calls for g in call.grads):
+            carried: Carry = None
+            for i, call in enumerate(reversed(calls)):
+                carried = call.scan(carried, carry_out=i + 1 < len(calls))
         caps = [call.dirs[0].capture for call in calls]
         first = caps[0]
-        with torch.no_grad():
-            first.hidden = torch.cat([c.hidden for c in caps])
-            first.gates = _cat_time([c.gates for c in caps])
-            first.cell = _cat_time([c.cell for c in caps])
-            first.lengths = torch.full_like(first.lengths, sum(call.n_time for call in calls))
-            if any(g is not None for call in calls for g in call.grads):
-                device = first.hidden.device
-                with rec.no_autocast(device):
-                    per_call = self._scan_calls(calls, out_size)
-                first.grad_hidden = torch.cat([g for g, _, _ in per_call])
-                first.propagation = torch.cat([p for _, p, _ in per_call])
-                first.grad_cell = _cat_time([c for _, _, c in per_call])
-
-    def _scan_calls(self, calls: list[_Call], out_size: int
-                    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
-        """The BPTT scan of each call, last call first. The gradient row takes each
-        call's own external gradients: autograd's at its h_n and c_n already hold
-        what flows back from the later calls through their initial state. The
-        propagation row is seeded at the last call's last timestep only, and each
-        earlier call's last timestep takes what the later call's scan carried back to
-        its initial state (recurrences.step_back). Returns per call, in call order,
-        the norms [time, sequence] of dL/dh_t, of the propagation and of dL/dc_t."""
-        out: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
-        carry_h: torch.Tensor | None = None
-        carry_c: torch.Tensor | None = None
-        for call in reversed(calls):
-            direction = call.dirs[0]
-            lw = direction.weights
-            ref = lw.w_hh  # the recomputation's dtype and device
-            n_time, n_sel = call.n_time, call.select_dev.shape[0]
-            go, g_hn, g_cn = call.grads
-            last = n_time - 1
-            ext_h = torch.zeros((n_time, 2, n_sel, out_size), dtype=ref.dtype, device=ref.device)
-            if go is not None:
-                ext_h[:, 0] = go[..., :out_size]
-            if g_hn is not None:
-                ext_h[last, 0] += g_hn[0].index_select(0, call.select_dev)
-            ext_c = None
-            if self.kind == schema.KIND_LSTM:
-                assert direction.details.cell is not None
-                ext_c = torch.zeros((n_time, 2, n_sel, direction.details.cell.shape[-1]), dtype=ref.dtype,
-                                    device=ref.device)
-                if g_cn is not None:
-                    ext_c[last, 0] += g_cn[0].index_select(0, call.select_dev)
-            if carry_h is None:
-                rec.seed_last_steps(ext_h, None)  # the chain's last timestep: the unit seed
-            else:
-                ext_h[last, 1] = carry_h
-                if ext_c is not None and carry_c is not None:
-                    ext_c[last, 1] = carry_c
-            dh, dc = rec.backward_scan(lw, direction.details, ext_h, ext_c, overwrite=True)
-            norms_h = rec.norms(dh)  # [time, 2, sequence], float64
-            grad_cell = rec.norms(dc[:, 0]) if dc is not None else None
-            out.append((norms_h[:, 0], norms_h[:, 1], grad_cell))
-            # dh and dc may be a CUDA graph's buffers: read before the next scan
-            carry_h, carry_c = rec.step_back(lw, direction.details, dh[0, 1], None if dc is None else dc[0, 1])
-        return out[::-1]
+        first.hidden = torch.cat([c.hidden for c in caps])
+        first.lengths = torch.full_like(first.lengths, first.hidden.shape[0])
+        first.gates, first.cell = _cat_time([c.gates for c in caps]), _cat_time([c.cell for c in caps])
+        first.grad_hidden = _cat_time([c.grad_hidden for c in caps])
+        first.propagation = _cat_time([c.propagation for c in caps])
+        first.grad_cell = _cat_time([c.grad_cell for c in caps])
 
     def _scan(
         self,
@@ -550,9 +512,15 @@ class FusedRecorder:
         n_time: int,
         out_size: int,
         full: bool,
-    ) -> None:
+        carried: Carry = None,
+        carry_out: bool = False,
+    ) -> Carry:
         """``go``: the output's gradient, stored sequences only [time, sequence, ...].
-        ``full``: every stored sequence has every timestep (no padding)."""
+        ``full``: every stored sequence has every timestep (no padding).
+        ``carried``: the propagation seed at the last timestep, carried back from the
+        call that continues this one (_merge_calls; a unidirectional call), instead of
+        the unit gradient there. ``carry_out``: return what the propagation carries
+        back to this call's initial state (recurrences.step_back), for the call before."""
         n_sel = select_dev.shape[0]
 
         def final_state(g: torch.Tensor | None, d: int) -> torch.Tensor | None:
@@ -573,6 +541,7 @@ class FusedRecorder:
 
             def at_last(r: int) -> tuple[Any, ...]:
                 return (last, r, seq)
+        carry: Carry = None
         for d, direction in enumerate(dirs):
             lw = direction.weights
             ref = lw.w_hh  # the recomputation's dtype (float32 for a half-precision run) and device
@@ -593,10 +562,17 @@ class FusedRecorder:
                 gcn = final_state(g_cn, d)
                 if gcn is not None:
                     ext_c[at_last(0)] += gcn
-            # propagation seed: the unit gradient at each sequence's last step (see unit_seed)
-            rec.seed_last_steps(ext_h, last)
+            if carried is None:
+                # propagation seed: the unit gradient at each sequence's last step (see unit_seed)
+                rec.seed_last_steps(ext_h, last)
+            else:
+                ext_h[at_last(1)] = carried[0]
+                if ext_c is not None and carried[1] is not None:
+                    ext_c[at_last(1)] = carried[1]
             # ext_h / ext_c are this scan's own: the compiled scan may run in them
             dh, dc = rec.backward_scan(lw, direction.details, ext_h, ext_c, overwrite=True)
+            if carry_out:  # dh and dc may be a CUDA graph's buffers: read before the next scan
+                carry = rec.step_back(lw, direction.details, dh[0, 1], None if dc is None else dc[0, 1])
             norms_h = rec.norms(dh)  # [time, 2, sequence], float64
             grad_hidden, propagation = norms_h[:, 0], norms_h[:, 1]
             grad_cell = rec.norms(dc[:, 0]) if dc is not None else None
@@ -607,3 +583,4 @@ class FusedRecorder:
             cap = direction.capture
             if cap.grad_hidden is None:  # first backward of the step wins
                 cap.grad_hidden, cap.propagation, cap.grad_cell = grad_hidden, propagation, grad_cell
+        return carry

@@ -734,9 +734,7 @@ class Scope:
     # ---- called by recorders -------------------------------------------------------------------
     def _active(self) -> StepState | None:
         """The record that module calls go to: the training step, or the evaluation
-        pass when autograd is off; none inside a torch.func transform."""
-        if rec.in_transform():
-            return None
+        pass when autograd is off."""
         if torch.is_grad_enabled():
             return self._current
         return self._eval if self._eval_in_forward else None
@@ -745,7 +743,8 @@ class Scope:
                            hx: Any = None) -> StepState | None:
         """The step to record this module's forward into, or None to run it plainly."""
         step = self._active()
-        if step is None or not step.recorded or step.failed or self._closed or self._finalizing:
+        if step is None or not step.recorded or step.failed or self._closed or self._finalizing \
+                or rec.in_transform():  # (last: an unrecorded step pays nothing for it)
             return None
         if id(recorder) in step.recorded_modules:
             # an LBFGS closure's next pass, or a recomputation inside backward (checkpointing),
@@ -782,7 +781,7 @@ class Scope:
         """The step that cell calls are recorded into, or None."""
         step = self._active()
         if step is None or not step.recorded or step.failed or step.repeated_pass or self._closed \
-                or self._finalizing:
+                or self._finalizing or rec.in_transform():
             return None
         return step
 
