@@ -510,6 +510,13 @@ def _layers(trace: Trace) -> list[LayerInfo]:
     return [trace.layer_info(name) for name in trace.layers]
 
 
+def _finite_steps(steps: np.ndarray, nonfinite: Series | None) -> np.ndarray:
+    """The recorded steps at which a layer's stored values hold no NaN/Inf."""
+    if nonfinite is None:
+        return steps
+    return steps[~np.isin(steps, nonfinite.steps[nonfinite.values > 0])]
+
+
 def _scaler_skips(scalars: dict[str, Series]) -> np.ndarray:
     """Recorded steps whose gradients a GradScaler found not finite and whose
     optimizer step it skipped (watch(grad_scaler=...)): the scale was too high for
@@ -559,11 +566,16 @@ def diagnose(trace: Trace) -> list[Finding]:
         scalars = _without_steps(scalars, skips)
         steps = steps[~np.isin(steps, skips)]
     plateau = loss_plateaued(scalars.get(schema.SCALAR_LOSS))
-    measures = {info.name: measure_layer(trace, info, steps) for info in layers}
+    # a layer's numbers at a step where it holds NaN/Inf describe a model that has already
+    # diverged (relu of NaN is 0 in the scan, so its profile "vanishes"): the nonfinite rule
+    # reports those steps, the layer rules judge the finite ones
+    finite_steps = {info.name: _finite_steps(steps, scalars.get(schema.SCALAR_NONFINITE_PREFIX + info.name))
+                    for info in layers}
+    measures = {info.name: measure_layer(trace, info, finite_steps[info.name]) for info in layers}
     findings += _nonfinite(trace, scalars)
     findings += _exploding(trace, layers, measures, scalars)
-    sampled = _sample(steps)
     for info in layers:
+        sampled = _sample(finite_steps[info.name])
         findings += _vanishing(trace, info, measures[info.name], scalars, plateau)
         findings += _saturation(trace, info, sampled)
         findings += _dead_units(trace, info, sampled)
