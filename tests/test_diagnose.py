@@ -100,6 +100,19 @@ def test_cli_diagnose_json_strict_and_bad_input(traces, tmp_path, capsys):
     assert "[ERROR] vanishing_gradient in rnn.l0" in out
     assert cli_main(["diagnose", str(traces["healthy"]), "--strict"]) == 0
     capsys.readouterr()
+    # every example's findings as JSON (numpy scalars in the evidence, non-finite numbers), the same
+    # findings as the text report
+    for name, path in traces.items():
+        assert cli_main(["diagnose", str(path), "--json"]) == 0, name
+        payload = json.loads(capsys.readouterr().out)
+        with seqscope.open(path) as trace:
+            expected = [f.to_dict() for f in diagnose(trace)]
+        assert [(f["kind"], f["layer"], f["first_step"], f["message"]) for f in payload["findings"]] == [
+            (f["kind"], f["layer"], f["first_step"], f["message"]) for f in expected], name
+        if name == "exploding":
+            spike = next(f for f in payload["findings"]
+                         if f["kind"] == "exploding_gradient" and "peak" in f["evidence"])
+            assert spike["evidence"]["recovered"] is False and spike["evidence"]["peak"] == "inf"
     bad = tmp_path / "bad.h5"
     bad.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 100)  # HDF5 signature, then garbage
     proc = subprocess.run([sys.executable, "-m", "seqscope", "diagnose", str(bad)], capture_output=True, text=True)

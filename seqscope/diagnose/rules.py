@@ -74,19 +74,19 @@ class Finding:
 
 
 def _jsonable(value: Any) -> Any:
+    if isinstance(value, np.generic):  # numpy scalars (np.bool_ too) as Python ones
+        value = value.item()
     if isinstance(value, dict):
         return {k: _jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
-    if isinstance(value, (np.floating, float)):
+    if isinstance(value, float):
         f = float(value)
         if math.isnan(f):
             return "nan"
         if math.isinf(f):
             return "inf" if f > 0 else "-inf"
         return f
-    if isinstance(value, np.integer):
-        return int(value)
     return value
 
 
@@ -390,7 +390,7 @@ def _exploding(trace: Trace, layers: list[LayerInfo], measures: dict[str, list[S
             if not np.isfinite(window).all():
                 peak = math.inf
             after = grad.values[i1 + 1 :]
-            recovered = len(after) > 0 and np.isfinite(after).all() and bool(np.all(after < SPIKE_FACTOR * med))
+            recovered = len(after) > 0 and bool(np.isfinite(after).all()) and bool(np.all(after < SPIKE_FACTOR * med))
             severity = "warning" if recovered else "error"
             layer = _blame_layer(layers, scalars, int(grad.steps[i0]))
             clip = _clip_suggestion(grad, first)
