@@ -14,7 +14,7 @@ from torch import nn
 import seqscope
 from seqscope.cli import main as cli_main
 from seqscope.diagnose import diagnose
-from seqscope.diagnose.rules import FLOAT32_RESOLUTION, horizon, loss_plateaued
+from seqscope.diagnose.rules import FLOAT32_RESOLUTION, _exploding, horizon, loss_plateaued
 from seqscope.trace.reader import Series
 from tests.examples_runner import run_example
 from tests.reference import grad_scaler
@@ -130,6 +130,20 @@ def test_horizon_counts_timesteps_above_float32_resolution():
     assert horizon(profile[::-1], 1) == expected  # a reverse layer ends at t=0
     assert horizon(np.ones(10), 0) == 10
     assert horizon(np.array([np.nan, 1.0]), 0) == 1
+
+
+def test_a_gradient_norm_that_stays_non_finite_is_one_spike_to_the_end():
+    """The global-norm spike rule judges each step against the median of the previous 10 recorded
+    steps. A norm that goes NaN for good is one spike to the last step, also once the window holds
+    no finite value any more; one that comes back is a spike that recovered."""
+    steps = np.arange(0, 60, 2)
+    diverged = np.r_[np.ones(5), 50.0, np.full(24, np.nan)]
+    recovered = np.r_[np.ones(5), np.nan, np.full(24, 1.2)]
+    for values, last, came_back in ((diverged, int(steps[-1]), False), (recovered, 10, True)):
+        found = _exploding(None, [], {}, {"grad_norm": Series(steps, values)})
+        assert [(f.first_step, f.last_step, f.evidence["recovered"]) for f in found] == [(10, last, came_back)]
+        assert found[0].severity == ("warning" if came_back else "error")
+        assert found[0].evidence["running_median_before"] == 1.0
 
 
 def test_plateau_detection():

@@ -342,14 +342,22 @@ def _exploding(trace: Trace, layers: list[LayerInfo], measures: dict[str, list[S
     # (a) global gradient norm spikes against its running median
     spike_steps: list[int] = []
     if grad is not None and len(grad.values) > 3:
+        finite_before = np.concatenate([[0], np.cumsum(np.isfinite(grad.values))])
         for i in range(3, len(grad.values)):
+            v = float(grad.values[i])
+            if not math.isfinite(v):
+                # a spike while there is a finite history to judge it by (however far back: a
+                # norm that stays NaN for good is one spike to the end, not one that stops
+                # once its window holds no finite value)
+                if finite_before[i] >= 3:
+                    spike_steps.append(i)
+                continue
             prior = grad.values[max(0, i - SPIKE_WINDOW) : i]
             prior = prior[np.isfinite(prior)]
             if len(prior) < 3:
                 continue
             med = float(np.median(prior))
-            v = float(grad.values[i])
-            if (not math.isfinite(v)) or (med > 0 and v > SPIKE_FACTOR * med):
+            if med > 0 and v > SPIKE_FACTOR * med:
                 spike_steps.append(i)
     # (b) propagated gradient growing back through time, per layer
     for info in layers:
