@@ -151,6 +151,9 @@ def test_plateau_detection():
     assert loss_plateaued(Series(steps, np.r_[np.linspace(1, 0.17, 30), np.full(60, 0.17)])) is True
     assert loss_plateaued(Series(steps, np.linspace(1, 0.01, 90))) is False
     assert loss_plateaued(None) is None
+    # a loss below zero: improving from -1.0 to -1.01 is a plateau, from -1.0 to -2.0 is not
+    assert loss_plateaued(Series(steps, np.r_[np.full(30, 0.5), np.full(30, -1.0), np.full(30, -1.01)])) is True
+    assert loss_plateaued(Series(steps, np.r_[np.full(30, 0.5), np.full(30, -1.0), np.full(30, -2.0)])) is False
 
 
 @pytest.mark.parametrize("bias", [-4.0, 1.0], ids=["forget-closed", "forget-open"])

@@ -184,7 +184,9 @@ def loss_plateaued(loss: Series | None) -> bool | None:
     third = len(values) // 3
     middle = float(np.median(values[third : 2 * third]))
     last = float(np.median(values[2 * third :]))
-    return last > middle * (1 - PLATEAU_IMPROVEMENT) if middle > 0 else last >= middle
+    # improving means by a fraction of the loss's size, whatever its sign (a Gaussian
+    # negative log-likelihood goes below zero)
+    return last > middle - PLATEAU_IMPROVEMENT * abs(middle)
 
 
 def _value_at(series: Series | None, step: int) -> float:
