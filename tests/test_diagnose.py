@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from torch import nn
 import seqscope
 from seqscope.cli import main as cli_main
 from seqscope.diagnose import diagnose
-from seqscope.diagnose.rules import FLOAT32_RESOLUTION, _exploding, horizon, loss_plateaued
+from seqscope.diagnose.rules import FLOAT32_RESOLUTION, _exploding, _nonfinite, horizon, loss_plateaued
 from seqscope.trace.reader import Series
 from tests.examples_runner import run_example
 from tests.reference import grad_scaler
@@ -144,6 +145,23 @@ def test_a_gradient_norm_that_stays_non_finite_is_one_spike_to_the_end():
         assert [(f.first_step, f.last_step, f.evidence["recovered"]) for f in found] == [(10, last, came_back)]
         assert found[0].severity == ("warning" if came_back else "error")
         assert found[0].evidence["running_median_before"] == 1.0
+
+
+def test_a_loss_that_is_nan_at_some_steps_only_is_not_called_a_divergence():
+    """NaN at a few steps, finite after (a bad batch whose update was skipped): a warning that says
+    where, not "training diverged"; NaN from some step to the end is the divergence, an error."""
+    steps = np.arange(40)
+    transient = np.r_[np.full(10, 2.0), np.nan, np.full(9, 1.5), np.inf, np.full(19, 1.0)]
+    diverged = np.r_[np.full(10, 2.0), np.full(30, np.nan)]
+    no_layers = SimpleNamespace(layers=[])
+    (f,) = _nonfinite(no_layers, {"loss": Series(steps, transient)})
+    assert (f.severity, f.first_step, f.last_step, f.evidence["lasting"]) == ("warning", 10, 20, False)
+    assert "at 2 of 40 steps, from step 10 to 20" in f.message and "diverged" not in f.message
+    (f,) = _nonfinite(no_layers, {"loss": Series(steps, diverged)})
+    assert (f.severity, f.first_step, f.last_step, f.evidence["lasting"]) == ("error", 10, 39, True)
+    assert "from step 10 on (30 steps): training diverged" in f.message
+    (f,) = _nonfinite(no_layers, {"grad_norm": Series(steps, transient)})
+    assert "at 2 of 40 steps" in f.message and f.evidence["lasting"] is False
 
 
 def test_plateau_detection():

@@ -199,21 +199,35 @@ def _value_at(series: Series | None, step: int) -> float:
 # ---- rules ------------------------------------------------------------------------------------
 
 
+def _bad_span(steps: np.ndarray, bad: np.ndarray) -> tuple[int, int, bool, str]:
+    """First and last step of the bad values; whether they last from the first to the end (a
+    diverged run) rather than come and go (skipped batches, a GradScaler not given to watch);
+    and when, in words."""
+    idx = np.nonzero(bad)[0]
+    first, last, lasting = int(steps[idx[0]]), int(steps[idx[-1]]), bool(bad[idx[0] :].all())
+    when = (f"from step {first} on" if lasting else
+            f"at {len(idx)} of {len(bad)} steps, from step {first} to {last} (finite in between or after)")
+    return first, last, lasting, when
+
+
 def _nonfinite(trace: Trace, scalars: dict[str, Series]) -> list[Finding]:
     findings = []
     loss = scalars.get(schema.SCALAR_LOSS)
     if loss is not None:
         bad = ~np.isfinite(loss.values)
         if bad.any():
-            first = int(loss.steps[bad][0])
+            first, last, lasting, when = _bad_span(loss.steps, bad)
+            count = int(bad.sum())
+            what = (f"the loss is NaN/Inf from step {first} on ({count} steps): training diverged" if lasting else
+                    f"the loss is NaN/Inf {when}: those steps' batches or the loss's arithmetic (a log of 0, "
+                    "a division by 0) produce it")
             findings.append(
                 Finding(
-                    "nonfinite", "error", None, first, int(loss.steps[bad][-1]),
-                    {"quantity": "loss", "count": int(bad.sum()), "first_step": first,
+                    "nonfinite", "error" if lasting else "warning", None, first, last,
+                    {"quantity": "loss", "count": count, "first_step": first, "lasting": lasting,
                      "last_finite_loss": float(loss.values[~bad][loss.steps[~bad] < first][-1])
                      if (~bad & (loss.steps < first)).any() else math.nan},
-                    f"the loss is NaN/Inf from step {first} on ({int(bad.sum())} steps): training diverged. "
-                    "Look at the first non-finite layer and the exploding-gradient findings; clip gradients "
+                    f"{what}. Look at the first non-finite layer and the exploding-gradient findings; clip gradients "
                     "and lower the learning rate.",
                 )
             )
@@ -224,15 +238,14 @@ def _nonfinite(trace: Trace, scalars: dict[str, Series]) -> list[Finding]:
         bad = counts.values > 0
         if not bad.any():
             continue
-        first = int(counts.steps[bad][0])
+        first, last, lasting, when = _bad_span(counts.steps, bad)
         findings.append(
             Finding(
-                "nonfinite", "error", info.name, first, int(counts.steps[bad][-1]),
+                "nonfinite", "error", info.name, first, last,
                 {"quantity": "states, gates or gradient norms", "first_step": first,
                  "nonfinite_values_at_first_step": int(counts.values[bad][0]),
-                 "recorded_steps_affected": int(bad.sum())},
-                f"NaN/Inf in {info.name} from step {first} on "
-                f"({int(counts.values[bad][0])} values at that step). "
+                 "recorded_steps_affected": int(bad.sum()), "lasting": lasting},
+                f"NaN/Inf in {info.name} {when} ({int(counts.values[bad][0])} values at step {first}). "
                 "Non-finite states usually follow an exploding gradient: clip gradients, lower the learning rate.",
             )
         )
@@ -240,13 +253,13 @@ def _nonfinite(trace: Trace, scalars: dict[str, Series]) -> list[Finding]:
     if grad is not None:
         bad = ~np.isfinite(grad.values)
         if bad.any():
-            first = int(grad.steps[bad][0])
+            first, last, lasting, when = _bad_span(grad.steps, bad)
             findings.append(
                 Finding(
-                    "nonfinite", "error", None, first, int(grad.steps[bad][-1]),
+                    "nonfinite", "error", None, first, last,
                     {"quantity": "global gradient norm", "first_step": first,
-                     "recorded_steps_affected": int(bad.sum())},
-                    f"the gradient is NaN/Inf from step {first} on. Clip gradients and lower the learning rate.",
+                     "recorded_steps_affected": int(bad.sum()), "lasting": lasting},
+                    f"the gradient is NaN/Inf {when}. Clip gradients and lower the learning rate.",
                 )
             )
     # report the earliest first: that is where to look
