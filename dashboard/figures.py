@@ -34,6 +34,20 @@ def _base_layout(title: str, height: int = 320) -> dict[str, Any]:
             "margin": {"l": 60, "r": 20, "t": 40, "b": 40}}
 
 
+def colour_scale(name: str) -> list[list[Any]]:
+    """A named colour scale as the [position, colour] pairs plotly.js draws. A figure sent as a
+    dict goes to plotly.js without plotly.py's validation, which is what used to expand names;
+    plotly.js knows few of plotly.py's names ("RdBu_r" is not one: it drew another scale)."""
+    return [list(pair) for pair in _scale_pairs(name)]
+
+
+@functools.cache
+def _scale_pairs(name: str) -> tuple[tuple[float, str], ...]:
+    import plotly.colors
+
+    return tuple((float(pos), colour) for pos, colour in plotly.colors.get_colorscale(name))
+
+
 @functools.lru_cache(maxsize=1)
 def _template() -> dict[str, Any]:
     return pio.templates["plotly_white"].to_plotly_json()  # type: ignore[no-any-return]
@@ -169,7 +183,7 @@ def _heatmap_traces(
     xs = None if x is None else np.asarray(x)[::fc]
     ys = None if y is None else np.asarray(y)[::fr]
     colour: dict[str, Any] = {"coloraxis": coloraxis} if coloraxis else {
-        "colorscale": colorscale, "colorbar": {"title": {"text": colorbar_title}}}
+        "colorscale": colour_scale(colorscale), "colorbar": {"title": {"text": colorbar_title}}}
     if zmid is not None and not coloraxis:
         colour["zmid"] = zmid
     coords = {key: v for key, v in (("x", xs), ("y", ys)) if v is not None}
@@ -219,14 +233,14 @@ def gates_figure(gates: dict[str, np.ma.MaskedArray], sequence: int, row_height:
         lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
         if lo >= 0 and hi <= 1 and name not in _TANH_GATES:
             axis_of[name] = "coloraxis"
-            axes["coloraxis"] = {"colorscale": "Viridis", "cmin": 0, "cmax": 1}
+            axes["coloraxis"] = {"colorscale": colour_scale("Viridis"), "cmin": 0, "cmax": 1}
         elif lo >= -1 and hi <= 1:
             axis_of[name] = "coloraxis2"
-            axes["coloraxis2"] = {"colorscale": "RdBu_r", "cmin": -1, "cmax": 1}
+            axes["coloraxis2"] = {"colorscale": colour_scale("RdBu_r"), "cmin": -1, "cmax": 1}
         else:
             own += 1
             axis_of[name] = f"coloraxis{2 + own}"
-            axes[axis_of[name]] = {"colorscale": "Viridis"}
+            axes[axis_of[name]] = {"colorscale": colour_scale("Viridis")}
     for i, key in enumerate(axes):
         span = 1 / len(axes)
         axes[key]["colorbar"] = {"x": 1.01, "xanchor": "left", "y": 1 - (i + 0.5) * span, "len": span * 0.9,

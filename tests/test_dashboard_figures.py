@@ -62,6 +62,19 @@ def test_overview_marks_nonfinite_loss():
     assert [s.type for s in _checked(figures.overview_figure((steps, loss), None, found)).layout.shapes] == ["rect"]
 
 
+def _values_of(key, tree):
+    """Every value stored under ``key`` anywhere in a figure's nested dicts and lists."""
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            if k == key:
+                yield v
+            else:
+                yield from _values_of(key, v)
+    elif isinstance(tree, list):
+        for v in tree:
+            yield from _values_of(key, v)
+
+
 def test_every_figure_builder_gives_a_figure_plotly_accepts():
     """The builders return plain dicts (what Dash sends); plotly's validation,
     which a go.Figure would have applied on the server, runs here on each of them."""
@@ -94,6 +107,16 @@ def test_every_figure_builder_gives_a_figure_plotly_accepts():
         assert checked.layout.title.text is not None
         sent = figures.to_dict(fig)
         assert sent["layout"]["template"] and "template" not in fig["layout"]  # the builder's dict is not changed
+    # colour scales go as [position, colour] pairs: plotly.js draws another scale for a name it does
+    # not know (plotly.py's "RdBu_r" drew grey for 0 in the states and pink-green in the gates)
+    scales = [scale for fig in built for scale in _values_of("colorscale", fig)]  # the template's are pairs
+    assert len(scales) >= 8
+    for scale in scales:
+        assert isinstance(scale, list) and all(len(pair) == 2 and isinstance(pair[1], str) for pair in scale), scale
+        assert scale[0][0] == 0 and scale[-1][0] == 1
+    states = figures.to_dict(built[0])["data"][0]["colorscale"]
+    assert states[len(states) // 2] == [0.5, "rgb(247,247,247)"]  # ColorBrewer's RdBu: white at 0
+    assert "rgb(103,0,31)" in states[-1][1]  # reversed: dark red for the largest values
     flow = _checked(built[3])
     assert [t.type for t in flow.data] == ["heatmap", "heatmap"]  # the values, and the Inf overlay
     assert flow.layout.shapes[0].x0 == 15 and not _checked(built[2]).layout.shapes
