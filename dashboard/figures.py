@@ -308,15 +308,16 @@ def overview_figure(
                        "x1": max(f["last_step"], f["first_step"]) + 1e-9, "yref": "y domain", "y0": 0, "y1": 1,
                        "fillcolor": SEVERITY_COLOUR.get(f["severity"], "#888"), "opacity": 0.10,
                        "line": {"width": 0}})
-    # each axis in its line's colour; the gradient norm's own ticks ("tickmode": "auto"):
+    # each axis in its line's colour, labelled in powers of ten (plotly's default mixes SI
+    # prefixes, "1T", with powers beyond them); the gradient norm's own ticks ("tickmode": "auto"):
     # an overlaying axis otherwise took the loss axis's tick positions, labelled
     # 3.29246, 32.86504, ... (and clipped to one digit in a narrow window)
     layout = {**_base_layout("Overview: loss and global gradient norm", 340),
               "yaxis": {"title": {"text": "loss", "font": {"color": OVERVIEW_COLOURS["y"]}}, "type": "log",
-                        "tickfont": {"color": OVERVIEW_COLOURS["y"]}},
+                        "exponentformat": "power", "tickfont": {"color": OVERVIEW_COLOURS["y"]}},
               "yaxis2": {"title": {"text": "grad norm", "font": {"color": OVERVIEW_COLOURS["y2"]}},
                          "type": "log", "overlaying": "y", "side": "right", "tickmode": "auto",
-                         "showgrid": False, "tickfont": {"color": OVERVIEW_COLOURS["y2"]}},
+                         "showgrid": False, "exponentformat": "power", "tickfont": {"color": OVERVIEW_COLOURS["y2"]}},
               "legend": {"orientation": "h", "y": -0.25}, "xaxis": {"title": {"text": "training step"}},
               "shapes": shapes}
     return {"data": traces, "layout": layout}
