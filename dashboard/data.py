@@ -104,36 +104,31 @@ class TraceSource:
             if cached is not None and cached[0] == len(steps):
                 return cached[1]
             start = 0
-            rows: list[np.ndarray] = []
+            rows: list[np.ndarray] = []  # per step: the median over stored sequences at each timestep
+            pads: list[np.ndarray] = []  # per step: the timesteps that are padding in every stored sequence
             if cached is not None and cached[0] < len(steps):
                 old_steps, old_norms, old_mask = cached[1]
-                rows = [np.where(old_mask[i], np.nan, old_norms[i]) for i in range(len(old_steps))]
+                rows, pads = list(old_norms), list(old_mask)
                 start = len(old_steps)
-            have: list[bool] = [True] * start
             for step in steps[start:]:
                 if not self.trace.has(layer, int(step), schema.FIELD_GRAD_HIDDEN):
                     rows.append(np.zeros(0))
-                    have.append(False)
+                    pads.append(np.zeros(0, bool))
                     continue
                 g = self.trace.grad_norms(layer, int(step))["hidden"]
                 with np.errstate(all="ignore"):
                     med = np.ma.median(g, axis=0)  # over sequences, padding ignored
                 rows.append(np.ma.filled(med.astype(np.float64), np.nan) if np.ma.isMaskedArray(med)
                             else np.asarray(med, dtype=np.float64))
-                # a timestep that is padding in every sequence stays masked
-                full_mask = np.ma.getmaskarray(g).all(axis=0)
-                rows[-1] = np.where(full_mask, np.nan, rows[-1])
-                have.append(True)
+                pads.append(np.asarray(np.ma.getmaskarray(g).all(axis=0)))
             width = max((len(r) for r in rows), default=0)
             norms = np.full((len(rows), width), np.nan)
             mask = np.ones((len(rows), width), bool)
-            for i, r in enumerate(rows):
+            # padding (a timestep no stored sequence reaches, or beyond a step's last one) and steps
+            # without gradients are masked, drawn blank; a real NaN stays NaN and unmasked (magenta)
+            for i, (r, pad) in enumerate(zip(rows, pads)):
                 norms[i, : len(r)] = r
-                mask[i, : len(r)] = False
-            # padding and missing rows are masked; real NaN stays NaN and unmasked
-            for i in range(len(rows)):
-                if not have[i]:
-                    mask[i] = True
+                mask[i, : len(r)] = pad
             result = (steps.copy(), norms, mask)
             self._grad_cache[layer] = (len(steps), result)
             return result

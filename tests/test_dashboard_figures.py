@@ -191,3 +191,35 @@ def test_a_failed_read_is_a_message_in_the_page_not_a_traceback(trace_path, monk
     assert response["status"]["children"] == "Input/output error while reading the trace"
     assert response["step-label"]["children"].startswith("step 2")
     assert "Traceback" not in reply.get_data(as_text=True)
+
+
+def test_gradient_flow_masks_timesteps_no_stored_sequence_reaches(tmp_path):
+    """Packed sequences: the batch's longest sequence is not a stored one, so the last timesteps
+    are padding in every stored sequence. The gradient-flow heatmap leaves them blank (masked);
+    before, they went to the browser as NaN and were drawn and counted as non-finite gradients."""
+    import torch
+    from torch import nn
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    import seqscope
+
+    torch.manual_seed(0)
+    gru = nn.GRU(3, 5)
+    lengths = torch.tensor([4, 6, 9])  # sequences 0 and 1 are stored, the longest (9) is not
+    with seqscope.watch(gru, tmp_path / "p.h5", every=1, sequences=[0, 1]):
+        for _ in range(3):
+            out, _ = gru(pack_padded_sequence(torch.randn(9, 3, 3), lengths, enforce_sorted=False))
+            out.data.pow(2).sum().backward()
+    src = TraceSource(str(tmp_path / "p.h5"))
+    steps, norms, mask = src.grad_matrix("gru.l0")
+    assert norms.shape == (3, 9)
+    assert mask[:, 6:].all() and not mask[:, :6].any()  # no stored sequence reaches timesteps 6-8
+    assert np.isfinite(norms[:, :6]).all()
+    fig = _checked(figures.gradient_flow_figure(steps, norms, mask, "gru.l0"))
+    assert "NaN" not in fig.layout.title.text and "padding masked" in fig.layout.title.text
+    assert [t.name for t in fig.data if t.name == "NaN/Inf"] == []
+    # a live trace grows: the matrix extended from the first steps' cached one is the same
+    src._grad_cache["gru.l0"] = (1, (steps[:1], norms[:1], mask[:1]))
+    again = src.grad_matrix("gru.l0")
+    np.testing.assert_array_equal(again[2], mask)
+    np.testing.assert_array_equal(again[1], norms)
