@@ -160,6 +160,11 @@ def test_a_loss_that_is_nan_at_some_steps_only_is_not_called_a_divergence():
     (f,) = _nonfinite(no_layers, {"loss": Series(steps, diverged)})
     assert (f.severity, f.first_step, f.last_step, f.evidence["lasting"]) == ("error", 10, 39, True)
     assert "from step 10 on (30 steps): training diverged" in f.message
+    # a bad batch early, then a divergence: the divergence, and the earlier step said with it
+    both = np.r_[np.full(5, 2.0), np.nan, np.full(14, 1.5), np.full(20, np.nan)]
+    (f,) = _nonfinite(no_layers, {"loss": Series(steps, both)})
+    assert (f.severity, f.first_step, f.last_step, f.evidence["lasting"]) == ("error", 5, 39, True)
+    assert "from step 20 on (20 steps; also at 1 earlier, the first at step 5): training diverged" in f.message
     (f,) = _nonfinite(no_layers, {"grad_norm": Series(steps, transient)})
     assert "at 2 of 40 steps" in f.message and f.evidence["lasting"] is False
 

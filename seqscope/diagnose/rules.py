@@ -200,14 +200,19 @@ def _value_at(series: Series | None, step: int) -> float:
 
 
 def _bad_span(steps: np.ndarray, bad: np.ndarray) -> tuple[int, int, bool, str]:
-    """First and last step of the bad values; whether they last from the first to the end (a
-    diverged run) rather than come and go (skipped batches, a GradScaler not given to watch);
-    and when, in words."""
+    """First and last step of the bad values; whether they last to the end (a diverged run)
+    rather than come and go (skipped batches, a GradScaler not given to watch); and when, in
+    words: from the step where the final bad run begins, with any earlier bad steps."""
     idx = np.nonzero(bad)[0]
-    first, last, lasting = int(steps[idx[0]]), int(steps[idx[-1]]), bool(bad[idx[0] :].all())
-    when = (f"from step {first} on" if lasting else
-            f"at {len(idx)} of {len(bad)} steps, from step {first} to {last} (finite in between or after)")
-    return first, last, lasting, when
+    first, last, lasting = int(steps[idx[0]]), int(steps[idx[-1]]), bool(bad[-1])
+    if not lasting:
+        return first, last, False, (f"at {len(idx)} of {len(bad)} steps, from step {first} to {last} "
+                                    "(finite in between or after)")
+    good = np.nonzero(~bad)[0]
+    start = int(good[-1]) + 1 if len(good) else 0  # where the final run of bad values begins
+    earlier = int(bad[:start].sum())
+    also = f"; also at {earlier} earlier, the first at step {first}" if earlier else ""
+    return first, last, True, f"from step {int(steps[start])} on ({len(bad) - start} steps{also})"
 
 
 def _nonfinite(trace: Trace, scalars: dict[str, Series]) -> list[Finding]:
@@ -218,7 +223,7 @@ def _nonfinite(trace: Trace, scalars: dict[str, Series]) -> list[Finding]:
         if bad.any():
             first, last, lasting, when = _bad_span(loss.steps, bad)
             count = int(bad.sum())
-            what = (f"the loss is NaN/Inf from step {first} on ({count} steps): training diverged" if lasting else
+            what = (f"the loss is NaN/Inf {when}: training diverged" if lasting else
                     f"the loss is NaN/Inf {when}: those steps' batches or the loss's arithmetic (a log of 0, "
                     "a division by 0) produce it")
             findings.append(
@@ -245,7 +250,7 @@ def _nonfinite(trace: Trace, scalars: dict[str, Series]) -> list[Finding]:
                 {"quantity": "states, gates or gradient norms", "first_step": first,
                  "nonfinite_values_at_first_step": int(counts.values[bad][0]),
                  "recorded_steps_affected": int(bad.sum()), "lasting": lasting},
-                f"NaN/Inf in {info.name} {when} ({int(counts.values[bad][0])} values at step {first}). "
+                f"NaN/Inf in {info.name} {when}; {int(counts.values[bad][0])} values at step {first}. "
                 "Non-finite states usually follow an exploding gradient: clip gradients, lower the learning rate.",
             )
         )
