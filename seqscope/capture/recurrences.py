@@ -346,7 +346,31 @@ def backward_scan(
         replayed = _scan_as_graph(w, details, ext_h, ext_c)
         if replayed is not None:
             return replayed
+    if ext_h.device.type == "cpu":
+        with _subnormals_flushed():
+            return eager_backward_scan(w, details, ext_h, ext_c)
     return eager_backward_scan(w, details, ext_h, ext_c)
+
+
+# float32's smallest subnormal and more: 0 when this thread flushes subnormals
+_SUBNORMAL = torch.tensor([2.0**-140])
+
+
+@contextlib.contextmanager
+def _subnormals_flushed() -> Any:
+    """The eager scan on the CPU with subnormal numbers flushed to zero on this
+    thread, as the compiled scans run (see flush_subnormals in _native.c: where a
+    propagation vanishes it passes through the subnormal range, ~20 times slower per
+    operation on x86), and the thread's mode put back afterwards. PyTorch has no
+    getter for that mode: a product with a subnormal tells it."""
+    already = bool((_SUBNORMAL * 1.0).item() == 0.0)
+    if already or not torch.set_flush_denormal(True):
+        yield
+        return
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
 
 
 def _scan_as_graph(w: LayerWeights, details: ForwardDetails, ext_h: torch.Tensor,
