@@ -751,7 +751,8 @@ class CustomCellRecorder(_HookedCell):
         # attributes is undone afterwards (_contained)
         weights = {"inner." + name: t for name, t in {**calls.weights, **calls.buffers}.items()}
         forward_only = _ForwardOnly(self.module)
-        with torch.enable_grad(), _as_called(calls.autocast, v.device), _contained(self.module, v.device):
+        with torch.enable_grad(), _as_called(calls.autocast, v.device), _contained(self.module, v.device), \
+                rec.subnormals_flushed(v.device):
             extras = _settled_layout(calls, forward_only, weights) if calls.layout_unsettled else calls.extra
             hs: list[torch.Tensor] = []
             for x_t, (extra_args, extra_kwargs) in zip(calls.x, extras):

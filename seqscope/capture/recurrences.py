@@ -45,6 +45,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -346,10 +347,8 @@ def backward_scan(
         replayed = _scan_as_graph(w, details, ext_h, ext_c)
         if replayed is not None:
             return replayed
-    if ext_h.device.type == "cpu":
-        with _subnormals_flushed():
-            return eager_backward_scan(w, details, ext_h, ext_c)
-    return eager_backward_scan(w, details, ext_h, ext_c)
+    with subnormals_flushed(ext_h.device):
+        return eager_backward_scan(w, details, ext_h, ext_c)
 
 
 # float32's smallest subnormal and more: 0 when this thread flushes subnormals
@@ -357,14 +356,13 @@ _SUBNORMAL = torch.tensor([2.0**-140])
 
 
 @contextlib.contextmanager
-def _subnormals_flushed() -> Any:
-    """The eager scan on the CPU with subnormal numbers flushed to zero on this
+def subnormals_flushed(device: torch.device) -> Iterator[None]:
+    """On the CPU: the block runs with subnormal numbers flushed to zero on this
     thread, as the compiled scans run (see flush_subnormals in _native.c: where a
-    propagation vanishes it passes through the subnormal range, ~20 times slower per
-    operation on x86), and the thread's mode put back afterwards. PyTorch has no
-    getter for that mode: a product with a subnormal tells it."""
-    already = bool((_SUBNORMAL * 1.0).item() == 0.0)
-    if already or not torch.set_flush_denormal(True):
+    propagation vanishes it passes through the subnormal range, ~20 times slower
+    per operation on x86), and the thread's mode is put back afterwards. PyTorch
+    has no getter for that mode: a product with a subnormal tells it."""
+    if device.type != "cpu" or (_SUBNORMAL * 1.0).item() == 0.0 or not torch.set_flush_denormal(True):
         yield
         return
     try:
