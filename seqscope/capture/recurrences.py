@@ -351,7 +351,7 @@ def backward_scan(
         return eager_backward_scan(w, details, ext_h, ext_c)
 
 
-# float32's smallest subnormal and more: 0 when this thread flushes subnormals
+# a float32 subnormal number (2^-140): a product with it is 0 where this thread flushes them
 _SUBNORMAL = torch.tensor([2.0**-140])
 
 
