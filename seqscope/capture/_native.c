@@ -36,7 +36,7 @@ typedef SCALAR real;
  * mode: the matrix product's inputs are also flushed below TINY (below).
  * Flushed values are 0, which the norms record as what they are: a gradient
  * too small for the dtype. Other architectures run in their default mode. */
-#if defined(__x86_64__) || defined(__i386__)
+#if defined(__SSE__) /* x86-64, and 32-bit x86 built with SSE */
 #include <xmmintrin.h>
 typedef unsigned int fpmode;
 static fpmode flush_subnormals(void) {
