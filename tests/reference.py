@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -182,3 +183,18 @@ def grad_scaler(device_type: str, **kwargs):
     if device_type == "cuda":
         return torch.cuda.amp.GradScaler(**kwargs)
     pytest.skip(f"PyTorch {torch.__version__} has no GradScaler for the CPU (torch.amp.GradScaler: 2.3 and later)")
+
+
+def flushes_subnormals() -> bool:
+    """Whether this thread flushes float32 subnormal numbers to zero: a product with one is 0."""
+    return (torch.tensor([2.0**-140]) * 1.0).item() == 0.0
+
+
+def check_vanishing_profile(got: np.ndarray, want: np.ndarray) -> None:
+    """A recorded propagation profile against a float64 reference that vanishes below float32's
+    range (which the reference must reach): equal above 1e-27, at most that below, and no value
+    in float32's subnormal range (0, 1.2e-38)."""
+    assert want.min() < 1e-40  # the case reaches the subnormal range
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-27)
+    magnitude = np.abs(np.asarray(got, dtype=np.float64))
+    assert not ((magnitude > 0) & (magnitude < np.finfo(np.float32).tiny)).any(), got

@@ -218,9 +218,9 @@ def _nonfinite(trace: Trace, scalars: dict[str, Series]) -> list[Finding]:
         if bad.any():
             first, last, lasting, when = _bad_span(loss.steps, bad)
             count = int(bad.sum())
-            what = (f"the loss is NaN/Inf {when}: training diverged" if lasting else
-                    f"the loss is NaN/Inf {when}: those steps' batches or the loss's arithmetic (a log of 0, "
-                    "a division by 0) produce it")
+            cause = ("training diverged" if lasting else
+                     "those steps' batches or the loss's arithmetic (a log of 0, a division by 0) produce it")
+            what = f"the loss is NaN/Inf {when}: {cause}"
             findings.append(
                 Finding(
                     "nonfinite", "error" if lasting else "warning", None, first, last,
